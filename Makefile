@@ -1,0 +1,37 @@
+# Two commands on a fresh clone: `make demo` (data -> train -> eval -> HTML report) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO_DATA := data/shapes
+DEMO_RUN := runs/demo
+
+.PHONY: install demo test test-slow bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+$(DEMO_DATA)/info.json: | $(STAMP)
+	$(BIN)/vlp data shapes --out $(DEMO_DATA) --train 40000
+
+demo: $(STAMP) $(DEMO_DATA)/info.json
+	$(BIN)/vlp train clip --data $(DEMO_DATA) --out $(DEMO_RUN) $(if $(wildcard $(DEMO_RUN)/checkpoints/latest),--resume)
+	$(BIN)/vlp eval $(DEMO_RUN) --data $(DEMO_DATA)
+	@echo "open $(DEMO_RUN)/report.html"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -m slow
+
+bench: $(STAMP)
+	$(BIN)/python bench/run.py
+
+clean:
+	rm -rf $(VENV) data runs .pytest_cache

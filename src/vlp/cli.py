@@ -1,0 +1,120 @@
+"""The `vlp` command: data, tokenizer, train, eval, report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+app = typer.Typer(help="vlp: vision-language pretraining (CLIP, ALBEF, BLIP, ...) from data to eval.",
+                  no_args_is_help=True, pretty_exceptions_enable=False)
+data_app = typer.Typer(help="Generate or prepare data sets.", no_args_is_help=True)
+tokenizer_app = typer.Typer(help="Train text tokenizers.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@data_app.command("shapes")
+def data_shapes(
+    out: Annotated[Path, typer.Option(help="Output directory.")],
+    train: Annotated[int, typer.Option(help="Training images (1 web-style caption each).")] = 50_000,
+    val: Annotated[int, typer.Option(help="Validation images (5 captions each).")] = 1_000,
+    test: Annotated[int, typer.Option(help="Test images for retrieval and the swap probe.")] = 1_000,
+    clean: Annotated[int, typer.Option(help="Clean 'human' subset for fine-tuning.")] = 2_000,
+    classify: Annotated[int, typer.Option(help="Single-object images for zero-shot classification.")] = 1_000,
+    compositional: Annotated[int, typer.Option(help="Images with held-out colour+shape pairs.")] = 1_000,
+    noise: Annotated[float, typer.Option(help="Fraction of corrupted training captions.")] = 0.0,
+    seed: Annotated[int, typer.Option(help="World seed: sample i is a pure function of (seed, split, i).")] = 0,
+    image_size: Annotated[int, typer.Option(help="Image side in pixels.")] = 64,
+    fmt: Annotated[str, typer.Option("--format", help="wds (webdataset shards), jsonl or csv.")] = "wds",
+    vocab_size: Annotated[int, typer.Option(help="Size of the tokenizer trained on the captions.")] = 4096,
+) -> None:
+    """Write the synthetic shapes world (DESIGN.md) and a tokenizer trained on its captions."""
+    from vlp.data.shapes import PROMPT_TEMPLATES, write_shapes
+    from vlp.data.formats import open_dataset
+    from vlp.data.tokenizer import Tokenizer
+
+    counts = {"train": train, "val": val, "test": test, "clean": clean, "classify": classify,
+              "compositional": compositional}
+    write_shapes(out, counts, seed=seed, image_size=image_size, noise=noise, format=fmt)
+    corpus = open_dataset(out, split="train")
+    texts = [c for i in range(len(corpus)) for c in corpus.captions(i)] + PROMPT_TEMPLATES
+    Tokenizer.train(texts, vocab_size=vocab_size).save(out / "tokenizer.json")
+    typer.echo(f"wrote {sum(counts.values())} samples and tokenizer.json to {out}")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(
+    data: Annotated[Path, typer.Argument(help="A data set (any supported format) whose captions to use.")],
+    out: Annotated[Path, typer.Option(help="Where to write tokenizer.json (file or directory).")],
+    split: Annotated[str, typer.Option(help="Split to read captions from.")] = "train",
+    vocab_size: Annotated[int, typer.Option(help="Maximum vocabulary size.")] = 4096,
+) -> None:
+    """Train a WordPiece tokenizer (with vlp's special tokens) on a data set's captions."""
+    from vlp.data.formats import open_dataset
+    from vlp.data.tokenizer import Tokenizer
+
+    dataset = open_dataset(data, split=split)
+    tokenizer = Tokenizer.train((c for i in range(len(dataset)) for c in dataset.captions(i)), vocab_size)
+    tokenizer.save(out)
+    typer.echo(f"vocabulary of {tokenizer.vocab_size} tokens written to {out}")
+
+
+@app.command()
+def train(
+    recipe: Annotated[str, typer.Argument(help="Recipe name, e.g. clip.")],
+    overrides: Annotated[Optional[list[str]], typer.Argument(
+        help="Config overrides as section.key=value, e.g. train.lr=1e-3 model.embed_dim=64.")] = None,
+    config: Annotated[Optional[Path], typer.Option(help="YAML config (default: configs/RECIPE/tiny.yaml).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="Data set directory (overrides data.path).")] = None,
+    out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/latest"),
+    steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides train.steps).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Per-process batch size.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
+    resume: Annotated[bool, typer.Option(help="Continue exactly from the run's newest checkpoint.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Train a recipe. Works alone or under `torchrun --nproc_per_node N` (DDP)."""
+    from vlp.config import load_run_config
+    from vlp.train.trainer import Trainer
+
+    flags = {"data.path": data, "train.steps": steps, "data.batch_size": batch_size, "train.seed": seed}
+    extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
+    cfg = load_run_config(recipe, config, extra + list(overrides or []))
+    values = Trainer(cfg, out, resume=resume, progress=progress).fit()
+    if values:
+        typer.echo(f"done: step {values['step']}, loss {values['loss']:.4f}; run in {out}")
+
+
+@app.command("eval")
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory (or one of its checkpoints).")],
+    data: Annotated[Optional[Path], typer.Option(help="Data set (default: the run's data.path).")] = None,
+    tasks: Annotated[str, typer.Option(help="Comma-separated: zeroshot,retrieval,probe.")] = "zeroshot,retrieval,probe",
+    report: Annotated[bool, typer.Option(help="Also write RUN/report.html.")] = True,
+) -> None:
+    """Evaluate a trained run; writes eval.json (and report.html) in the run directory."""
+    import vlp
+    from vlp.eval.report import write_report
+    from vlp.eval.run import console, evaluate as run_eval, results_table
+
+    model = vlp.load(run)
+    run_dir = run if (run / "config.yaml").is_file() else run.parent.parent
+    results = run_eval(model, data or Path(model.run_config.data.path), run_dir,
+                       tasks=[t.strip() for t in tasks.split(",") if t.strip()])
+    console.print(results_table(results))
+    if report:
+        typer.echo(f"report: {write_report(run_dir)}")
+
+
+@app.command("report")
+def report(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
+    """(Re)write RUN/report.html from the run's metrics and eval results."""
+    from vlp.eval.report import write_report
+
+    typer.echo(f"report: {write_report(run)}")
+
+
+if __name__ == "__main__":
+    app()

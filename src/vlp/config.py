@@ -1,0 +1,172 @@
+"""Configs as data: YAML files turned into nested dataclasses, with `key=value` overrides.
+
+Every recipe has `configs/<recipe>/<size>.yaml` with three sections: `model` (the recipe's
+config dataclass), `data` (`DataConfig`) and `train` (`TrainConfig`). Unknown keys are errors
+that name the full dotted key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the schema; names the key at fault."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shapes"
+    train_split: str = "train"
+    format: str | None = None  # auto-detected when None
+    batch_size: int = 128
+    workers: int = 1
+    crop_scale: tuple[float, float] = (0.85, 1.0)
+    strict: bool = False
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    lr: float = 5e-4
+    min_lr: float = 0.0
+    warmup: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    grad_clip: float = 1.0
+    accum: int = 1
+    precision: str = "fp32"  # fp32 | bf16
+    seed: int = 0
+    log_every: int = 10
+    ckpt_every: int = 250
+    keep_checkpoints: int = 2
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    threads: int = 0  # torch intra-op threads; 0 leaves torch's default
+    device: str = "auto"  # auto: cuda when available, else cpu
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors that name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: invalid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def recipe_config_path(recipe: str, size: str = "tiny") -> Path:
+    """The shipped config for a recipe and size, e.g. `configs/clip/tiny.yaml`."""
+    path = CONFIG_DIR / recipe / f"{size}.yaml"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in (CONFIG_DIR / recipe).glob("*.yaml"))
+        raise ConfigError(f"no config {size!r} for recipe {recipe!r} (shipped: {shipped})")
+    return path
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` overrides (values parsed as YAML) to a nested dict, in place."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        *parents, leaf = key.split(".")
+        node = config
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part!r} is not a section")
+        node[leaf] = yaml.safe_load(raw)
+    return config
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
+    """Build dataclass `cls` from a dict, recursing into nested dataclasses; unknown keys raise."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; "
+                          f"valid keys in {where or 'this section'}: {sorted(names)}")
+    kwargs = {}
+    for name, value in data.items():
+        kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
+    return cls(**kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    """Convert a YAML value to a field's declared type (dataclasses, tuples, numbers)."""
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return from_dict(hint, value, where + ".")
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(hint) if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(hint), value))
+    if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError as err:
+            raise ConfigError(f"{where}: expected a number, got {value!r}") from err
+    if hint in (int, bool, str) and not isinstance(value, hint):
+        raise ConfigError(f"{where}: expected {hint.__name__}, got {value!r}")
+    return value
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass config as plain YAML-friendly data (tuples become lists)."""
+    if dataclasses.is_dataclass(obj):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+@dataclass
+class RunConfig:
+    """Everything a training run needs; saved as `config.yaml` in the run directory."""
+
+    recipe: str = "clip"
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_run_config(recipe: str | None = None, path: str | Path | None = None,
+                    overrides: list[str] | None = None) -> RunConfig:
+    """A run config from a YAML file (default: the recipe's tiny config) plus overrides."""
+    if path is None:
+        if recipe is None:
+            raise ConfigError("give a recipe or a config file")
+        path = recipe_config_path(recipe)
+    data = load_yaml(path)
+    if recipe is not None:
+        data.setdefault("recipe", recipe)
+        if data["recipe"] != recipe:
+            raise ConfigError(f"{path}: config is for recipe {data['recipe']!r}, not {recipe!r}")
+    apply_overrides(data, overrides or [])
+    return from_dict(RunConfig, data)

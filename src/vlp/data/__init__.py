@@ -1,0 +1,1 @@
+"""Data: the shapes world, readers for real data formats, transforms, tokenizer, collate."""

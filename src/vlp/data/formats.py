@@ -1,0 +1,605 @@
+"""Readers for image-caption data in the formats people actually have.
+
+Every reader returns a `CaptionDataset`: a map-style dataset of lazily decoded images with their
+captions and metadata. Supported formats:
+
+- webdataset tar shards (`read_webdataset`)
+- JSON lines, one object per image (`read_jsonl`)
+- open_clip style CSV/TSV, one row per caption (`read_csv`)
+- COCO captions in Karpathy's or BLIP/LAVIS's JSON layout (`read_coco_karpathy`)
+- a folder of class subfolders, for classification (`read_image_folder`)
+
+`open_dataset` picks the right reader for a path.
+
+Problems are found at two moments. While reading the listing (a malformed line, a missing field,
+an empty caption, a listed image that does not exist) the entry is left out and recorded in
+`dataset.skipped`. While decoding (bytes PIL cannot read, a file that vanished) `dataset[i]`
+returns a `Skipped` record instead of a `Sample`. With `strict=True` both raise `DataError`.
+Every `Skipped.reason` reads "<kind>: <detail>" (e.g. "empty caption: field 'caption'"), so
+`format_skips` can count skips by kind.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import glob
+import io
+import json
+import os
+import tarfile
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import braceexpand
+from PIL import Image
+from torch.utils.data import Dataset
+
+from vlp.data.sample import DataError, Sample, Skipped
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+PathLike = str | os.PathLike
+
+
+@dataclass(slots=True)
+class _Entry:
+    """One listed image: a file path, or raw bytes (tars), with its captions and metadata."""
+
+    image: str | bytes
+    captions: list[str]
+    meta: dict[str, Any]
+    source: str  # image path or shard#key
+
+
+class _Bad(Exception):
+    """An index-time problem with one entry; the reader turns it into a Skipped or a DataError."""
+
+    def __init__(self, kind: str, detail: str):
+        super().__init__(f"{kind}: {detail}")
+
+
+class CaptionDataset(Dataset):
+    """Images with captions and metadata, addressable by index; images decode on access.
+
+    Built by the `read_*` functions. `captions(i)` and `meta(i)` never decode an image.
+    """
+
+    def __init__(
+        self,
+        entries: list[_Entry],
+        source: str,
+        skipped: list[Skipped],
+        strict: bool = False,
+        classes: list[str] | None = None,
+    ):
+        self.entries = entries
+        self.source = source
+        self.skipped = skipped
+        self.strict = strict
+        self.classes = classes or []
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, i: int) -> Sample | Skipped:
+        entry = self.entries[i]
+        try:
+            image = _decode(entry.image)
+        except FileNotFoundError:
+            return self._decode_failure(entry.source, "missing image: file vanished after indexing")
+        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
+            return self._decode_failure(entry.source, f"corrupt image: {exc}")
+        return Sample(image, list(entry.captions), copy.deepcopy(entry.meta), entry.source)
+
+    def captions(self, i: int) -> list[str]:
+        """The captions of item i, without decoding its image."""
+        return list(self.entries[i].captions)
+
+    def meta(self, i: int) -> dict[str, Any]:
+        """The metadata of item i, without decoding its image."""
+        return copy.deepcopy(self.entries[i].meta)
+
+    def __repr__(self) -> str:
+        return f"CaptionDataset({self.source!r}, {len(self)} items, {len(self.skipped)} skipped)"
+
+    def _decode_failure(self, source: str, reason: str) -> Skipped:
+        if self.strict:
+            raise DataError(f"{source}: {reason}")
+        return Skipped(source, reason)
+
+
+def _decode(image: str | bytes) -> Image.Image:
+    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+        return img.convert("RGB")
+
+
+class _Listing:
+    """Collects entries while a reader walks a listing; handles problems per strict mode."""
+
+    def __init__(self, strict: bool):
+        self.strict = strict
+        self.entries: list[_Entry] = []
+        self.skipped: list[Skipped] = []
+
+    def add(self, where: str, make: Callable[..., _Entry], *args: Any) -> None:
+        """Append make(*args); if that raises _Bad, record a skip at `where` instead."""
+        try:
+            self.entries.append(make(*args))
+        except _Bad as bad:
+            self.skip(where, str(bad))
+
+    def skip(self, where: str, reason: str) -> None:
+        if self.strict:
+            raise DataError(f"{where}: {reason}")
+        self.skipped.append(Skipped(where, reason))
+
+    def dataset(self, source: PathLike, classes: list[str] | None = None) -> CaptionDataset:
+        return CaptionDataset(self.entries, str(source), self.skipped, self.strict, classes)
+
+
+def _clean_captions(value: Any, field: str) -> list[str]:
+    """A caption or list of captions, stripped, empty ones dropped; _Bad if none is left."""
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
+        raise _Bad("bad field", f"{field!r} must be a string or a list of strings")
+    captions = [c.strip() for c in value if c.strip()]
+    if not captions:
+        raise _Bad("empty caption", f"field {field!r} has no non-empty caption")
+    return captions
+
+
+def _image_path(base: Path, value: Any, field: str) -> str:
+    """Resolve a listed image path against `base`; _Bad if it is not a string or not a file."""
+    if not isinstance(value, str) or not value:
+        raise _Bad("bad field", f"{field!r} must be a non-empty path")
+    path = base / value  # an absolute value replaces base
+    if not path.is_file():
+        raise _Bad("missing image", str(path))
+    return str(path)
+
+
+def _require(record: dict[str, Any], field: str) -> Any:
+    if field not in record:
+        raise _Bad("missing field", repr(field))
+    return record[field]
+
+
+# ---------------------------------------------------------------------------------------------
+# webdataset tar shards
+
+
+def read_webdataset(
+    urls: PathLike | list[PathLike],
+    strict: bool = False,
+    image_keys: tuple[str, ...] = ("png", "jpg", "jpeg", "webp"),
+    text_keys: tuple[str, ...] = ("json", "txt"),
+) -> CaptionDataset:
+    """Read webdataset tar shards: a directory of .tar files, a glob, a brace pattern
+    (`shard-{000000..000003}.tar`), a single path, or a list of any of these.
+
+    Members are grouped by key (the member path up to the first dot of its basename). A "json"
+    member holds {"caption": str | [str], ...meta}; a "txt" member holds one caption. The first
+    of `image_keys` / `text_keys` present in a group is used.
+
+    All image bytes are held in memory, so this is meant for data sets that fit in RAM (up to a
+    few GB of images); stream larger ones with the `webdataset` library instead.
+    """
+    shards = _resolve_shards(urls)
+    listing = _Listing(strict)
+    for shard in shards:
+        for key, members in _read_tar(shard, set(image_keys) | set(text_keys), listing).items():
+            where = f"{shard}#{key}"
+            listing.add(where, _tar_entry, members, where, image_keys, text_keys)
+    source = urls if isinstance(urls, (str, os.PathLike)) else ", ".join(map(str, urls))
+    return listing.dataset(source)
+
+
+def _resolve_shards(urls: PathLike | list[PathLike]) -> list[str]:
+    """Expand a directory, glob, brace pattern or list into existing shard paths."""
+    if not isinstance(urls, (str, os.PathLike)):
+        return [shard for url in urls for shard in _resolve_shards(url)]
+    url = str(urls)
+    if os.path.isdir(url):
+        shards = sorted(glob.glob(os.path.join(glob.escape(url), "*.tar")))
+    elif any(c in url for c in "*?["):
+        shards = sorted(glob.glob(url))
+    else:
+        shards = list(braceexpand.braceexpand(url))
+    if not shards:
+        raise DataError(f"{url}: no .tar shards found")
+    missing = [s for s in shards if not os.path.isfile(s)]
+    if missing:
+        raise DataError(f"{url}: shard not found: {missing[0]}")
+    return shards
+
+
+def _read_tar(shard: str, wanted: set[str], listing: _Listing) -> dict[str, dict[str, bytes]]:
+    """Members of one shard grouped by key: {key: {extension: bytes}} (wanted extensions only).
+
+    A shard that cannot be read (truncated, not a tar) is recorded as a skip; the groups read
+    before the failure are kept.
+    """
+    groups: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(shard) as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                folder, _, name = member.name.rpartition("/")
+                stem, _, extension = name.partition(".")
+                group = groups.setdefault(f"{folder}/{stem}" if folder else stem, {})
+                if extension.lower() in wanted:
+                    group[extension.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        listing.skip(shard, f"corrupt shard: {exc}")
+    return groups
+
+
+def _tar_entry(
+    members: dict[str, bytes],
+    source: str,
+    image_keys: Iterable[str],
+    text_keys: Iterable[str],
+) -> _Entry:
+    image_key = next((k for k in image_keys if k in members), None)
+    if image_key is None:
+        raise _Bad("missing image", f"no member with extension {'/'.join(image_keys)}")
+    text_key = next((k for k in text_keys if k in members), None)
+    if text_key is None:
+        raise _Bad("missing field", f"no {'/'.join(text_keys)} member")
+    try:
+        text = members[text_key].decode("utf-8")
+        record = json.loads(text) if text_key == "json" else {"caption": text}
+    except ValueError as exc:  # bad UTF-8 or bad JSON
+        raise _Bad("malformed member", f".{text_key}: {exc}") from None
+    if not isinstance(record, dict):
+        raise _Bad("malformed member", f".{text_key}: expected a JSON object")
+    captions = _clean_captions(_require(record, "caption"), "caption")
+    meta = {k: v for k, v in record.items() if k != "caption"}
+    return _Entry(members[image_key], captions, meta, source)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON lines
+
+
+def read_jsonl(
+    path: PathLike,
+    strict: bool = False,
+    image_key: str = "image",
+    caption_key: str = "caption",
+) -> CaptionDataset:
+    """Read one JSON object per line: {"image": path, "caption": str | [str], ...meta}.
+
+    Image paths are relative to the JSONL file's directory (absolute paths are kept). All other
+    fields become the item's metadata. Blank lines are ignored.
+    """
+    path = Path(path)
+    listing = _Listing(strict)
+    with open(path, "rb") as f:
+        for line_number, line in enumerate(f, start=1):
+            if line.strip():
+                where = f"{path}:{line_number}"
+                listing.add(where, _jsonl_entry, line, path.parent, image_key, caption_key)
+    return listing.dataset(path)
+
+
+def _jsonl_entry(line: bytes, base: Path, image_key: str, caption_key: str) -> _Entry:
+    try:
+        record = json.loads(line)
+    except ValueError as exc:  # bad UTF-8 or bad JSON
+        raise _Bad("malformed line", str(exc)) from None
+    if not isinstance(record, dict):
+        raise _Bad("malformed line", f"expected a JSON object, got {type(record).__name__}")
+    return _record_entry(record, base, image_key, caption_key)
+
+
+def _record_entry(record: dict[str, Any], base: Path, image_key: str, caption_key: str) -> _Entry:
+    """An entry from a {image_key: path, caption_key: str | [str], ...meta} record."""
+    captions = _clean_captions(_require(record, caption_key), caption_key)
+    image = _image_path(base, _require(record, image_key), image_key)
+    meta = {k: v for k, v in record.items() if k not in (image_key, caption_key)}
+    return _Entry(image, captions, meta, image)
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV / TSV (open_clip style)
+
+
+def read_csv(
+    path: PathLike,
+    strict: bool = False,
+    image_key: str = "filepath",
+    caption_key: str = "title",
+    sep: str | None = None,
+) -> CaptionDataset:
+    """Read an open_clip style CSV/TSV with a header row, one row per caption.
+
+    `sep` defaults to a tab for .tsv files and for .csv files whose header contains a tab, else
+    a comma. Rows with the same image path become one item with several captions (file order).
+    Image paths are relative to the file's directory. Other columns of an image's first row
+    become its metadata. A missing column always raises DataError: the file is unusable.
+    """
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        header = f.readline()
+        if sep is None:
+            sep = "\t" if path.suffix.lower() == ".tsv" or "\t" in header else ","
+        columns = next(csv.reader([header], delimiter=sep), [])
+        for column in (image_key, caption_key):
+            if column not in columns:
+                found = ", ".join(columns) or "nothing"
+                raise DataError(f"{path}:1: missing column {column!r} (header has {found})")
+        listing = _Listing(strict)
+        groups = _group_csv_rows(path, f, sep, columns, image_key, caption_key, listing)
+    for image, (where, captions, meta) in groups.items():
+        listing.add(where, _csv_entry, path.parent, image, captions, meta, image_key)
+    return listing.dataset(path)
+
+
+def _group_csv_rows(
+    path: Path,
+    f: Iterable[str],
+    sep: str,
+    columns: list[str],
+    image_key: str,
+    caption_key: str,
+    listing: _Listing,
+) -> dict[str, tuple[str, list[str], dict[str, str]]]:
+    """Rows grouped by image: {image: (where it is first listed, captions, first row's meta)}."""
+    groups: dict[str, tuple[str, list[str], dict[str, str]]] = {}
+    rows = csv.reader(f, delimiter=sep)
+    try:
+        for values in rows:
+            where = f"{path}:{rows.line_num + 1}"  # +1: the header was read before
+            if not values:
+                continue
+            try:
+                image, caption, meta = _csv_row(values, columns, image_key, caption_key)
+            except _Bad as bad:
+                listing.skip(where, str(bad))
+                continue
+            groups.setdefault(image, (where, [], meta))[1].append(caption)
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}:{rows.line_num + 1}: unreadable row: {exc}") from None
+    return groups
+
+
+def _csv_row(
+    values: list[str], columns: list[str], image_key: str, caption_key: str
+) -> tuple[str, str, dict[str, str]]:
+    """(image, caption, other columns) of one row; _Bad if the row is malformed or empty."""
+    if len(values) != len(columns):
+        raise _Bad("malformed row", f"{len(values)} fields, the header has {len(columns)}")
+    row = dict(zip(columns, values))
+    caption = row[caption_key].strip()
+    if not caption:
+        raise _Bad("empty caption", f"column {caption_key!r}")
+    if not row[image_key]:
+        raise _Bad("bad field", f"column {image_key!r} is empty")
+    meta = {k: v for k, v in row.items() if k not in (image_key, caption_key)}
+    return row[image_key], caption, meta
+
+
+def _csv_entry(
+    base: Path, image: str, captions: list[str], meta: dict[str, str], image_key: str
+) -> _Entry:
+    path = _image_path(base, image, image_key)
+    return _Entry(path, captions, meta, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# COCO captions (Karpathy split file, or BLIP/LAVIS annotation list)
+
+KARPATHY_SPLITS = {"train": ("train", "restval"), "restval": ("restval",), "val": ("val",), "test": ("test",)}
+
+
+def read_coco_karpathy(
+    path: PathLike,
+    split: str = "test",
+    image_root: PathLike | None = None,
+    strict: bool = False,
+) -> CaptionDataset:
+    """Read COCO-style captions in either common JSON layout.
+
+    (a) Karpathy's `dataset_coco.json`: {"images": [{"filepath", "filename", "split",
+        "sentences": [{"raw": ...}], "cocoid"/"imgid"}]}; split "train" includes "restval".
+    (b) BLIP/LAVIS annotations: [{"image": "val2014/x.jpg", "caption": str | [str],
+        "image_id": ...}]; the file is already one split, so `split` is ignored.
+
+    Image paths are relative to `image_root` (default: the JSON file's directory). Ids go into
+    the metadata; both layouts set meta["image_id"].
+    """
+    path = Path(path)
+    root = Path(image_root) if image_root is not None else path.parent
+    try:
+        data = json.loads(path.read_bytes())
+    except ValueError as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from None
+    listing = _Listing(strict)
+    if isinstance(data, dict) and isinstance(data.get("images"), list):
+        _read_karpathy_images(path, data["images"], split, root, listing)
+    elif isinstance(data, list):
+        for i, record in enumerate(data):
+            listing.add(f"{path}:[{i}]", _lavis_entry, record, root)
+    else:
+        raise DataError(
+            f"{path}: expected Karpathy's {{'images': [...]}} or a list of {{'image', 'caption'}} records"
+        )
+    return listing.dataset(path)
+
+
+def _read_karpathy_images(
+    path: Path, images: list[Any], split: str, root: Path, listing: _Listing
+) -> None:
+    if split not in KARPATHY_SPLITS:
+        raise DataError(f"{path}: unknown split {split!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
+    for i, record in enumerate(images):
+        if isinstance(record, dict) and record.get("split") in KARPATHY_SPLITS[split]:
+            listing.add(f"{path}:images[{i}]", _karpathy_entry, record, root)
+    if not listing.entries and not listing.skipped:
+        found = sorted({str(r.get("split")) for r in images if isinstance(r, dict)})
+        raise DataError(f"{path}: no images in split {split!r} (splits present: {', '.join(found)})")
+
+
+def _karpathy_entry(record: dict[str, Any], root: Path) -> _Entry:
+    sentences = _require(record, "sentences")
+    if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
+        raise _Bad("bad field", "'sentences' must be a list of {'raw': caption}")
+    captions = _clean_captions([s["raw"] for s in sentences], "sentences")
+    folder = root / str(record.get("filepath", ""))
+    image = _image_path(folder, _require(record, "filename"), "filename")
+    meta = {k: record[k] for k in ("cocoid", "imgid", "sentids", "split") if k in record}
+    meta["image_id"] = record.get("cocoid", record.get("imgid"))
+    return _Entry(image, captions, meta, image)
+
+
+def _lavis_entry(record: Any, root: Path) -> _Entry:
+    if not isinstance(record, dict):
+        raise _Bad("malformed record", f"expected a JSON object, got {type(record).__name__}")
+    return _record_entry(record, root, "image", "caption")
+
+
+# ---------------------------------------------------------------------------------------------
+# image folder (classification)
+
+
+def read_image_folder(root: PathLike, strict: bool = False) -> CaptionDataset:
+    """Read `root/<class_name>/<image files>` (nested folders allowed) for classification.
+
+    Items have no captions and meta {"label": class_name, "label_id": int}, classes sorted by
+    name (`dataset.classes`). Files without an image extension are recorded as skipped; hidden
+    files are ignored.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a directory")
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not classes:
+        raise DataError(f"{root}: no class subfolders found")
+    listing = _Listing(strict)
+    for label_id, label in enumerate(classes):
+        for path in sorted((root / label).rglob("*")):
+            if not path.is_file() or path.name.startswith("."):
+                continue
+            if path.suffix.lower() in IMAGE_EXTENSIONS:
+                meta = {"label": label, "label_id": label_id}
+                listing.entries.append(_Entry(str(path), [], meta, str(path)))
+            else:
+                listing.skip(str(path), f"not an image: extension {path.suffix or '(none)'!r}")
+    return listing.dataset(root, classes)
+
+
+def _is_image_folder(path: Path) -> bool:
+    """Whether `path` has a subfolder with at least one image file in it."""
+    return path.is_dir() and any(
+        sub.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in sub.iterdir())
+        for sub in path.iterdir()
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# one entry point
+
+READERS: dict[str, Callable[..., CaptionDataset]] = {
+    "webdataset": read_webdataset,
+    "jsonl": read_jsonl,
+    "csv": read_csv,
+    "coco_karpathy": read_coco_karpathy,
+    "image_folder": read_image_folder,
+}
+_FORMAT_BY_EXTENSION = {
+    ".tar": "webdataset",
+    ".jsonl": "jsonl",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "coco_karpathy",
+}
+
+
+def open_dataset(
+    path: PathLike,
+    split: str | None = None,
+    format: str | None = None,
+    strict: bool = False,
+    **reader_kwargs: Any,
+) -> CaptionDataset:
+    """Open `path` (a file or a directory) with the right reader, detected unless `format` is set.
+
+    For a directory and a split, looks in order for `{path}/{split}/*.tar`, `{path}/{split}.jsonl`,
+    `{path}/{split}.csv`, `{path}/{split}.tsv` and `{path}/{split}/<class>/<images>`; without a
+    split, for `{path}/*.tar` and `{path}/<class>/<images>`. A file is read by its extension
+    (.tar, .jsonl, .csv/.tsv, .json = COCO; `split` is passed on to the COCO reader).
+    `reader_kwargs` go to the reader (see the `read_*` functions).
+    """
+    if format is not None and format not in READERS:
+        raise ValueError(f"unknown format {format!r}; expected one of {', '.join(READERS)}")
+    path = Path(path)
+    if path.is_file():
+        target = path
+        format = format or _FORMAT_BY_EXTENSION.get(path.suffix.lower())
+        if format is None:
+            raise DataError(f"{path}: unknown file type; expected {', '.join(_FORMAT_BY_EXTENSION)}")
+    elif path.is_dir():
+        format, target = _find_in_directory(path, split, format)
+    else:
+        raise DataError(f"{path}: no such file or directory")
+    if format == "coco_karpathy" and split is not None:
+        reader_kwargs["split"] = split
+    return READERS[format](target, strict=strict, **reader_kwargs)
+
+
+def _find_in_directory(path: Path, split: str | None, format: str | None) -> tuple[str, Path]:
+    """The first (format, target) in a directory, trying only `format` when it is given."""
+    base = path / split if split else path
+    candidates = [("webdataset", base, f"{base}/*.tar")]
+    if split:
+        candidates += [
+            ("jsonl", path / f"{split}.jsonl", str(path / f"{split}.jsonl")),
+            ("csv", path / f"{split}.csv", str(path / f"{split}.csv")),
+            ("csv", path / f"{split}.tsv", str(path / f"{split}.tsv")),
+        ]
+    candidates.append(("image_folder", base, f"{base}/<class>/<images>"))
+    looked_for = []
+    for fmt, target, description in candidates:
+        if format in (None, fmt):
+            looked_for.append(description)
+            if _matches(fmt, target):
+                return fmt, target
+    raise DataError(f"{path}: no data set found; looked for {', '.join(looked_for) or format}")
+
+
+def _matches(format: str, target: Path) -> bool:
+    if format == "webdataset":
+        return target.is_dir() and any(target.glob("*.tar"))
+    if format == "image_folder":
+        return _is_image_folder(target)
+    return target.is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# reporting
+
+
+def format_skips(skipped: list[Skipped], limit: int = 10) -> str:
+    """A summary of skipped samples for logs: counts by kind, then the first `limit` of them.
+
+    "3 samples skipped: 2 corrupt image, 1 empty caption; first 3:" followed by one
+    "  source (reason)" line each.
+    """
+    if not skipped:
+        return "0 samples skipped"
+    counts = Counter(s.reason.split(":", 1)[0] for s in skipped)
+    by_kind = ", ".join(f"{n} {kind}" for kind, n in counts.most_common())
+    noun = "sample" if len(skipped) == 1 else "samples"
+    shown = skipped[:limit]
+    first = f"; first {len(shown)}:" if shown else ""
+    lines = [f"{len(skipped)} {noun} skipped: {by_kind}{first}"]
+    lines += [f"  {s.source} ({s.reason})" for s in shown]
+    if len(skipped) > limit:
+        lines.append(f"  ... and {len(skipped) - limit} more")
+    return "\n".join(lines)

@@ -1,0 +1,108 @@
+"""From a `CaptionDataset` to training batches that resume exactly.
+
+The sample stream is a pure function of (seed, position): epoch e visits the data in the
+permutation drawn from (seed, e), and each sample's augmentation and caption choice come from
+a `random.Random` seeded by (seed, epoch, index). A resumed run that starts at the saved
+position therefore sees the same batches as a run that never stopped, whatever the number of
+DataLoader workers, and under DDP each rank takes its own slice of every global batch.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from vlp.data.formats import CaptionDataset
+from vlp.data.sample import DataError, Skipped
+from vlp.data.tokenizer import Tokenizer
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The RNG that decides one sample's augmentation and caption in one epoch."""
+    return random.Random(f"{seed}:{epoch}:{index}")
+
+
+class TrainSet(Dataset):
+    """Item (epoch, index) -> {"image": augmented tensor, "caption": one of its captions}."""
+
+    def __init__(self, base: CaptionDataset, transform: Callable[[Image.Image, random.Random], torch.Tensor],
+                 seed: int):
+        self.base, self.transform, self.seed = base, transform, seed
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | Skipped:
+        epoch, index = key
+        item = self.base[index]
+        if isinstance(item, Skipped):
+            return item
+        rng = sample_rng(self.seed, epoch, index)
+        caption = rng.choice(item.captions)
+        return {"image": self.transform(item.image, rng), "caption": caption, "epoch": epoch}
+
+
+class StreamSampler(Sampler[list[tuple[int, int]]]):
+    """Endless global batches of (epoch, index) keys, starting `start` samples into the stream."""
+
+    def __init__(self, size: int, global_batch: int, seed: int, start: int = 0,
+                 rank: int = 0, world_size: int = 1):
+        if global_batch % world_size:
+            raise ValueError(f"global batch {global_batch} is not divisible by {world_size} ranks")
+        self.size, self.global_batch, self.seed, self.start = size, global_batch, seed, start
+        self.rank, self.world_size = rank, world_size
+        self._perms: dict[int, list[int]] = {}
+
+    def _perm(self, epoch: int) -> list[int]:
+        if epoch not in self._perms:
+            gen = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perms = {epoch: torch.randperm(self.size, generator=gen).tolist()}
+        return self._perms[epoch]
+
+    def key(self, position: int) -> tuple[int, int]:
+        epoch, offset = divmod(position, self.size)
+        return epoch, self._perm(epoch)[offset]
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        local = self.global_batch // self.world_size
+        position = self.start
+        while True:
+            first = position + self.rank * local
+            yield [self.key(p) for p in range(first, first + local)]
+            position += self.global_batch
+
+
+class Collator:
+    """Stack images, tokenize captions, and pass unreadable samples on for counting."""
+
+    def __init__(self, tokenizer: Tokenizer, context_length: int, style: str):
+        self.tokenizer, self.context_length, self.style = tokenizer, context_length, style
+
+    def __call__(self, items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
+        good = [item for item in items if not isinstance(item, Skipped)]
+        skipped = [item for item in items if isinstance(item, Skipped)]
+        if not good:
+            raise DataError(f"every sample of a batch was unreadable, e.g. {skipped[0].source}: "
+                            f"{skipped[0].reason}")
+        tokens = self.tokenizer([item["caption"] for item in good], max_length=self.context_length,
+                                style=self.style)
+        return {
+            "images": torch.stack([item["image"] for item in good]),
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "epoch": max(item["epoch"] for item in good),
+            "skipped": skipped,
+        }
+
+
+def train_loader(dataset: TrainSet, collator: Collator, global_batch: int, seed: int, start: int,
+                 rank: int, world_size: int, workers: int) -> DataLoader:
+    """An endless DataLoader over the stream, starting `start` samples in."""
+    sampler = StreamSampler(len(dataset), global_batch, seed, start, rank, world_size)
+    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=workers,
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None)

@@ -1,0 +1,87 @@
+"""A self-contained HTML report of a run: training curves, the eval table, retrieval examples."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
+
+
+def _png_data_uri(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+
+
+def _curves(records: list[dict[str, Any]]) -> str:
+    """Loss and learning-rate curves as an inline PNG."""
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(1, 2, figsize=(10, 3.5))
+    ax_loss.plot(steps, [r["loss"] for r in records])
+    ax_loss.set(title="training loss", xlabel="step", yscale="log")
+    ax_lr.plot(steps, [r["lr"] for r in records], color="tab:orange")
+    ax_lr.set(title="learning rate", xlabel="step")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    return f'<img alt="training curves" src="{_png_data_uri(buffer.getvalue())}">'
+
+
+def _eval_table(results: dict[str, Any]) -> str:
+    rows = "".join(f"<tr><td>{html.escape(task)}</td><td>{html.escape(name)}</td><td>{value:.2f}</td></tr>"
+                   for task, metrics in results.items() if isinstance(metrics, dict)
+                   for name, value in metrics.items())
+    return f"<table><tr><th>task</th><th>metric</th><th>value</th></tr>{rows}</table>"
+
+
+def _examples(run_dir: Path, examples: list[dict[str, Any]]) -> str:
+    cards = []
+    for example in examples:
+        image = _png_data_uri((run_dir / example["image"]).read_bytes())
+        items = "".join(f'<li class="{"hit" if t["correct"] else ""}">{html.escape(t["caption"])}'
+                        f'{" &#10003;" if t["correct"] else ""}</li>' for t in example["top5"])
+        truth = html.escape(example["truth"][0])
+        cards.append(f'<div class="card"><img src="{image}" width="128" height="128">'
+                     f"<div><div class=truth>true: {truth}</div><ol>{items}</ol></div></div>")
+    return "".join(cards)
+
+
+STYLE = """body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}
+table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:4px 10px;text-align:left}
+.card{display:flex;gap:1em;margin:1em 0;align-items:flex-start}.card img{image-rendering:pixelated}
+.hit{color:#070;font-weight:bold}.truth{color:#555}"""
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write `run_dir/report.html` from metrics.jsonl, eval.json and examples.json."""
+    run_dir = Path(run_dir)
+    parts = [f"<h1>vlp run: {html.escape(run_dir.name)}</h1>"]
+    records = _read_metrics(run_dir)
+    if records:
+        last = records[-1]
+        parts += ["<h2>Training</h2>", f"<p>{last['step']} steps, final loss {last['loss']:.4f}, "
+                  f"{last.get('samples_per_s', 0):.0f} samples/s at the end.</p>", _curves(records)]
+    if (run_dir / "eval.json").is_file():
+        parts += ["<h2>Evaluation</h2>", _eval_table(json.loads((run_dir / "eval.json").read_text()))]
+    if (run_dir / "examples.json").is_file():
+        parts += ["<h2>Retrieval examples</h2><p>Top-5 captions per test image; a check marks a "
+                  "caption of that image.</p>",
+                  _examples(run_dir, json.loads((run_dir / "examples.json").read_text()))]
+    out = run_dir / "report.html"
+    out.write_text(f"<!doctype html><meta charset=utf-8><title>vlp report</title>"
+                   f"<style>{STYLE}</style>{''.join(parts)}")
+    return out

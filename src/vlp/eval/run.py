@@ -1,0 +1,170 @@
+"""`vlp eval RUN`: the fixed evaluation protocols on a data set written by `vlp data shapes`.
+
+Tasks: zeroshot (the "classify" split: shape, colour, colour+shape with prompt ensembles),
+retrieval (the "test" split, and "compositional" where present), probe (swap pairs of the test
+split). Results go to `RUN/eval.json`, retrieval examples to `RUN/examples.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from vlp.data.formats import CaptionDataset, format_skips, open_dataset
+from vlp.data.sample import Skipped
+from vlp.data.transforms import eval_transform
+from vlp.eval.probe import swap_probe_accuracy
+from vlp.eval.retrieval import blockwise_topk, recall_at_k
+from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
+
+TASKS = ("zeroshot", "retrieval", "probe")
+console = Console()
+
+
+def _batches(items: list, size: int) -> Iterable[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+@torch.no_grad()
+def embed_texts(model: nn.Module, texts: list[str], batch_size: int = 256) -> torch.Tensor:
+    """Normalised text embeddings of a list of strings, with the model's own tokenizer."""
+    device = next(model.parameters()).device
+    parts = []
+    for chunk in _batches(texts, batch_size):
+        tokens = model.tokenizer(chunk, max_length=model.cfg.text.context_length, style=model.tokenizer_style)
+        parts.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).cpu())
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, dataset: CaptionDataset,
+                 batch_size: int = 256) -> tuple[torch.Tensor, list[int], list[Skipped]]:
+    """Normalised image embeddings of a data set; returns (embeddings, kept indices, skipped)."""
+    device = next(model.parameters()).device
+    transform = eval_transform(model.cfg.vision.image_size)
+    kept, skipped, parts = [], [], []
+    for chunk in _batches(list(range(len(dataset))), batch_size):
+        images = []
+        for index in chunk:
+            item = dataset[index]
+            if isinstance(item, Skipped):
+                skipped.append(item)
+                continue
+            kept.append(index)
+            images.append(transform(item.image))
+        if images:
+            parts.append(model.encode_image(torch.stack(images).to(device)).cpu())
+    return torch.cat(parts), kept, skipped
+
+
+def zeroshot(model: nn.Module, data: Path, info: dict[str, Any]) -> dict[str, float]:
+    """Top-1 accuracy on the classify split for each label task in `info["classes"]`."""
+    dataset = open_dataset(data, split="classify")
+    image_emb, kept, _ = embed_images(model, dataset)
+    results = {}
+    for task, names in info["classes"].items():
+        class_emb = class_embeddings(lambda t: embed_texts(model, t), names, info["prompt_templates"])
+        labels = torch.tensor([names.index(dataset.meta(i)["labels"][task]) for i in kept])
+        results[f"{task}_top1"] = zeroshot_accuracy(image_emb, labels, class_emb)
+    return results
+
+
+def _texts_of(dataset: CaptionDataset, kept: list[int]) -> tuple[list[str], torch.Tensor]:
+    texts, owner = [], []
+    for row, index in enumerate(kept):
+        captions = dataset.captions(index)
+        texts += captions
+        owner += [row] * len(captions)
+    return texts, torch.tensor(owner)
+
+
+def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0) -> tuple[dict, list]:
+    """Recall@1/5/10 both ways; optionally the top-5 captions of the first `examples` images."""
+    start = time.perf_counter()
+    image_emb, kept, _ = embed_images(model, dataset)
+    texts, owner = _texts_of(dataset, kept)
+    text_emb = embed_texts(model, texts)
+    metrics = recall_at_k(image_emb, text_emb, owner)
+    metrics["seconds"] = time.perf_counter() - start
+    shown = []
+    if examples:
+        top = blockwise_topk(image_emb[:examples], text_emb, 5)
+        for row, indices in enumerate(top.tolist()):
+            shown.append({"index": kept[row], "truth": dataset.captions(kept[row]),
+                          "top5": [{"caption": texts[j], "correct": int(owner[j]) == row} for j in indices]})
+    return metrics, shown
+
+
+def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
+    """Swap-probe accuracy overall and per swap kind (attribute / relation)."""
+    image_emb, kept, _ = embed_images(model, dataset)
+    pairs = [(row, swap) for row, index in enumerate(kept) for swap in dataset.meta(index).get("swaps", [])]
+    if not pairs:
+        return {}
+    true_emb = embed_texts(model, [swap["true"] for _, swap in pairs])
+    false_emb = embed_texts(model, [swap["false"] for _, swap in pairs])
+    owner = torch.tensor([row for row, _ in pairs])
+    results = {"accuracy": swap_probe_accuracy(image_emb, true_emb, false_emb, owner)}
+    for kind in sorted({swap["kind"] for _, swap in pairs}):
+        select = torch.tensor([swap["kind"] == kind for _, swap in pairs])
+        results[f"{kind}_accuracy"] = swap_probe_accuracy(image_emb, true_emb[select], false_emb[select],
+                                                          owner[select])
+    return results
+
+
+def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
+             tasks: Iterable[str] = TASKS, examples: int = 8) -> dict[str, Any]:
+    """Run the chosen protocols; write eval.json (and examples.json) into `run_dir` if given."""
+    data = Path(data)
+    unknown = set(tasks) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {list(TASKS)}")
+    info = json.loads((data / "info.json").read_text())
+    results: dict[str, Any] = {"data": str(data)}
+    shown: list = []
+    test = open_dataset(data, split="test")
+    if test.skipped:
+        console.print(f"[yellow]test split: {format_skips(test.skipped)}")
+    if "zeroshot" in tasks:
+        results["zeroshot"] = zeroshot(model, data, info)
+    if "retrieval" in tasks:
+        results["retrieval"], shown = retrieval(model, test, examples)
+        if info["splits"].get("compositional"):
+            results["retrieval_compositional"], _ = retrieval(model, open_dataset(data, split="compositional"))
+    if "probe" in tasks:
+        results["probe"] = probe(model, test)
+    if run_dir is not None:
+        (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
+        _save_examples(Path(run_dir), test, shown)
+    return results
+
+
+def _save_examples(run_dir: Path, dataset: CaptionDataset, shown: list[dict]) -> None:
+    """Write the example images as PNGs next to examples.json (the HTML report shows them)."""
+    folder = run_dir / "examples"
+    folder.mkdir(exist_ok=True)
+    for example in shown:
+        example["image"] = f"examples/{example['index']}.png"
+        dataset[example["index"]].image.save(run_dir / example["image"])
+    (run_dir / "examples.json").write_text(json.dumps(shown, indent=2))
+
+
+def results_table(results: dict[str, Any]) -> Table:
+    table = Table(title="vlp eval")
+    table.add_column("task")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for task, metrics in results.items():
+        if isinstance(metrics, dict):
+            for name, value in metrics.items():
+                table.add_row(task, name, f"{value:.2f}")
+    return table

@@ -1,0 +1,66 @@
+"""CLIP (Radford et al. 2021): two towers trained with a symmetric contrastive loss.
+
+Sec. 2.5: a learnable temperature initialised to 0.07 and parameterised as a log-scale,
+clamped so that the logit scale never exceeds 100.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.losses.itc import itc_loss
+from vlp.models.registry import register
+from vlp.nn.text import TextConfig, TextTransformer
+from vlp.nn.vit import VisionConfig, VisionTransformer
+
+
+@dataclass
+class CLIPConfig:
+    embed_dim: int = 128
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    init_temperature: float = 0.07
+    max_logit_scale: float = 100.0
+
+
+@register("clip", CLIPConfig)
+class CLIP(nn.Module):
+    tokenizer_style = "clip"  # <|startoftext|> ... <|endoftext|>, EOS pooling
+
+    def __init__(self, cfg: CLIPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.visual = VisionTransformer(cfg.vision)
+        self.text = TextTransformer(cfg.text)
+        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
+        self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=cfg.vision.width ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=cfg.text.width ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        emb = self.image_proj(self.visual(images)[0])
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    normalize: bool = True) -> torch.Tensor:
+        emb = self.text_proj(self.text(input_ids, attention_mask)[0])
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def scale(self) -> torch.Tensor:
+        """exp(log-scale) clamped at `max_logit_scale`."""
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        image_emb = self.encode_image(batch["images"])
+        text_emb = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        return {"itc": itc_loss(image_emb, text_emb, self.scale())}
+
+    def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Image-text logits from normalised embeddings, as used in zero-shot and probes."""
+        return self.scale() * image_emb @ text_emb.T

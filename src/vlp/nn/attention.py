@@ -1,0 +1,54 @@
+"""Multi-head attention on `torch.nn.functional.scaled_dot_product_attention`.
+
+Self-attention uses one fused qkv projection; cross-attention (used by fusion encoders and
+decoders in later recipes) projects queries from `x` and keys/values from `context`.
+Masks are boolean, True meaning "may attend", broadcastable to [B, heads, L_q, L_k].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, L] 1/0 token mask -> [B, 1, 1, L] boolean key mask."""
+    return attention_mask.bool()[:, None, None, :]
+
+
+def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
+    """[L, L] lower-triangular boolean mask: position t sees positions <= t."""
+    return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+class Attention(nn.Module):
+    """Multi-head (self- or cross-) attention with an output projection."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = True):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"attention width {dim} is not divisible by {heads} heads")
+        self.heads = heads
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.q = nn.Linear(dim, dim, bias=bias)
+            self.kv = nn.Linear(context_dim, 2 * dim, bias=bias)
+        else:
+            self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, _ = x.shape
+        return x.view(batch, length, self.heads, -1).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        if self.is_cross:
+            q = self.q(x)
+            k, v = self.kv(context).chunk(2, dim=-1)
+        else:
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+        q, k, v = map(self._split_heads, (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+        return self.out(y.transpose(1, 2).flatten(2))

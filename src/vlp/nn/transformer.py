@@ -1,0 +1,116 @@
+"""The transformer block every tower is made of, and a stack of them.
+
+Paper differences are configuration: pre-LN (CLIP, ViT) or post-LN (BERT), the activation
+(`quick_gelu` for OpenAI CLIP, `gelu` elsewhere), LayerNorm eps, and optional cross-attention
+to a context (image patches) in every k-th block for fusion encoders and decoders.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlp.nn.attention import Attention
+
+
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the GELU approximation OpenAI CLIP was trained with."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": QuickGELU,
+    "relu": nn.ReLU,
+}
+
+
+@dataclass
+class TransformerConfig:
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    act: str = "gelu"
+    eps: float = 1e-5
+    pre_norm: bool = True
+    cross_attention_every: int = 0  # 0: none; k: blocks k-1, 2k-1, ... attend to the context
+    context_dim: int | None = None  # width of the context for cross-attention (default: width)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, hidden: int, act: str):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {act!r}; choose from {sorted(ACTIVATIONS)}")
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = ACTIVATIONS[act]()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Self-attention, optional cross-attention, MLP; each with a residual and a LayerNorm."""
+
+    def __init__(self, cfg: TransformerConfig, cross_attention: bool = False):
+        super().__init__()
+        self.pre_norm = cfg.pre_norm
+        self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.attn = Attention(cfg.width, cfg.heads)
+        self.cross_attn = None
+        if cross_attention:
+            self.norm_cross = nn.LayerNorm(cfg.width, eps=cfg.eps)
+            self.cross_attn = Attention(cfg.width, cfg.heads, context_dim=cfg.context_dim or cfg.width)
+        self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.mlp = MLP(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.act)
+
+    def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, fn) -> torch.Tensor:
+        if self.pre_norm:
+            return x + fn(norm(x))
+        return norm(x + fn(x))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, mask=mask, is_causal=is_causal))
+        if self.cross_attn is not None:
+            x = self._residual(x, self.norm_cross,
+                               lambda h: self.cross_attn(h, context=context, mask=context_mask))
+        return self._residual(x, self.norm2, self.mlp)
+
+
+class Transformer(nn.Module):
+    """A stack of `Block`s; cross-attention where `cross_attention_every` says."""
+
+    def __init__(self, cfg: TransformerConfig):
+        super().__init__()
+        every = cfg.cross_attention_every
+        self.blocks = nn.ModuleList(
+            Block(cfg, cross_attention=bool(every) and (i + 1) % every == 0)
+            for i in range(cfg.layers)
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
+                context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask)
+        return x
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal linear/embedding weights, zero biases, unit LayerNorms (ViT/BERT style)."""
+    if isinstance(module, (nn.Linear, nn.Embedding, nn.Conv2d)):
+        nn.init.trunc_normal_(module.weight, std=std)
+        if getattr(module, "bias", None) is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)

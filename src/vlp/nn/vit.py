@@ -1,0 +1,50 @@
+"""Vision Transformer image tower (Dosovitskiy et al. 2021; CLIP's variant adds `ln_pre`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vlp.nn.transformer import Transformer, TransformerConfig, init_weights
+
+
+@dataclass
+class VisionConfig(TransformerConfig):
+    image_size: int = 64
+    patch_size: int = 8
+    pool: str = "cls"  # cls | mean
+    ln_pre: bool = True  # LayerNorm after the embeddings (CLIP)
+    patch_bias: bool = False
+
+
+class VisionTransformer(nn.Module):
+    """Patch embedding + class token + learned positions -> transformer -> pooled and tokens."""
+
+    def __init__(self, cfg: VisionConfig):
+        super().__init__()
+        if cfg.image_size % cfg.patch_size:
+            raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
+        if cfg.pool not in ("cls", "mean"):
+            raise ValueError(f"vision pool must be 'cls' or 'mean', got {cfg.pool!r}")
+        self.cfg = cfg
+        num_patches = (cfg.image_size // cfg.patch_size) ** 2
+        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.width))
+        self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_pre else nn.Identity()
+        self.transformer = Transformer(cfg)
+        self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] -> (pooled [B, width], tokens [B, 1 + patches, width])."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        x = self.transformer(self.norm_pre(x))
+        x = self.norm(x)
+        pooled = x[:, 0] if self.cfg.pool == "cls" else x[:, 1:].mean(dim=1)
+        return pooled, x

@@ -1,0 +1,99 @@
+"""Checkpoints that a crash or kill can never corrupt.
+
+A checkpoint is a directory `checkpoints/step_XXXXXXX/` holding `model.safetensors` (weights)
+and `state.pt` (optimizer, scheduler, RNG states, data position). It is written under a
+temporary name, flushed, then renamed into place; `checkpoints/latest` (itself replaced
+atomically) names the newest complete one. A kill at any moment leaves the last good one.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    _fsync_file(tmp)
+    os.replace(tmp, path)
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """Model weights as safetensors (shared tensors are stored once per name, contiguous)."""
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(state, str(path), metadata={"recipe": getattr(model, "recipe", "")})
+
+
+def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
+    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    if strict and (missing or unexpected):
+        raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`."""
+    root = run_dir / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step_{step:07d}"
+    tmp = root / f".tmp_step_{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    save_weights(model, tmp / "model.safetensors")
+    torch.save(state, tmp / "state.pt")
+    for name in ("model.safetensors", "state.pt"):
+        _fsync_file(tmp / name)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    _fsync_dir(root)
+    write_text_atomic(root / "latest", final.name)
+    for old in sorted(root.glob("step_*"))[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run, or None."""
+    pointer = run_dir / "checkpoints" / "latest"
+    if not pointer.is_file():
+        return None
+    path = pointer.parent / pointer.read_text().strip()
+    return path if (path / "state.pt").is_file() else None
+
+
+def load_state(checkpoint: Path) -> dict[str, Any]:
+    return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)

@@ -1,0 +1,64 @@
+"""Process-group helpers: the same entry point runs alone or under `torchrun` (gloo/NCCL)."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_fn
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def init_from_env() -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on GPU, else gloo."""
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return is_distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend)
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return True
+
+
+def gather_sizes(n: int, device: torch.device) -> list[int]:
+    """Every rank's local batch size (they differ when a rank skipped unreadable samples)."""
+    if not is_distributed():
+        return [n]
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([n], device=device))
+    return [int(s) for s in sizes]
+
+
+def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
+    """Concatenate `x` from all ranks along dim 0; gradients flow back to every rank's part.
+
+    Ranks may hold different numbers of rows (`sizes`, from `gather_sizes`, when known):
+    parts are padded to the largest and trimmed.
+    """
+    if not is_distributed():
+        return x
+    sizes = sizes or gather_sizes(x.shape[0], x.device)
+    padded = torch.nn.functional.pad(x, (0, 0) * (x.dim() - 1) + (0, max(sizes) - x.shape[0]))
+    parts = dist_fn.all_gather(padded)
+    return torch.cat([part[:size] for part, size in zip(parts, sizes)], dim=0)
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()

@@ -1,0 +1,52 @@
+import torch
+import torch.nn.functional as F
+
+from vlp.eval.probe import swap_probe_accuracy
+from vlp.eval.retrieval import blockwise_topk, recall_at_k
+from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
+
+
+def test_recall_hand_made():
+    # 3 images on the axes; texts 0,1 describe image 0, text 2 image 1, text 3 image 2.
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0.2, 0, 0.8], [0, 0.3, 0.7]])
+    owner = torch.tensor([0, 0, 1, 2])
+    m = recall_at_k(images, texts, owner, ks=(1, 2, 3))
+    # i2t top-1: image 0 -> text 0 (hit), image 1 -> text 3 (miss), image 2 -> text 2 (miss).
+    assert abs(m["i2t_R@1"] - 100 / 3) < 1e-4
+    # top-2: image 1 -> [3, 1] miss; image 2 -> [2, 3] hit.
+    assert abs(m["i2t_R@2"] - 200 / 3) < 1e-4
+    assert m["i2t_R@3"] == 100.0
+    # t2i top-1: t0->0 hit, t1->0 hit, t2->2 miss, t3->2 hit.
+    assert m["t2i_R@1"] == 75.0
+    assert m["t2i_R@2"] == 75.0  # text 2 ranks images [2, 0, 1]
+    assert m["t2i_R@3"] == 100.0
+
+
+def test_blockwise_topk_equals_full():
+    torch.manual_seed(0)
+    q, g = torch.randn(50, 8), torch.randn(70, 8)
+    full = (q @ g.T).topk(5, dim=1).indices
+    assert torch.equal(blockwise_topk(q, g, 5, block=7), full)
+    assert blockwise_topk(q, g[:3], 10).shape == (50, 3)
+
+
+def test_zeroshot_known_answer():
+    vocab = {"red": torch.tensor([1.0, 0, 0]), "blue": torch.tensor([0, 1.0, 0])}
+
+    def embed(prompts):
+        return torch.stack([sum(v for w, v in vocab.items() if w in p) + 0.1 for p in prompts])
+
+    classes = class_embeddings(embed, ["red", "blue"], ["a {}", "the {} one"])
+    assert classes.shape == (2, 3)
+    torch.testing.assert_close(classes.norm(dim=1), torch.ones(2))
+    images = F.normalize(torch.tensor([[1.0, 0.1, 0], [0.1, 1.0, 0], [0.9, 0.0, 0.1]]), dim=-1)
+    assert abs(zeroshot_accuracy(images, torch.tensor([0, 1, 0]), classes) - 100.0) < 1e-6
+    assert abs(zeroshot_accuracy(images, torch.tensor([1, 1, 1]), classes) - 100 / 3) < 1e-4
+
+
+def test_swap_probe():
+    images = torch.eye(2)
+    true = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0]])
+    false = torch.tensor([[0, 1.0], [1.0, 0], [1.0, 0]])  # last pair: a tie counts as a miss
+    assert abs(swap_probe_accuracy(images, true, false, torch.tensor([0, 1, 0])) - 200 / 3) < 1e-4
