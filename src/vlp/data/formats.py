@@ -395,7 +395,13 @@ def _csv_entry(
 # ---------------------------------------------------------------------------------------------
 # COCO captions (Karpathy split file, or BLIP/LAVIS annotation list)
 
-KARPATHY_SPLITS = {"train": ("train", "restval"), "restval": ("restval",), "val": ("val",), "test": ("test",)}
+# Karpathy's "restval" images (val2014 images outside his val/test) count as training data.
+KARPATHY_SPLITS = {
+    "train": ("train", "restval"),
+    "restval": ("restval",),
+    "val": ("val",),
+    "test": ("test",),
+}
 
 
 def read_coco_karpathy(
@@ -428,7 +434,8 @@ def read_coco_karpathy(
             listing.add(f"{path}:[{i}]", _lavis_entry, record, root)
     else:
         raise DataError(
-            f"{path}: expected Karpathy's {{'images': [...]}} or a list of {{'image', 'caption'}} records"
+            f"{path}: expected Karpathy's {{'images': [...]}} "
+            "or a list of {'image', 'caption'} records"
         )
     return listing.dataset(path)
 
@@ -437,18 +444,22 @@ def _read_karpathy_images(
     path: Path, images: list[Any], split: str, root: Path, listing: _Listing
 ) -> None:
     if split not in KARPATHY_SPLITS:
-        raise DataError(f"{path}: unknown split {split!r}; expected one of {', '.join(KARPATHY_SPLITS)}")
+        expected = ", ".join(KARPATHY_SPLITS)
+        raise DataError(f"{path}: unknown split {split!r}; expected one of {expected}")
     for i, record in enumerate(images):
         if isinstance(record, dict) and record.get("split") in KARPATHY_SPLITS[split]:
             listing.add(f"{path}:images[{i}]", _karpathy_entry, record, root)
     if not listing.entries and not listing.skipped:
         found = sorted({str(r.get("split")) for r in images if isinstance(r, dict)})
-        raise DataError(f"{path}: no images in split {split!r} (splits present: {', '.join(found)})")
+        present = ", ".join(found)
+        raise DataError(f"{path}: no images in split {split!r} (splits present: {present})")
 
 
 def _karpathy_entry(record: dict[str, Any], root: Path) -> _Entry:
     sentences = _require(record, "sentences")
-    if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
+    if not isinstance(sentences, list) or not all(
+        isinstance(s, dict) and "raw" in s for s in sentences
+    ):
         raise _Bad("bad field", "'sentences' must be a list of {'raw': caption}")
     captions = _clean_captions([s["raw"] for s in sentences], "sentences")
     folder = root / str(record.get("filepath", ""))
@@ -543,7 +554,8 @@ def open_dataset(
         target = path
         format = format or _FORMAT_BY_EXTENSION.get(path.suffix.lower())
         if format is None:
-            raise DataError(f"{path}: unknown file type; expected {', '.join(_FORMAT_BY_EXTENSION)}")
+            expected = ", ".join(_FORMAT_BY_EXTENSION)
+            raise DataError(f"{path}: unknown file type; expected {expected}")
     elif path.is_dir():
         format, target = _find_in_directory(path, split, format)
     else:

@@ -31,6 +31,8 @@ from vlp.data.sample import Sample
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("small", "large")
+RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 90, 230),  # before jitter
+       "yellow": (235, 215, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
 RELATIONS = ("left of", "right of", "above", "below")
 HELD_OUT = (("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square"))
 SPLITS = ("train", "val", "test", "clean", "classify", "compositional")
@@ -66,14 +68,13 @@ _TEMPLATES = {
     (1, False): ("{0}", "there is {0}", "a picture of {0}", "an image of {0}",
                  "{0} on a noisy background", "a drawing of {0}"),
     (2, False): ("{0} and {1}", "there is {0} and {1}", "a picture of {0} and {1}"),
-    (2, True): ("{0} {r} {1}", "there is {0} {r} {1}", "a picture of {0} {r} {1}", "{0} is {r} {1}"),
+    (2, True): ("{0} {r} {1}", "there is {0} {r} {1}", "a picture of {0} {r} {1}",
+                "{0} is {r} {1}"),
     (3, True): ("{0} {r} {1}, and {2}", "a picture of {0} {r} {1}, and {2}",
                 "{2}, and {0} {r} {1}", "there is {0} {r} {1}, and also {2}"),
 }
 _FILLER = {"a", "an", "the", "there", "is", "of", "and", "also", "to", "picture", "image",
            "drawing", "on", "noisy", "background"}
-_RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 90, 230),
-        "yellow": (235, 215, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
 _NUMBERS = ("one", "two", "three")
 _RANDOM_CAPTION_SPACE = 1000  # SeedSequence slot for the scenes "random" noise captions come from
 _EVAL_CAPTIONS = 5
@@ -127,13 +128,16 @@ def true_relations(objects: Sequence[dict]) -> list[list]:
             for rel in RELATIONS if i != j and relation_holds(a, rel, b)]
 
 
-_LEXICON = {
+def _head(phrase: str) -> str:
+    """The word that carries a relation phrase: "to the left of" -> "left"."""
+    return next(word for word in phrase.split() if word not in _FILLER)
+
+
+_LEXICON = {  # word -> (kind, value); filler words are skipped
     **{c: ("color", c) for c in COLORS},
     **{w: ("shape", s) for s, words in SHAPE_WORDS.items() for w in words},
     **{w: ("size", s) for s, words in SIZE_WORDS.items() for w in words},
-    **{w.split()[-2]: ("relation", r) for r, words in RELATION_WORDS.items() for w in words
-       if " " in w},
-    **{w: ("relation", r) for r, words in RELATION_WORDS.items() for w in words if " " not in w},
+    **{_head(w): ("relation", r) for r, words in RELATION_WORDS.items() for w in words},
 }
 
 
@@ -245,16 +249,22 @@ def _allowed(color: str, shape: str, held_out_ok: bool) -> bool:
     return held_out_ok or (color, shape) not in HELD_OUT
 
 
+def _absent_colors(objects: Sequence[dict], shape: str, held_out_ok: bool) -> list[str]:
+    """Colours no object of the scene has, that may go with `shape`."""
+    used = {o["color"] for o in objects}
+    return [c for c in COLORS if c not in used and _allowed(c, shape, held_out_ok)]
+
+
 def _corrupt_attribute(claim: Claim, objects: Sequence[dict], rng: np.random.Generator) -> Claim:
     """Replace one mentioned colour or shape by one no object in the scene has."""
     k = int(rng.integers(len(claim.mentions)))
     m = claim.mentions[k]
-    colors = [c for c in COLORS if c not in {o["color"] for o in objects} and _allowed(c, m.shape, False)]
-    shapes = [s for s in SHAPES if s not in {o["shape"] for o in objects} and _allowed(m.color, s, False)]
+    used = {o["shape"] for o in objects}
+    shapes = [s for s in SHAPES if s not in used and _allowed(m.color, s, False)]
     if shapes and rng.random() < 0.5:
         wrong = replace(m, shape=_pick(rng, shapes))
     else:
-        wrong = replace(m, color=_pick(rng, colors))
+        wrong = replace(m, color=_pick(rng, _absent_colors(objects, m.shape, False)))
     return replace(claim, mentions=claim.mentions[:k] + (wrong,) + claim.mentions[k + 1:])
 
 
@@ -307,8 +317,8 @@ def _attribute_swap(objects: Sequence[dict], rng: np.random.Generator,
         a, b = _pick(rng, pairs)
         return Claim((a, b)), Claim((replace(a, color=b.color), replace(b, color=a.color)))
     m = _pick(rng, full)
-    colors = [c for c in COLORS if c not in {o.color for o in full} and _allowed(c, m.shape, held_out_ok)]
-    return Claim((m,)), Claim((replace(m, color=_pick(rng, colors)),))
+    color = _pick(rng, _absent_colors(objects, m.shape, held_out_ok))
+    return Claim((m,)), Claim((replace(m, color=color),))
 
 
 def _swaps(objects: Sequence[dict], rng: np.random.Generator, held_out_ok: bool) -> list[dict]:
@@ -326,7 +336,7 @@ def _swaps(objects: Sequence[dict], rng: np.random.Generator, held_out_ok: bool)
 # --- layout and pixels ---------------------------------------------------------------------------
 
 def _attributes(n: int, compositional: bool, rng: np.random.Generator) -> list[tuple[str, str]]:
-    """Distinct shapes and colours; a held-out pair first in compositional scenes, none elsewhere."""
+    """Distinct shapes and colours; one held-out pair or more in compositional scenes, else none."""
     pairs = [_pick(rng, HELD_OUT)] if compositional else []
     shapes = [str(s) for s in rng.permutation(SHAPES) if s not in {p[1] for p in pairs}]
     for shape in shapes[: n - len(pairs)]:
@@ -359,11 +369,12 @@ def _try_place(radii: list[int], image_size: int, margin: int, rng: np.random.Ge
 def _draw(objects: Sequence[dict], image_size: int, rng: np.random.Generator) -> Image.Image:
     """A gray-ish noisy background with the objects drawn on it in jittered colours."""
     base = rng.integers(20, 100) + rng.integers(-12, 13, size=3)
-    pixels = base + rng.normal(0.0, 10.0, size=(image_size, image_size, 3))
-    image = Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB")
+    pixels = rng.standard_normal((image_size, image_size, 3), dtype=np.float32) * 10.0 + base
+    image = Image.fromarray(np.clip(pixels, 0, 255, out=pixels).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
     for obj in objects:
-        fill = tuple(int(v) for v in np.clip(np.add(_RGB[obj["color"]], rng.integers(-20, 21, 3)), 0, 255))
+        jitter = rng.integers(-20, 21, size=3)
+        fill = tuple(min(255, max(0, c + int(d))) for c, d in zip(RGB[obj["color"]], jitter))
         x, y, r = obj["x"], obj["y"], obj["r"]
         if obj["shape"] == "circle":
             draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
@@ -396,7 +407,18 @@ class ShapesWorld:
 
     def scene(self, split: str, i: int) -> dict:
         """Metadata of sample i (everything but the image), its captions under "captions"."""
-        layout_rng, text_rng, noise_rng, task_rng, _ = self._rngs(split, i)
+        return self._scene(split, i, self._rngs(split, i))
+
+    def sample(self, split: str, i: int) -> Sample:
+        """Sample i of a split: image, captions and metadata."""
+        rngs = self._rngs(split, i)
+        meta = self._scene(split, i, rngs)
+        captions = meta.pop("captions")
+        image = _draw(meta["objects"], self.image_size, rngs[-1])
+        return Sample(image=image, captions=captions, meta=meta, source=f"shapes:{split}:{i}")
+
+    def _scene(self, split: str, i: int, rngs: list[np.random.Generator]) -> dict:
+        layout_rng, text_rng, noise_rng, task_rng, _ = rngs
         objects = self._objects(split, layout_rng)
         meta: dict[str, Any] = {"split": split, "index": i}
         held_out_ok = split == "compositional"
@@ -417,13 +439,6 @@ class ShapesWorld:
             meta.update(flags)
         return meta
 
-    def sample(self, split: str, i: int) -> Sample:
-        """Sample i of a split: image, captions and metadata."""
-        meta = self.scene(split, i)
-        captions = meta.pop("captions")
-        image = _draw(meta["objects"], self.image_size, self._rngs(split, i)[-1])
-        return Sample(image=image, captions=captions, meta=meta, source=f"shapes:{split}:{i}")
-
     def _rngs(self, split: str, i: int) -> list[np.random.Generator]:
         """Independent streams for layout, text, noise, tasks and pixels of one sample."""
         if split not in SPLITS:
@@ -433,11 +448,12 @@ class ShapesWorld:
         return np.random.default_rng([self.seed, SPLITS.index(split), int(i)]).spawn(5)
 
     def _objects(self, split: str, rng: np.random.Generator) -> list[dict]:
-        n = 1 if split == "classify" else int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
+        n = 1 if split == "classify" else _pick(rng, (1, 2, 2, 3, 3))  # 20 % one object
         pairs = _attributes(n, split == "compositional", rng)
         sizes = [_pick(rng, SIZES) for _ in pairs]
         sizes, centres = self._place(sizes, rng)
-        return [{"shape": shape, "color": color, "size": size, "x": x, "y": y, "r": self._radius(size)}
+        return [{"shape": shape, "color": color, "size": size, "x": x, "y": y,
+                 "r": self._radius(size)}
                 for (color, shape), size, (x, y) in zip(pairs, sizes, centres)]
 
     def _radius(self, size: str) -> int:

@@ -53,7 +53,9 @@ def sample_crop(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _to_normalized_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
+def _to_normalized_tensor(
+    image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]
+) -> torch.Tensor:
     tensor = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
     return F.normalize(tensor, list(mean), list(std))
 
@@ -70,9 +72,8 @@ class TrainTransform:
 
     def __call__(self, image: Image.Image, rng: random.Random) -> torch.Tensor:
         top, left, h, w = sample_crop(image.width, image.height, rng, self.scale, self.ratio)
-        image = F.resized_crop(
-            image, top, left, h, w, [self.size, self.size], InterpolationMode.BICUBIC, antialias=True
-        )
+        size = [self.size, self.size]
+        image = F.resized_crop(image, top, left, h, w, size, InterpolationMode.BICUBIC)
         return _to_normalized_tensor(image, self.mean, self.std)
 
 

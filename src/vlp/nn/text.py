@@ -39,7 +39,7 @@ class TextTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.width))
         self.transformer = Transformer(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.apply(init_weights)
+        init_weights(self.token_embed)
         nn.init.normal_(self.pos_embed, std=0.01)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -96,6 +96,24 @@ class Transformer(nn.Module):
             Block(cfg, cross_attention=bool(every) and (i + 1) % every == 0)
             for i in range(cfg.layers)
         )
+        self.apply(init_weights)
+        self._scale_init(cfg)
+
+    @torch.no_grad()
+    def _scale_init(self, cfg: TransformerConfig) -> None:
+        """Width-scaled init (as in CLIP's released code): attention inputs width^-1/2, MLP inputs
+        (2 width)^-1/2, residual outputs also shrunk by (2 layers)^-1/2. The fixed 0.02 of
+        BERT/ViT is far too small for narrow towers: every image then maps to the same embedding
+        at init and contrastive training stalls."""
+        attn_std = cfg.width ** -0.5
+        out_std = attn_std * (2 * cfg.layers) ** -0.5
+        for block in self.blocks:
+            for attn in filter(None, (block.attn, block.cross_attn)):
+                for proj in (attn.q, attn.kv) if attn.is_cross else (attn.qkv,):
+                    nn.init.normal_(proj.weight, std=attn_std)
+                nn.init.normal_(attn.out.weight, std=out_std)
+            nn.init.normal_(block.mlp.fc1.weight, std=(2 * cfg.width) ** -0.5)
+            nn.init.normal_(block.mlp.fc2.weight, std=out_std)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 context: torch.Tensor | None = None,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlp.nn.transformer import Transformer, TransformerConfig, init_weights
+from vlp.nn.transformer import Transformer, TransformerConfig
 
 
 @dataclass
@@ -36,9 +36,8 @@ class VisionTransformer(nn.Module):
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.apply(init_weights)
-        nn.init.trunc_normal_(self.cls_token, std=0.02)
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=cfg.width ** -0.5)
+        nn.init.normal_(self.pos_embed, std=cfg.width ** -0.5)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> (pooled [B, width], tokens [B, 1 + patches, width])."""

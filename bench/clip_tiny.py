@@ -1,0 +1,124 @@
+"""Tiny-CLIP throughput, vlp side by side with open_clip in one process.
+
+Same architecture sizes (configs/clip/tiny.yaml), same batch, same optimizer; repetitions
+alternate between the two libraries and the medians are compared, so machine noise hits both.
+
+    .venv/bin/python bench/clip_tiny.py [--batch 128] [--reps 7] [--precision fp32|bf16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import open_clip
+import torch
+from open_clip.loss import ClipLoss
+from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+import vlp
+from vlp.config import load_run_config
+
+VOCAB = 512
+
+
+def vlp_model(cfg):
+    model_cfg = {**cfg.model, "text": {**cfg.model["text"], "vocab_size": VOCAB}}
+    return vlp.create_model("clip", model_cfg)
+
+
+def open_clip_model(cfg):
+    v, t = cfg.model["vision"], cfg.model["text"]
+    vision = CLIPVisionCfg(layers=v["layers"], width=v["width"], head_width=v["width"] // v["heads"],
+                           patch_size=v["patch_size"], image_size=v["image_size"])
+    text = CLIPTextCfg(context_length=t["context_length"], vocab_size=VOCAB, width=t["width"],
+                       heads=t["heads"], layers=t["layers"])
+    return open_clip.model.CLIP(cfg.model["embed_dim"], vision, text)
+
+
+def batch(cfg, size):
+    gen = torch.Generator().manual_seed(0)
+    image_size, length = cfg.model["vision"]["image_size"], 20
+    return {"images": torch.randn(size, 3, image_size, image_size, generator=gen),
+            "input_ids": torch.randint(3, VOCAB, (size, length), generator=gen),
+            "attention_mask": torch.ones(size, length, dtype=torch.long)}
+
+
+def vlp_step(model, optimizer, b):
+    loss = model(b)["itc"]
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def open_clip_step(model, optimizer, b, loss_fn=ClipLoss()):
+    out = model(b["images"], b["input_ids"])
+    loss = loss_fn(out[0], out[1], out[2])
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def timed(fn, reps, warmup, precision):
+    """Seconds per call of each repetition, after warm-up."""
+    times = []
+    for i in range(warmup + reps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+        if i >= warmup:
+            times.append(elapsed)
+    return times
+
+
+def compare(name, fns, reps, warmup, precision, items):
+    """Alternate the two libraries rep by rep; report median items/s and the vlp/open_clip ratio."""
+    results = {lib: [] for lib in fns}
+    for _ in range(reps):
+        for lib, fn in fns.items():
+            results[lib] += timed(fn, 1, warmup, precision)
+        warmup = 0
+    rates = {lib: items / statistics.median(times) for lib, times in results.items()}
+    return {"benchmark": name, "precision": precision, **{f"{lib}_per_s": round(r, 1) for lib, r in rates.items()},
+            "ratio_vlp_over_open_clip": round(rates["vlp"] / rates["open_clip"], 3)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args()
+    cfg = load_run_config("clip")
+    torch.manual_seed(0)
+    models = {"vlp": vlp_model(cfg), "open_clip": open_clip_model(cfg)}
+    optimizers = {lib: torch.optim.AdamW(m.parameters(), lr=1e-4) for lib, m in models.items()}
+    b = batch(cfg, args.batch)
+    steps = {"vlp": lambda: vlp_step(models["vlp"], optimizers["vlp"], b),
+             "open_clip": lambda: open_clip_step(models["open_clip"], optimizers["open_clip"], b)}
+    rows = [compare("train step (samples/s)", steps, args.reps, args.warmup, args.precision, args.batch)]
+    images = batch(cfg, 256)["images"]
+    with torch.no_grad():
+        encode = {"vlp": lambda: models["vlp"].encode_image(images),
+                  "open_clip": lambda: models["open_clip"].encode_image(images, normalize=True)}
+        rows.append(compare("image encoder (images/s)", encode, args.reps, args.warmup, args.precision, 256))
+    meta = {"torch": torch.__version__, "open_clip": open_clip.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "batch": args.batch,
+            "params_vlp": sum(p.numel() for p in models["vlp"].parameters()),
+            "params_open_clip": sum(p.numel() for p in models["open_clip"].parameters())}
+    print(json.dumps(meta))
+    for row in rows:
+        print(json.dumps(row))
+    if args.out:
+        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+import json
+
+from typer.testing import CliRunner
+
+from vlp.cli import app
+
+runner = CliRunner()
+
+
+def test_help_on_every_command():
+    for args in ([], ["data", "shapes"], ["tokenizer", "train"], ["train"], ["eval"], ["report"]):
+        result = runner.invoke(app, args + ["--help"])
+        assert result.exit_code == 0, result.output
+        assert "Usage" in result.output
+
+
+def test_train_eval_report_end_to_end(tmp_path, tiny_config, shapes_dir):
+    run = tmp_path / "run"
+    result = runner.invoke(app, ["train", "clip", "--config", str(tiny_config), "--out", str(run),
+                                 "--steps", "4", "--no-progress", "train.ckpt_every=2"])
+    assert result.exit_code == 0, result.output
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000004"
+    result = runner.invoke(app, ["eval", str(run)])
+    assert result.exit_code == 0, result.output
+    results = json.loads((run / "eval.json").read_text())
+    assert set(results["zeroshot"]) == {"shape_top1", "color_top1", "color_shape_top1"}
+    assert 0 <= results["retrieval"]["i2t_R@1"] <= results["retrieval"]["i2t_R@5"] <= 100
+    assert 0 <= results["probe"]["accuracy"] <= 100
+    html = (run / "report.html").read_text()
+    assert "training loss" in html or "data:image/png" in html
+    assert html.count('class="card"') == len(json.loads((run / "examples.json").read_text())) > 0
+
+
+def test_bad_override_names_the_key(tmp_path, tiny_config):
+    result = runner.invoke(app, ["train", "clip", "--config", str(tiny_config), "--out", str(tmp_path / "r"),
+                                 "train.lrr=0.1"])
+    assert result.exit_code != 0
+    assert "train.lrr" in str(result.exception)
+
+
+def test_tokenizer_train_command(tmp_path, shapes_dir):
+    result = runner.invoke(app, ["tokenizer", "train", str(shapes_dir), "--out", str(tmp_path / "tok.json"),
+                                 "--vocab-size", "300"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "tok.json").is_file()
