@@ -43,3 +43,22 @@ def test_tokenizer_train_command(tmp_path, shapes_dir):
                                  "--vocab-size", "300"])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "tok.json").is_file()
+
+
+def test_torchrun_two_processes(tmp_path, tiny_config):
+    """The same entry point under torchrun (gloo on CPU) trains and checkpoints once."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vlp.cli", "train", "clip", "--config", str(tiny_config), "--out", str(run),
+           "--steps", "3", "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]  # only rank 0 logs
+    assert records[-1]["samples_per_s"] > 0
+    assert (run / "checkpoints" / "latest").read_text() == "step_0000003"

@@ -17,6 +17,25 @@ class VisionConfig(TransformerConfig):
     pool: str = "cls"  # cls | mean
     ln_pre: bool = True  # LayerNorm after the embeddings (CLIP)
     patch_bias: bool = False
+    stem: str = "patch"  # patch: one linear patch embedding (ViT) | conv: 3x3 stride-2 convs (Xiao et al. 2021)
+
+
+def conv_stem(width: int, patch_size: int) -> nn.Sequential:
+    """log2(patch) 3x3 stride-2 convolutions with GELU, then a 1x1 conv to `width`.
+
+    "Early Convolutions Help Transformers See Better" (Xiao et al. 2021, Sec. 3): same token
+    grid as a patch embedding, but the tokens see shapes across patch borders.
+    """
+    depth = patch_size.bit_length() - 1
+    if 2 ** depth != patch_size:
+        raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
+    layers: list[nn.Module] = []
+    channels = 3
+    for i in range(depth):
+        out = width // 2 ** (depth - i)
+        layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
+        channels = out
+    return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
 
 
 class VisionTransformer(nn.Module):
@@ -28,9 +47,14 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         if cfg.pool not in ("cls", "mean"):
             raise ValueError(f"vision pool must be 'cls' or 'mean', got {cfg.pool!r}")
+        if cfg.stem not in ("patch", "conv"):
+            raise ValueError(f"vision stem must be 'patch' or 'conv', got {cfg.stem!r}")
         self.cfg = cfg
         num_patches = (cfg.image_size // cfg.patch_size) ** 2
-        self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
+        if cfg.stem == "conv":
+            self.patch_embed = conv_stem(cfg.width, cfg.patch_size)
+        else:
+            self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_pre else nn.Identity()

@@ -1,0 +1,88 @@
+import json
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from vlp.config import load_run_config
+from vlp.data.loader import StreamSampler
+from vlp.data.sample import DataError
+from vlp.train.trainer import Trainer
+from conftest import TINY_CONFIG
+
+
+def test_stream_is_a_pure_function_of_position():
+    full = iter(StreamSampler(10, 4, seed=3))
+    batches = [next(full) for _ in range(5)]  # 20 samples = 2 epochs
+    resumed = iter(StreamSampler(10, 4, seed=3, start=8))
+    assert [next(resumed) for _ in range(3)] == batches[2:]
+    for epoch in (0, 1):
+        keys = [k for b in batches for k in b if k[0] == epoch]
+        assert sorted(i for _, i in keys) == list(range(10))  # each epoch visits every sample once
+    first_epoch = [i for b in batches for e, i in b if e == 0]
+    second_epoch = [i for b in batches for e, i in b if e == 1]
+    assert first_epoch != second_epoch  # reshuffled
+
+
+def test_ranks_split_each_global_batch():
+    single = next(iter(StreamSampler(12, 6, seed=0)))
+    parts = [next(iter(StreamSampler(12, 6, seed=0, rank=r, world_size=2))) for r in (0, 1)]
+    assert parts[0] + parts[1] == single
+    with pytest.raises(ValueError, match="divisible"):
+        StreamSampler(12, 5, seed=0, world_size=2)
+
+
+def write_jsonl_data(root, n, corrupt=()):
+    lines = []
+    for i in range(n):
+        path = root / f"{i}.png"
+        if i in corrupt:
+            path.write_bytes(b"not a png")
+        else:
+            Image.new("RGB", (32, 32), (i * 9 % 255, 40, 200)).save(path)
+        lines.append(json.dumps({"image": path.name, "caption": f"a picture number {i}"}))
+    (root / "train.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def config_for(tmp_path, **train):
+    cfg = {**TINY_CONFIG, "data": {**TINY_CONFIG["data"], "path": str(tmp_path / "data"), "batch_size": 8},
+           "train": {**TINY_CONFIG["train"], **train}}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return load_run_config("clip", path)
+
+
+def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_jsonl_data(tmp_path / "data", 20, corrupt={7})
+    cfg = config_for(tmp_path, steps=4, ckpt_every=4)  # 32 samples: epoch 0 ends inside the run
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    events = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    skips = [e for e in events if e.get("event") == "skipped"]
+    # Epoch 0 is complete; the partial epoch 1 is reported at the end of training if it met 7.png.
+    assert skips[0]["epoch"] == 0 and skips[0]["count"] == 1
+    assert [s["epoch"] for s in skips] in ([0], [0, 1])
+    assert all(s["count"] == 1 and "7.png" in s["samples"][0] for s in skips)
+    assert (tmp_path / "run" / "tokenizer.json").is_file()  # trained from the captions
+
+
+def test_strict_mode_names_the_corrupt_file(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_jsonl_data(tmp_path / "data", 20, corrupt=set(range(20)) - {3})
+    cfg = config_for(tmp_path, steps=4)
+    cfg.data.strict = True
+    with pytest.raises(DataError, match=r"\d+\.png"):
+        Trainer(cfg, tmp_path / "run", progress=False).fit()
+
+
+def test_model_output_independent_of_padding(tmp_path):
+    """EOS pooling with a causal mask: right padding never changes a caption's embedding."""
+    from vlp.models import create_model
+    torch.manual_seed(0)
+    model = create_model("clip", {**TINY_CONFIG["model"], "text": {**TINY_CONFIG["model"]["text"], "vocab_size": 40}})
+    ids = torch.randint(9, 40, (1, 6))
+    short = model.encode_text(ids, torch.ones(1, 6, dtype=torch.long))
+    padded = model.encode_text(torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+                               torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], 1).long())
+    torch.testing.assert_close(short, padded)
