@@ -31,7 +31,8 @@ test-slow: $(STAMP)
 	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/clip_tiny.py --precision fp32
+	$(BIN)/python bench/clip_tiny.py --precision bf16
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache

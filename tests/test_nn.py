@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from vlp.config import ConfigError, apply_overrides, from_dict, load_run_config
-from vlp.nn.attention import causal_mask
-from vlp.nn.text import TextConfig, TextTransformer
+from vlp.nn.attention import KVCache, causal_mask
+from vlp.nn.text import TextConfig, TextTransformer, tie_except_self_attention
 from vlp.nn.vit import VisionConfig, VisionTransformer
 
 
@@ -66,3 +66,53 @@ def test_overrides_reach_nested_fields():
     cfg = load_run_config("clip", overrides=["train.lr=0.01", "model.vision.layers=1", "data.crop_scale=[0.5,1]"])
     assert cfg.train.lr == 0.01 and cfg.model["vision"]["layers"] == 1
     assert cfg.data.crop_scale == (0.5, 1.0)
+
+
+def _decoder(**overrides) -> TextTransformer:
+    cfg = dict(vocab_size=30, context_length=12, width=32, layers=3, heads=2, causal=True,
+               cross_attention_every=1, context_dim=24, pre_norm=False, embed_norm=True)
+    return TextTransformer(TextConfig(**{**cfg, **overrides}))
+
+
+def test_kv_cache_decoding_equals_full_forward():
+    torch.manual_seed(0)
+    model = _decoder().eval()
+    ids, context = torch.randint(0, 30, (2, 9)), torch.randn(2, 5, 24)
+    mask = torch.ones_like(ids)
+    _, full = model(ids, mask, context=context)
+    cache, steps = KVCache(), []
+    for start, stop in ((0, 4), (4, 5), (5, 6), (6, 9)):  # a prompt, single tokens, a chunk
+        steps.append(model(ids[:, start:stop], mask[:, start:stop], context=context, cache=cache)[1])
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-5)
+    assert cache.length == 9
+    cache.reorder(torch.tensor([1, 1]))
+    assert all(t.shape[0] == 2 for entry in cache.entries.values() for t in entry.values())
+
+
+@pytest.mark.parametrize("start, every, expected", [(0, 1, [0, 1, 2, 3]), (2, 1, [2, 3]),
+                                                    (0, 2, [0, 2]), (0, 0, [])])
+def test_cross_attention_layout(start, every, expected):
+    model = _decoder(layers=4, cross_attention_every=every, cross_attention_from=start)
+    assert [i for i, b in enumerate(model.transformer.blocks) if b.cross_attn is not None] == expected
+
+
+def test_layer_slices_compose():
+    """ALBEF runs the text half, then the fusion half on its output: same as one full run."""
+    torch.manual_seed(0)
+    model = _decoder(layers=4, cross_attention_from=2, causal=False, pool="cls").eval()
+    ids, context = torch.randint(0, 30, (2, 7)), torch.randn(2, 5, 24)
+    mask = torch.ones_like(ids)
+    _, text = model(ids, mask, layers=slice(0, 2))
+    _, fused = model(ids, mask, context=context, hidden=text, layers=slice(2, None))
+    torch.testing.assert_close(fused, model(ids, mask, context=context)[1])
+    _, alone = model(ids, mask)  # no context: the cross-attention is skipped
+    assert not torch.allclose(alone, fused)
+
+
+def test_decoder_shares_all_but_self_attention():
+    encoder, decoder = _decoder(causal=False, pool="cls"), _decoder()
+    tie_except_self_attention(encoder, decoder)
+    enc_params = {id(p) for p in encoder.parameters()}
+    separate = {name for name, p in decoder.named_parameters() if id(p) not in enc_params}
+    assert separate and all(".attn." in name or ".norm1." in name for name in separate)
+    assert len(separate) == 3 * 6  # per layer: qkv and out (weight, bias), norm1 (weight, bias)

@@ -3,6 +3,8 @@
 Self-attention uses one fused qkv projection; cross-attention (used by fusion encoders and
 decoders in later recipes) projects queries from `x` and keys/values from `context`.
 Masks are boolean, True meaning "may attend", broadcastable to [B, heads, L_q, L_k].
+Decoding keeps a per-layer key/value cache (`KVCache`): new tokens attend to the cached keys of
+earlier ones, and cross-attention keys/values of a fixed context are computed once.
 """
 
 from __future__ import annotations
@@ -20,6 +22,28 @@ def padding_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 def causal_mask(length: int, device: torch.device | None = None) -> torch.Tensor:
     """[L, L] lower-triangular boolean mask: position t sees positions <= t."""
     return torch.ones(length, length, dtype=torch.bool, device=device).tril()
+
+
+class KVCache:
+    """Keys and values of earlier decoding steps, one dict per attention layer.
+
+    `length` is the number of tokens already decoded; `reorder` selects or repeats batch rows
+    (beam search). Everything generation needs of a decoder's state, in one object.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
+        self.length = 0
+
+    def entry(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
+        """The keys/values of one attention ("self" or "cross") of one layer."""
+        return self.entries.setdefault((layer, kind), {})
+
+    def reorder(self, index: torch.Tensor) -> KVCache:
+        for entry in self.entries.values():
+            for key, tensor in entry.items():
+                entry[key] = tensor.index_select(0, index)
+        return self
 
 
 class Attention(nn.Module):
@@ -43,12 +67,25 @@ class Attention(nn.Module):
         return x.view(batch, length, self.heads, -1).transpose(1, 2)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+                mask: torch.Tensor | None = None, is_causal: bool = False,
+                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """`cache` (one layer of a `KVCache`) makes self-attention see earlier steps' keys and
+        cross-attention reuse the context's keys/values."""
         if self.is_cross:
-            q = self.q(x)
-            k, v = self.kv(context).chunk(2, dim=-1)
+            q = self._split_heads(self.q(x))
+            if cache is not None and "k" in cache:
+                k, v = cache["k"], cache["v"]
+            else:
+                k, v = map(self._split_heads, self.kv(context).chunk(2, dim=-1))
         else:
-            q, k, v = self.qkv(x).chunk(3, dim=-1)
-        q, k, v = map(self._split_heads, (q, k, v))
+            q, k, v = map(self._split_heads, self.qkv(x).chunk(3, dim=-1))
+            if cache is not None and "k" in cache:
+                past = cache["k"].shape[2]
+                k, v = torch.cat([cache["k"], k], dim=2), torch.cat([cache["v"], v], dim=2)
+                if is_causal:  # new query i sits at position past + i
+                    mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=x.device).tril(past)
+                    is_causal = False
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).flatten(2))

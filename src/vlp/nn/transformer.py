@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vlp.nn.attention import Attention
+from vlp.nn.attention import Attention, KVCache
 
 
 class QuickGELU(nn.Module):
@@ -39,7 +39,8 @@ class TransformerConfig:
     act: str = "gelu"
     eps: float = 1e-5
     pre_norm: bool = True
-    cross_attention_every: int = 0  # 0: none; k: blocks k-1, 2k-1, ... attend to the context
+    cross_attention_every: int = 0  # 0: none; k: blocks from, from + k, ... attend to the context
+    cross_attention_from: int = 0  # first block with cross-attention (ALBEF: the top half fuses)
     context_dim: int | None = None  # width of the context for cross-attention (default: width)
 
 
@@ -77,12 +78,18 @@ class Block(nn.Module):
         return norm(x + fn(x))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = self._residual(x, self.norm1, lambda h: self.attn(h, mask=mask, is_causal=is_causal))
-        if self.cross_attn is not None:
-            x = self._residual(x, self.norm_cross,
-                               lambda h: self.cross_attn(h, context=context, mask=context_mask))
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
+        """Without a `context` the cross-attention is skipped (BLIP's unimodal text mode).
+        `index` is this block's position in its stack, its key in the `cache`."""
+        self_cache = cross_cache = None
+        if cache is not None:
+            self_cache, cross_cache = cache.entry(index, "self"), cache.entry(index, "cross")
+        x = self._residual(x, self.norm1,
+                           lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache))
+        if self.cross_attn is not None and context is not None:
+            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
+                h, context=context, mask=context_mask, cache=cross_cache))
         return self._residual(x, self.norm2, self.mlp)
 
 
@@ -93,7 +100,8 @@ class Transformer(nn.Module):
         super().__init__()
         every = cfg.cross_attention_every
         self.blocks = nn.ModuleList(
-            Block(cfg, cross_attention=bool(every) and (i + 1) % every == 0)
+            Block(cfg, cross_attention=bool(every) and i >= cfg.cross_attention_from
+                  and (i - cfg.cross_attention_from) % every == 0)
             for i in range(cfg.layers)
         )
         self.apply(init_weights)
@@ -116,10 +124,13 @@ class Transformer(nn.Module):
             nn.init.normal_(block.mlp.fc2.weight, std=out_std)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                context: torch.Tensor | None = None,
-                context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask)
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                cache: KVCache | None = None, layers: slice = slice(None)) -> torch.Tensor:
+        """Run the blocks in `layers` (ALBEF runs its text half and fusion half separately)."""
+        start = layers.indices(len(self.blocks))[0]
+        for i, block in enumerate(self.blocks[layers], start=start):
+            x = block(x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask,
+                      cache=cache, index=i)
         return x
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 
@@ -40,13 +40,13 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    """Model weights as safetensors (shared tensors are stored once per name, contiguous)."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    save_file(state, str(path), metadata={"recipe": getattr(model, "recipe", "")})
+    """Model weights as safetensors; tied weights (shared modules) are stored once."""
+    save_model(model, str(path), metadata={"recipe": getattr(model, "recipe", "")})
 
 
 def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
-    missing, unexpected = model.load_state_dict(load_file(str(path)), strict=False)
+    missing, unexpected = load_model(model, str(path), strict=False,
+                                     device=str(next(model.parameters()).device))
     if strict and (missing or unexpected):
         raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
 

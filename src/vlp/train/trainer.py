@@ -1,5 +1,6 @@
 """The training loop. It knows nothing about any paper: a recipe's `forward(batch)` returns named
-losses, which are summed with `train.loss_weights` (default 1 each) and optimised.
+losses, which are summed with `train.loss_weights` (default 1 each) and optimised; a recipe with
+an `after_optimizer_step()` method (momentum encoders) has it called after every update.
 
 Run directory: `config.yaml`, `tokenizer.json`, `metrics.jsonl` (one JSON object per log step and
 per data event), `checkpoints/` (see `vlp.train.checkpoint`).
@@ -160,6 +161,8 @@ class Trainer:
                                                                         self.cfg.train.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if hasattr(self.model, "after_optimizer_step"):  # e.g. momentum (EMA) encoders
+            self.model.after_optimizer_step()
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1

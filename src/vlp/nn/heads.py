@@ -1,0 +1,33 @@
+"""Output heads shared by the recipes: token prediction (MLM and LM) and image-text matching."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlp.nn.transformer import ACTIVATIONS, init_weights
+
+
+class TokenPredictionHead(nn.Module):
+    """BERT's prediction head (Devlin et al. 2019, App. A): dense, activation, LayerNorm, then
+    vocabulary logits whose weights are tied to the token embedding (used for MLM and for the
+    captioning decoders of BLIP)."""
+
+    def __init__(self, width: int, embedding: nn.Embedding, act: str = "gelu", eps: float = 1e-12):
+        super().__init__()
+        self.dense = nn.Linear(width, width)
+        self.act = ACTIVATIONS[act]()
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.decoder = nn.Linear(width, embedding.num_embeddings)
+        self.apply(init_weights)
+        self.decoder.weight = embedding.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+def itm_head(width: int) -> nn.Linear:
+    """Two-way classifier (match / no match) on the fused [CLS]/[ENC] token (ALBEF Sec. 3.2)."""
+    head = nn.Linear(width, 2)
+    init_weights(head)
+    return head
