@@ -2,7 +2,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.eval.probe import swap_probe_accuracy
-from vlp.eval.retrieval import blockwise_topk, recall_at_k
+from vlp.eval.retrieval import blockwise_topk, recall_at_k, reranked_recall_at_k
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
 
 
@@ -21,6 +21,34 @@ def test_recall_hand_made():
     assert m["t2i_R@1"] == 75.0
     assert m["t2i_R@2"] == 75.0  # text 2 ranks images [2, 0, 1]
     assert m["t2i_R@3"] == 100.0
+
+
+def _hand_made():
+    images = torch.eye(3)
+    texts = torch.tensor([[1.0, 0, 0], [0.9, 0.1, 0], [0.2, 0, 0.8], [0, 0.3, 0.7]])
+    return images, texts, torch.tensor([0, 0, 1, 2])
+
+
+def test_rerank_with_an_oracle_fixes_the_shortlist():
+    images, texts, owner = _hand_made()
+    oracle = lambda i, t: (owner[t] == i).float()  # noqa: E731  (a perfect ITM head)
+    m = reranked_recall_at_k(images, texts, owner, oracle, k_test=3, ks=(1, 2))
+    # Each query's true match is in its ITC top-3, so the oracle puts it first.
+    assert m["i2t_R@1"] == 100.0 and m["t2i_R@1"] == 100.0
+    # k_test=1: nothing to re-rank, the ITC recalls come back unchanged.
+    plain = recall_at_k(images, texts, owner, ks=(1, 2))
+    assert reranked_recall_at_k(images, texts, owner, oracle, k_test=1, ks=(1, 2)) == plain
+
+
+def test_rerank_with_an_adversary_only_moves_the_shortlist():
+    images, texts, owner = _hand_made()
+    adversary = lambda i, t: -(owner[t] == i).float()  # noqa: E731
+    m = reranked_recall_at_k(images, texts, owner, adversary, k_test=2, ks=(1, 2, 3))
+    # Image 0's two captions fill its top-2: both pushed down equally, still a hit at 1.
+    assert abs(m["i2t_R@1"] - 100 / 3) < 1e-4 and abs(m["i2t_R@2"] - 200 / 3) < 1e-4
+    # t2i: texts 0, 1, 3 had their image first of a 2-item shortlist; now second.
+    assert m["t2i_R@1"] == 0.0 and m["t2i_R@2"] == 75.0
+    assert m["t2i_R@3"] == 100.0  # text 2's image was outside the shortlist: rank 3 stays
 
 
 def test_blockwise_topk_equals_full():

@@ -73,16 +73,22 @@ def train(
     batch_size: Annotated[Optional[int], typer.Option(help="Per-process batch size.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
     resume: Annotated[bool, typer.Option(help="Continue exactly from the run's newest checkpoint.")] = False,
+    init: Annotated[Optional[Path], typer.Option(
+        help="Start from the weights (and tokenizer) of this pretrained run or checkpoint "
+             "(fine-tuning); weights the new recipe lacks or adds are listed.")] = None,
+    strict: Annotated[bool, typer.Option(
+        help="Stop at the first unreadable sample (naming its file) instead of skipping it.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a recipe. Works alone or under `torchrun --nproc_per_node N` (DDP)."""
     from vlp.config import load_run_config
     from vlp.train.trainer import Trainer
 
-    flags = {"data.path": data, "train.steps": steps, "data.batch_size": batch_size, "train.seed": seed}
+    flags = {"data.path": data, "train.steps": steps, "data.batch_size": batch_size, "train.seed": seed,
+             "data.strict": strict or None}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
     cfg = load_run_config(recipe, config, extra + list(overrides or []))
-    values = Trainer(cfg, out, resume=resume, progress=progress).fit()
+    values = Trainer(cfg, out, resume=resume, init=init, progress=progress).fit()
     if values:
         typer.echo(f"done: step {values['step']}, loss {values['loss']:.4f}; run in {out}")
 

@@ -133,6 +133,12 @@ class Tokenizer:
         self._tok.save(str(file))
         return file
 
+    def special_ids(self) -> dict[str, int]:
+        """Ids of the special tokens this vocabulary has, by name (pad, cls, sep, mask, ...)."""
+        names = ("pad", "unk", "cls", "sep", "mask", "enc", "dec", "sot", "eot")
+        ids = {name: getattr(self, f"{name}_id") for name in names}
+        return {name: i for name, i in ids.items() if i is not None}
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, special and added tokens included (the embedding table size)."""

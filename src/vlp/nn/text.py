@@ -25,6 +25,12 @@ class TextConfig(TransformerConfig):
     embed_norm: bool = False  # LayerNorm on the embeddings (BERT)
 
 
+def bert_text_config(**overrides) -> TextConfig:
+    """A BERT-style text tower: post-LN, bidirectional, [CLS] pooling, embedding LayerNorm."""
+    defaults = dict(causal=False, pool="cls", pre_norm=False, embed_norm=True, eps=1e-12)
+    return TextConfig(**{**defaults, **overrides})
+
+
 def eos_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """Index of the last real token of each row of a right-padded batch."""
     return attention_mask.sum(dim=1) - 1

@@ -44,11 +44,13 @@ def save_weights(model: nn.Module, path: Path) -> None:
     save_model(model, str(path), metadata={"recipe": getattr(model, "recipe", "")})
 
 
-def load_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
+def load_weights(model: nn.Module, path: Path, strict: bool = True) -> tuple[list[str], list[str]]:
+    """Load safetensors weights; returns (missing, unexpected) names, an error if `strict`."""
     missing, unexpected = load_model(model, str(path), strict=False,
                                      device=str(next(model.parameters()).device))
     if strict and (missing or unexpected):
         raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
+    return missing, unexpected
 
 
 def rng_state() -> dict[str, Any]:
@@ -93,6 +95,24 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
         return None
     path = pointer.parent / pointer.read_text().strip()
     return path if (path / "state.pt").is_file() else None
+
+
+def run_of(path: Path) -> Path:
+    """The run directory of a run or of one of its checkpoint directories."""
+    path = Path(path)
+    run_dir = path.parent.parent if (path / "model.safetensors").is_file() else path
+    if not (run_dir / "config.yaml").is_file():
+        raise FileNotFoundError(f"{path} is not a vlp run or checkpoint directory (no config.yaml)")
+    return run_dir
+
+
+def weights_of(path: Path) -> Path:
+    """The weights file of a checkpoint directory, or of a run's newest checkpoint."""
+    path = Path(path)
+    checkpoint = path if (path / "model.safetensors").is_file() else latest_checkpoint(run_of(path))
+    if checkpoint is None:
+        raise FileNotFoundError(f"{path} has no checkpoint yet")
+    return checkpoint / "model.safetensors"
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:

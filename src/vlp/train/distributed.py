@@ -62,3 +62,14 @@ def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tor
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_padded(x: torch.Tensor, value: float = 0) -> torch.Tensor:
+    """`all_gather_with_grad` for [B, L, ...] tensors whose length L differs between ranks
+    (token ids, masks, text states): each part is padded with `value` to the longest L."""
+    if not is_distributed():
+        return x
+    length = torch.tensor([x.shape[1]], device=x.device)
+    dist.all_reduce(length, op=dist.ReduceOp.MAX)
+    pad = [0, 0] * (x.dim() - 2) + [0, int(length) - x.shape[1]]
+    return all_gather_with_grad(torch.nn.functional.pad(x, pad, value=value))

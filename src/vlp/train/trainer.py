@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import shutil
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,7 @@ from vlp.data.loader import Collator, TrainSet, train_loader
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import train_transform
 from vlp.models import create_model
+from vlp.models.registry import recipe_classes
 from vlp.train import checkpoint as ckpt
 from vlp.train import distributed as dist
 from vlp.train.optim import build_optimizer, build_scheduler
@@ -55,14 +58,18 @@ def prepare_tokenizer(run_dir: Path, data_path: Path, dataset) -> Tokenizer:
 
 
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> nn.Module:
-    """The recipe's model with its text vocabulary sized to the tokenizer."""
+    """The recipe's model with its text vocabulary sized to the tokenizer (and, for recipes
+    that use special tokens such as [MASK] or [DEC], their ids in this vocabulary)."""
     model_cfg = dict(cfg.model)
     model_cfg["text"] = {**model_cfg.get("text", {}), "vocab_size": tokenizer.vocab_size}
+    if "tokens" in {f.name for f in fields(recipe_classes(cfg.recipe)[1])}:
+        model_cfg["tokens"] = {**tokenizer.special_ids(), **model_cfg.get("tokens", {})}
     return create_model(cfg.recipe, model_cfg)
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, progress: bool = True):
+    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, init: Path | None = None,
+                 progress: bool = True):
         dist.init_from_env()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -74,9 +81,14 @@ class Trainer:
                                     strict=cfg.data.strict)
         if self.dataset.skipped and dist.is_main():
             console.print(f"[yellow]{format_skips(self.dataset.skipped)}")
+        if init is not None and not resume and dist.is_main():
+            shutil.copyfile(ckpt.run_of(init) / "tokenizer.json", self.run_dir / "tokenizer.json")
+        dist.barrier()
         self.tokenizer = prepare_tokenizer(self.run_dir, data_path, self.dataset)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.tokenizer).to(self.device)
+        if init is not None and not resume:
+            self._initialise_from(Path(init))
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.step = 0
@@ -93,6 +105,19 @@ class Trainer:
 
     def global_batch_per_step(self) -> int:
         return self.cfg.data.batch_size * dist.world_size() * self.cfg.train.accum
+
+    def _initialise_from(self, init: Path) -> None:
+        """Fine-tuning: the pretrained weights wherever names and shapes match; report the rest."""
+        weights = ckpt.weights_of(init)
+        missing, unexpected = ckpt.load_weights(self.model, weights, strict=False)
+        if dist.is_main():
+            console.print(f"initialised from {weights}")
+            for what, names in (("not in the pretrained run (trained from scratch)", missing),
+                                ("in the pretrained run but unused", unexpected)):
+                if names:
+                    console.print(f"[yellow]{len(names)} weights {what}: {', '.join(names[:8])}"
+                                  f"{' ...' if len(names) > 8 else ''}")
+            self._log({"event": "init", "from": str(weights), "missing": missing, "unexpected": unexpected})
 
     def _restore(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
