@@ -99,6 +99,8 @@ def evaluate(
     data: Annotated[Optional[Path], typer.Option(help="Data set (default: the run's data.path).")] = None,
     tasks: Annotated[str, typer.Option(help="Comma-separated: zeroshot,retrieval,probe.")] = "zeroshot,retrieval,probe",
     report: Annotated[bool, typer.Option(help="Also write RUN/report.html.")] = True,
+    k_test: Annotated[int, typer.Option(
+        help="Recipes with an ITM head: re-rank each query's ITC top-k by ITM score.")] = 16,
 ) -> None:
     """Evaluate a trained run; writes eval.json (and report.html) in the run directory."""
     import vlp
@@ -108,7 +110,7 @@ def evaluate(
     model = vlp.load(run)
     run_dir = run if (run / "config.yaml").is_file() else run.parent.parent
     results = run_eval(model, data or Path(model.run_config.data.path), run_dir,
-                       tasks=[t.strip() for t in tasks.split(",") if t.strip()])
+                       tasks=[t.strip() for t in tasks.split(",") if t.strip()], k_test=k_test)
     console.print(results_table(results))
     if report:
         typer.echo(f"report: {write_report(run_dir)}")

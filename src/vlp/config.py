@@ -32,6 +32,7 @@ class DataConfig:
     workers: int = 1
     crop_scale: tuple[float, float] = (0.85, 1.0)
     strict: bool = False
+    prompt: str = ""  # text put before every caption and not scored by LM losses ("a picture of ")
 
 
 @dataclass

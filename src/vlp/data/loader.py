@@ -80,8 +80,11 @@ class StreamSampler(Sampler[list[tuple[int, int]]]):
 class Collator:
     """Stack images, tokenize captions, and pass unreadable samples on for counting."""
 
-    def __init__(self, tokenizer: Tokenizer, context_length: int, style: str):
+    def __init__(self, tokenizer: Tokenizer, context_length: int, style: str, prompt: str = ""):
         self.tokenizer, self.context_length, self.style = tokenizer, context_length, style
+        self.prompt = prompt
+        # Tokens before the first caption token: the start token and the prompt's own.
+        self.prompt_length = tokenizer(prompt, style=style)["input_ids"].shape[1] - 1 if prompt else 1
 
     def __call__(self, items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
         good = [item for item in items if not isinstance(item, Skipped)]
@@ -89,12 +92,13 @@ class Collator:
         if not good:
             raise DataError(f"every sample of a batch was unreadable, e.g. {skipped[0].source}: "
                             f"{skipped[0].reason}")
-        tokens = self.tokenizer([item["caption"] for item in good], max_length=self.context_length,
-                                style=self.style)
+        tokens = self.tokenizer([self.prompt + item["caption"] for item in good],
+                                max_length=self.context_length, style=self.style)
         return {
             "images": torch.stack([item["image"] for item in good]),
             "input_ids": tokens["input_ids"],
             "attention_mask": tokens["attention_mask"],
+            "prompt_length": self.prompt_length,
             "epoch": max(item["epoch"] for item in good),
             "skipped": skipped,
         }
@@ -104,5 +108,8 @@ def train_loader(dataset: TrainSet, collator: Collator, global_batch: int, seed:
                  rank: int, world_size: int, workers: int) -> DataLoader:
     """An endless DataLoader over the stream, starting `start` samples in."""
     sampler = StreamSampler(len(dataset), global_batch, seed, start, rank, world_size)
+    # Its own generator: creating the loader must not draw from the global RNG, which the
+    # model's own randomness (masking, hard negatives) uses and checkpoints restore.
     return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=workers,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None)
+                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
+                      generator=torch.Generator().manual_seed(seed))

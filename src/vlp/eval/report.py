@@ -14,6 +14,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
+from vlp.eval.run import metric_rows  # noqa: E402
+
 
 def _png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
@@ -42,9 +44,8 @@ def _curves(records: list[dict[str, Any]]) -> str:
 
 
 def _eval_table(results: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><td>{html.escape(task)}</td><td>{html.escape(name)}</td><td>{value:.2f}</td></tr>"
-                   for task, metrics in results.items() if isinstance(metrics, dict)
-                   for name, value in metrics.items())
+    rows = "".join(f"<tr><td>{html.escape(task)}</td><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
+                   for task, name, value in metric_rows(results))
     return f"<table><tr><th>task</th><th>metric</th><th>value</th></tr>{rows}</table>"
 
 

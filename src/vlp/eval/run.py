@@ -22,7 +22,7 @@ from vlp.data.formats import CaptionDataset, format_skips, open_dataset
 from vlp.data.sample import Skipped
 from vlp.data.transforms import eval_transform
 from vlp.eval.probe import swap_probe_accuracy
-from vlp.eval.retrieval import blockwise_topk, recall_at_k
+from vlp.eval.retrieval import blockwise_topk, recall_at_k, reranked_recall_at_k
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
 
 TASKS = ("zeroshot", "retrieval", "probe")
@@ -45,15 +45,14 @@ def embed_texts(model: nn.Module, texts: list[str], batch_size: int = 256) -> to
     return torch.cat(parts)
 
 
-@torch.no_grad()
-def embed_images(model: nn.Module, dataset: CaptionDataset,
-                 batch_size: int = 256) -> tuple[torch.Tensor, list[int], list[Skipped]]:
-    """Normalised image embeddings of a data set; returns (embeddings, kept indices, skipped)."""
+def image_batches(model: nn.Module, dataset: CaptionDataset, skipped: list[Skipped],
+                  batch_size: int = 256) -> Iterable[tuple[list[int], torch.Tensor]]:
+    """(indices, eval-transformed images on the model's device) of the readable samples;
+    unreadable ones are appended to `skipped`."""
     device = next(model.parameters()).device
     transform = eval_transform(model.cfg.vision.image_size)
-    kept, skipped, parts = [], [], []
     for chunk in _batches(list(range(len(dataset))), batch_size):
-        images = []
+        kept, images = [], []
         for index in chunk:
             item = dataset[index]
             if isinstance(item, Skipped):
@@ -62,7 +61,17 @@ def embed_images(model: nn.Module, dataset: CaptionDataset,
             kept.append(index)
             images.append(transform(item.image))
         if images:
-            parts.append(model.encode_image(torch.stack(images).to(device)).cpu())
+            yield kept, torch.stack(images).to(device)
+
+
+@torch.no_grad()
+def embed_images(model: nn.Module, dataset: CaptionDataset,
+                 batch_size: int = 256) -> tuple[torch.Tensor, list[int], list[Skipped]]:
+    """Normalised image embeddings of a data set; returns (embeddings, kept indices, skipped)."""
+    kept, skipped, parts = [], [], []
+    for indices, images in image_batches(model, dataset, skipped, batch_size):
+        kept += indices
+        parts.append(model.encode_image(images).cpu())
     return torch.cat(parts), kept, skipped
 
 
@@ -104,6 +113,35 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0) -> t
     return metrics, shown
 
 
+@torch.no_grad()
+def reranked_retrieval(model: nn.Module, dataset: CaptionDataset, k_test: int = 16,
+                       batch_size: int = 128) -> dict[str, float]:
+    """Recall@K with each query's ITC top-`k_test` re-ranked by the model's ITM score.
+
+    Keeps every test image's tokens in memory (fine for evaluation splits of a few thousand
+    images); reports the seconds and the number of ITM (fusion) passes it cost.
+    """
+    start = time.perf_counter()
+    image_emb, kept, _ = embed_images(model, dataset)
+    texts, owner = _texts_of(dataset, kept)
+    text_emb = embed_texts(model, texts)
+    tokens = torch.cat([model.visual(images)[1].cpu() for _, images in image_batches(model, dataset, [])])
+    encoded = model.tokenizer(texts, max_length=model.cfg.text.context_length, style=model.tokenizer_style)
+    device = next(model.parameters()).device
+    pairs = 0
+
+    def score(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        nonlocal pairs
+        pairs += len(image_idx)
+        return torch.cat([model.itm_score(tokens[i].to(device), encoded["input_ids"][t].to(device),
+                                          encoded["attention_mask"][t].to(device)).cpu()
+                          for i, t in zip(image_idx.split(batch_size), text_idx.split(batch_size))])
+
+    metrics = reranked_recall_at_k(image_emb, text_emb, owner, score, k_test)
+    metrics.update(seconds=time.perf_counter() - start, k_test=k_test, itm_pairs=pairs)
+    return metrics
+
+
 def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
     """Swap-probe accuracy overall and per swap kind (attribute / relation)."""
     image_emb, kept, _ = embed_images(model, dataset)
@@ -122,7 +160,7 @@ def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
-             tasks: Iterable[str] = TASKS, examples: int = 8) -> dict[str, Any]:
+             tasks: Iterable[str] = TASKS, examples: int = 8, k_test: int = 16) -> dict[str, Any]:
     """Run the chosen protocols; write eval.json (and examples.json) into `run_dir` if given."""
     data = Path(data)
     unknown = set(tasks) - set(TASKS)
@@ -138,6 +176,8 @@ def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
         results["zeroshot"] = zeroshot(model, data, info)
     if "retrieval" in tasks:
         results["retrieval"], shown = retrieval(model, test, examples)
+        if hasattr(model, "itm_score"):
+            results["retrieval_itm"] = reranked_retrieval(model, test, k_test)
         if info["splits"].get("compositional"):
             results["retrieval_compositional"], _ = retrieval(model, open_dataset(data, split="compositional"))
     if "probe" in tasks:
@@ -158,13 +198,22 @@ def _save_examples(run_dir: Path, dataset: CaptionDataset, shown: list[dict]) ->
     (run_dir / "examples.json").write_text(json.dumps(shown, indent=2))
 
 
+def metric_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
+    """(task, metric, formatted value) of every result; lists (e.g. skipped metrics) joined."""
+    def show(value: Any) -> str:
+        if isinstance(value, float):
+            return f"{value:.2f}"
+        return "; ".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return [(task, name, show(value)) for task, metrics in results.items() if isinstance(metrics, dict)
+            for name, value in metrics.items() if value != []]
+
+
 def results_table(results: dict[str, Any]) -> Table:
     table = Table(title="vlp eval")
     table.add_column("task")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for task, metrics in results.items():
-        if isinstance(metrics, dict):
-            for name, value in metrics.items():
-                table.add_row(task, name, f"{value:.2f}")
+    for row in metric_rows(results):
+        table.add_row(*row)
     return table

@@ -1,6 +1,7 @@
 """Image-text contrastive loss (CLIP, Radford et al. 2021, Sec. 2.3, Fig. 3).
 
-Symmetric InfoNCE over the in-batch similarity matrix. Under DDP it takes the "local loss"
+Symmetric InfoNCE over the in-batch similarity matrix (and, for ALBEF-style recipes, its momentum-
+distilled form against momentum features and queues). Under DDP it takes the "local loss"
 form: each rank scores its own images (texts) against the texts (images) of *all* ranks,
 gathered with gradient, so the loss and gradients equal a single process on the global batch.
 """
@@ -23,3 +24,28 @@ def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch
     offset = sum(sizes[: rank()])
     targets = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2
+
+
+def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -sum_j targets[i, j] log softmax(logits)[i, j]."""
+    return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
+
+
+def momentum_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
+                      text_feat_m: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor,
+                      logit_scale: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ITC with momentum distillation (ALBEF Sec. 3.3, eq. 5-6).
+
+    Online features [B, D] are scored against momentum keys (the momentum features of the batch
+    first, then any queued ones); the targets mix the one-hot positives with the momentum
+    model's own softmax over the same keys: alpha * q^m + (1 - alpha) * y.
+    """
+    batch = image_feat.shape[0]
+    with torch.no_grad():
+        onehot = torch.zeros(batch, text_keys.shape[0], device=image_feat.device)
+        onehot[:, :batch] = torch.eye(batch, device=image_feat.device)
+        i2t_targets = alpha * (logit_scale * image_feat_m @ text_keys.T).softmax(dim=1) + (1 - alpha) * onehot
+        t2i_targets = alpha * (logit_scale * text_feat_m @ image_keys.T).softmax(dim=1) + (1 - alpha) * onehot
+    i2t = soft_cross_entropy(logit_scale * image_feat @ text_keys.T, i2t_targets)
+    t2i = soft_cross_entropy(logit_scale * text_feat @ image_keys.T, t2i_targets)
+    return (i2t + t2i) / 2

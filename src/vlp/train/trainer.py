@@ -206,7 +206,8 @@ class Trainer:
         last = min(cfg.steps, stop_at or cfg.steps)
         self.model.train()
         transform = train_transform(self.model.cfg.vision.image_size, scale=self.cfg.data.crop_scale)
-        collator = Collator(self.tokenizer, self.model.cfg.text.context_length, self.model.tokenizer_style)
+        collator = Collator(self.tokenizer, self.model.cfg.text.context_length, self.model.tokenizer_style,
+                            self.cfg.data.prompt)
         loader = train_loader(TrainSet(self.dataset, transform, cfg.seed), collator,
                               self.cfg.data.batch_size * dist.world_size(), cfg.seed, self.samples_seen(),
                               dist.rank(), dist.world_size(), self.cfg.data.workers)

@@ -1,0 +1,118 @@
+"""BLIP (Li et al. 2022): a multimodal mixture of encoder-decoder (MED), pretrained with ITC,
+ITM and LM.
+
+Sec. 3.1: one ViT pass; the text goes through three modes of one BERT: the unimodal encoder
+([CLS], no cross-attention) for ITC, the image-grounded encoder ([ENC], cross-attention in every
+layer) for ITM, and the image-grounded decoder ([DEC], causal self-attention) for LM. The decoder
+shares every parameter with the encoder except the self-attention layers. Sec. 3.2: momentum
+encoders and queues for ITC (as ALBEF), hard negatives for ITM, label smoothing 0.1 for LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+
+from vlp.losses.lm import lm_loss
+from vlp.models.fusion import ContrastiveConfig, FusionModel
+from vlp.models.registry import register
+from vlp.nn.heads import TokenPredictionHead
+from vlp.nn.text import TextConfig, TextTransformer, bert_text_config, tie_except_self_attention
+from vlp.nn.vit import VisionConfig
+
+
+@dataclass
+class BLIPConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    text: TextConfig = field(default_factory=lambda: bert_text_config(cross_attention_every=1))
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
+    share_decoder: bool = True  # MED: the decoder shares all but self-attention with the encoder
+    objectives: tuple[str, ...] = ("itc", "itm", "lm")  # fine-tuning keeps a subset (Sec. 4)
+    label_smoothing: float = 0.1
+    tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
+
+
+def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
+    """The ids with the first ([CLS]) token replaced by a task token ([ENC] or [DEC])."""
+    ids = input_ids.clone()
+    ids[:, 0] = token_id
+    return ids
+
+
+@register("blip", BLIPConfig)
+class BLIP(FusionModel):
+    required_tokens = ("pad", "cls", "sep", "enc", "dec")
+
+    def __init__(self, cfg: BLIPConfig):
+        unknown = set(cfg.objectives) - {"itc", "itm", "lm"}
+        if unknown or not cfg.objectives:
+            raise ValueError(f"model.objectives must be a non-empty subset of itc, itm, lm; got "
+                             f"{list(cfg.objectives)}")
+        cfg.text = replace(cfg.text, context_dim=cfg.vision.width)
+        super().__init__(cfg.vision, cfg.text, cfg.contrastive, cfg.tokens)
+        self.cfg = cfg
+        self.decoder = TextTransformer(replace(cfg.text, causal=True))
+        if cfg.share_decoder:
+            tie_except_self_attention(self.text, self.decoder)
+        self.lm_head = TokenPredictionHead(cfg.text.width, self.decoder.token_embed, cfg.text.act,
+                                           cfg.text.eps)
+        self._add_momentum()
+
+    def itm_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """The image-grounded encoder ([ENC], cross-attention) and the ITM head."""
+        ids = with_first_token(input_ids, self.cfg.tokens["enc"])
+        return self.itm_head(self.text(ids, attention_mask, context=image_tokens)[1][:, 0])
+
+    def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+        """Match probability of each (image tokens, text) pair."""
+        return self.itm_logits(image_tokens, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+
+    def caption_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
+                       attention_mask: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [B, L, V] of the image-grounded decoder ([DEC], causal)."""
+        ids = with_first_token(input_ids, self.cfg.tokens["dec"])
+        return self.lm_head(self.decoder(ids, attention_mask, context=image_tokens)[1])
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One ViT pass, three text passes (Sec. 3.2): ITC, ITM, LM (those in `objectives`)."""
+        objectives = self.cfg.objectives
+        if {"itc", "itm"} & set(objectives):
+            aligned = self.align(batch)
+            image_tokens = aligned["image_tokens"]
+        else:
+            image_tokens = self.visual(batch["images"])[1]
+        losses = {}
+        if "itc" in objectives:
+            losses["itc"] = aligned["itc"]
+        if "itm" in objectives:
+            images, ids, masks, labels = self.itm_batch(aligned, batch["input_ids"], batch)
+            losses["itm"] = F.cross_entropy(self.itm_logits(images, ids, masks), labels)
+        if "lm" in objectives:
+            logits = self.caption_logits(image_tokens, batch["input_ids"], batch["attention_mask"])
+            losses["lm"] = lm_loss(logits, batch["input_ids"], batch["attention_mask"],
+                                   prompt_length=batch.get("prompt_length", 0),
+                                   label_smoothing=self.cfg.label_smoothing)
+        return losses
+
+
+class CaptionDecoder:
+    """BLIP's image-grounded decoder as a `vlp.generate` decoder: the state is the key/value
+    cache and the image tokens it cross-attends to (both follow beams on `reorder`)."""
+
+    def __init__(self, model: BLIP):
+        self.model = model
+
+    def step(self, tokens: torch.Tensor, state: tuple[KVCache, torch.Tensor]
+             ) -> tuple[torch.Tensor, tuple[KVCache, torch.Tensor]]:
+        cache, image_tokens = state
+        states = self.model.decoder(tokens, torch.ones_like(tokens), context=image_tokens, cache=cache)[1]
+        return self.model.lm_head(states[:, -1]), state
+
+    def reorder(self, state: tuple[KVCache, torch.Tensor], index: torch.Tensor
+                ) -> tuple[KVCache, torch.Tensor]:
+        cache, image_tokens = state
+        return cache.reorder(index), image_tokens.index_select(0, index)

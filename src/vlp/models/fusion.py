@@ -1,0 +1,208 @@
+"""What the fusion-encoder recipes (ALBEF, BLIP, and later VLMo and BLIP-2) share.
+
+- `Momentum`: exponential-moving-average copies of some of a model's modules (ALBEF Sec. 3.3).
+- `Contrast`: ITC with a learnable temperature; with momentum encoders, the keys are momentum
+  features of the batch plus feature queues, and the targets are softened by the momentum
+  model's own similarities (momentum distillation, ALBEF Sec. 3.3). Without momentum it is the
+  plain in-batch loss, gathered across ranks.
+- `FusionModel`: the body ALBEF and BLIP share: ViT, text encoder, projections, `Contrast`,
+  ITM head, momentum copies, and the align step (unimodal features and ITC).
+- `itm_inputs`: the ITM batch of ALBEF Sec. 3.2: every positive pair, plus one hard-negative text
+  per image and one hard-negative image per text drawn from the gathered batch.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.losses.itc import itc_loss, momentum_itc_loss
+from vlp.losses.itm import caption_keys, hard_negatives, positive_mask
+from vlp.losses.momentum import FeatureQueue, alpha_ramp, ema_update
+from vlp.nn.heads import itm_head
+from vlp.nn.text import TextConfig, TextTransformer
+from vlp.nn.vit import VisionConfig, VisionTransformer
+from vlp.train.distributed import all_gather_padded, all_gather_with_grad, gather_sizes, rank
+
+
+@dataclass
+class ContrastiveConfig:
+    embed_dim: int = 256
+    init_temperature: float = 0.07
+    max_logit_scale: float = 1000.0  # ALBEF clamps the temperature at 0.001
+    momentum: float = 0.995  # EMA coefficient of the momentum encoders; 0 turns them off
+    queue_size: int = 65536
+    alpha: float = 0.4  # weight of the momentum model's soft targets
+    alpha_ramp_steps: int = 1000  # alpha grows linearly over these steps (ALBEF: the first epoch)
+
+
+class Momentum(nn.Module):
+    """EMA copies of named modules of a model; `update()` after every optimizer step."""
+
+    def __init__(self, modules: dict[str, nn.Module], momentum: float):
+        super().__init__()
+        self.momentum = momentum
+        copies = copy.deepcopy(modules)  # one deepcopy: weights tied across modules stay tied
+        self.copies = nn.ModuleDict(copies).requires_grad_(False)
+        self._sources = list(modules.items())  # a plain list: the model itself owns these
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for name, module in self._sources:
+            ema_update(module, self.copies[name], self.momentum)
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return self.copies[name]
+
+
+class Contrast(nn.Module):
+    """Image-text contrastive loss with optional momentum distillation and feature queues."""
+
+    def __init__(self, cfg: ContrastiveConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+        if cfg.momentum and cfg.queue_size:
+            self.image_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)
+            self.text_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+
+    def alpha(self) -> float:
+        return alpha_ramp(self.cfg.alpha, int(self.step), self.cfg.alpha_ramp_steps)
+
+    def forward(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
+                image_feat_m: torch.Tensor | None = None,
+                text_feat_m: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised features [B, D] -> loss; momentum features switch on distillation."""
+        if image_feat_m is None:
+            return itc_loss(image_feat, text_feat, self.scale())
+        queues = self.cfg.queue_size > 0
+        image_keys = torch.cat([image_feat_m, self.image_queue.features]) if queues else image_feat_m
+        text_keys = torch.cat([text_feat_m, self.text_queue.features]) if queues else text_feat_m
+        loss = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_keys,
+                                 text_keys, self.scale(), self.alpha())
+        if queues and self.training:
+            self.image_queue.enqueue(all_gather_with_grad(image_feat_m))
+            self.text_queue.enqueue(all_gather_with_grad(text_feat_m))
+        return loss
+
+
+class FusionModel(nn.Module):
+    """ViT + text encoder aligned by ITC, with an ITM head over their fusion (ALBEF, BLIP).
+
+    Subclasses add their fusion path and objectives; `text_layers` are the text encoder's
+    unimodal layers (ALBEF: the bottom part; BLIP: all of them, cross-attention skipped).
+    """
+
+    tokenizer_style = "bert"  # [CLS] ... [SEP]
+    required_tokens: tuple[str, ...] = ("pad", "cls", "sep")
+    text_layers = slice(None)
+
+    def __init__(self, vision: VisionConfig, text: TextConfig, contrastive: ContrastiveConfig,
+                 tokens: dict[str, int]):
+        super().__init__()
+        missing = set(self.required_tokens) - set(tokens)
+        if missing:
+            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
+        self.visual = VisionTransformer(vision)
+        self.text = TextTransformer(text)
+        self.image_proj = nn.Linear(vision.width, contrastive.embed_dim)
+        self.text_proj = nn.Linear(text.width, contrastive.embed_dim)
+        self.itm_head = itm_head(text.width)
+        self.contrast = Contrast(contrastive)
+        self.momentum: Momentum | None = None
+
+    def _add_momentum(self, **extra: nn.Module) -> None:
+        """EMA copies of the unimodal encoders and projections, plus `extra` modules."""
+        if self.contrast.cfg.momentum:
+            modules = {"visual": self.visual, "text": self.text, "image_proj": self.image_proj,
+                       "text_proj": self.text_proj, **extra}
+            self.momentum = Momentum(modules, self.contrast.cfg.momentum)
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        emb = self.image_proj(self.visual(images)[0])
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    normalize: bool = True) -> torch.Tensor:
+        emb = self.text_proj(self.text(input_ids, attention_mask, layers=self.text_layers)[0])
+        return F.normalize(emb, dim=-1) if normalize else emb
+
+    def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        return self.contrast.scale() * image_emb @ text_emb.T
+
+    def align(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unimodal pass and ITC: image tokens, text states, features, momentum outputs, loss."""
+        images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
+        out = {"image_tokens": self.visual(images)[1],
+               "text_states": self.text(ids, mask, layers=self.text_layers)[1]}
+        out["image_feat"] = project(self.image_proj, out["image_tokens"])
+        out["text_feat"] = project(self.text_proj, out["text_states"])
+        if self.momentum is not None:
+            with torch.no_grad():
+                m = self.momentum
+                out["image_tokens_m"] = m["visual"](images)[1]
+                out["image_feat_m"] = project(m["image_proj"], out["image_tokens_m"])
+                out["text_feat_m"] = project(m["text_proj"], m["text"](ids, mask, layers=self.text_layers)[1])
+        out["itc"] = self.contrast(out["image_feat"], out["text_feat"], out.get("image_feat_m"),
+                                   out.get("text_feat_m"))
+        return out
+
+    def itm_batch(self, aligned: dict[str, torch.Tensor], text: torch.Tensor,
+                  batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """`itm_inputs` for this batch; `text` is what the recipe's fusion path takes."""
+        return itm_inputs(aligned["image_tokens"], text, batch["attention_mask"], batch["input_ids"],
+                          aligned["image_feat"], aligned["text_feat"], self.contrast.scale())
+
+    def after_optimizer_step(self) -> None:
+        self.contrast.step += 1
+        if self.momentum is not None:
+            self.momentum.update()
+
+
+def project(proj: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
+    """Normalised embedding of the first ([CLS]) token."""
+    return F.normalize(proj(tokens[:, 0]), dim=-1)
+
+
+def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
+               input_ids: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tensor,
+               logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Image tokens, texts, masks and labels of the ITM batch: B positives, then B images with
+    a hard-negative text, then B texts with a hard-negative image (ALBEF Sec. 3.2).
+
+    `text` is what the fusion encoder takes (BLIP: token ids; ALBEF: the text encoder's states);
+    negatives come from all ranks, sampled without gradient by ITC similarity; captions that are
+    identical to the positive one (by `input_ids`) are never drawn.
+    """
+    sizes = gather_sizes(image_feat.shape[0], image_feat.device)
+    with torch.no_grad():
+        all_image_feat, all_text_feat = all_gather_with_grad(image_feat, sizes), all_gather_with_grad(text_feat, sizes)
+        keys = caption_keys(input_ids, text_mask)
+        positive = positive_mask(keys, all_gather_with_grad(keys, sizes), sum(sizes[: rank()]))
+        scale = logit_scale.detach()
+        neg_text, neg_image = hard_negatives(scale * image_feat @ all_text_feat.T,
+                                             scale * text_feat @ all_image_feat.T, positive)
+    all_images = all_gather_with_grad(image_tokens, sizes)
+    all_text, all_mask = all_gather_padded(text), all_gather_padded(text_mask)
+    length = all_text.shape[1]
+    text, text_mask = _pad_to(text, length), _pad_to(text_mask, length)
+    images = torch.cat([image_tokens, image_tokens, all_images[neg_image]])
+    texts = torch.cat([text, all_text[neg_text], text])
+    masks = torch.cat([text_mask, all_mask[neg_text], text_mask])
+    batch = image_tokens.shape[0]
+    labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
+    return images, texts, masks, labels.to(image_tokens.device)
+
+
+def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:
+    """Right-pad dim 1 with zeros (padding ids and masks are 0) to `length`."""
+    return F.pad(x, [0, 0] * (x.dim() - 2) + [0, length - x.shape[1]])

@@ -1,0 +1,149 @@
+"""ALBEF and BLIP: losses, momentum encoders, masks, decoder sharing, training and resume."""
+
+import json
+
+import pytest
+import torch
+import yaml
+
+import vlp
+from vlp.config import load_run_config
+from vlp.train.optim import build_optimizer
+from vlp.train.trainer import Trainer
+
+TOKENS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "enc": 5, "dec": 6}
+TEXT = {"context_length": 16, "width": 32, "layers": 4, "heads": 2, "causal": False, "pool": "cls",
+        "pre_norm": False, "embed_norm": True, "cross_attention_every": 1}
+MODEL = {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
+         "contrastive": {"embed_dim": 16, "queue_size": 64, "alpha_ramp_steps": 4, "momentum": 0.9}}
+
+
+def model_config(recipe: str, **overrides) -> dict:
+    text = {**TEXT, "vocab_size": 60, **({"cross_attention_from": 2} if recipe == "albef" else {})}
+    return {**MODEL, "text": text, "tokens": TOKENS, **overrides}
+
+
+def batch(size: int = 6, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(9, 60, (size, 10), generator=gen)
+    ids[:, 0], ids[:, -1] = 2, 3
+    mask = torch.ones_like(ids)
+    mask[0, 7:], ids[0, 6], ids[0, 7:] = 0, 3, 0
+    return {"images": torch.randn(size, 3, 32, 32, generator=gen), "input_ids": ids, "attention_mask": mask}
+
+
+@pytest.mark.parametrize("recipe, losses", [("albef", {"itc", "itm", "mlm"}), ("blip", {"itc", "itm", "lm"})])
+def test_losses_and_gradients(recipe, losses):
+    torch.manual_seed(0)
+    model = vlp.create_model(recipe, model_config(recipe))
+    out = model(batch())
+    assert set(out) == losses and all(torch.isfinite(v) for v in out.values())
+    sum(out.values()).backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and not any(n.startswith("momentum.") for n in trainable)
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), \
+        [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert all(p.grad is None for p in model.momentum.parameters())
+    optimised = {id(p) for group in build_optimizer(model, load_run_config(recipe).train).param_groups
+                 for p in group["params"]}
+    assert not any(id(p) in optimised for p in model.momentum.parameters())
+
+
+def test_momentum_encoders_follow_the_ema():
+    torch.manual_seed(0)
+    model = vlp.create_model("blip", model_config("blip"))
+    with torch.no_grad():
+        for p in model.visual.parameters():
+            p.add_(1.0)  # as if an optimizer step moved the online encoder
+    before = [p.clone() for p in model.momentum["visual"].parameters()]
+    model.after_optimizer_step()
+    for p, p_m, old in zip(model.visual.parameters(), model.momentum["visual"].parameters(), before):
+        torch.testing.assert_close(p_m, 0.9 * old + 0.1 * p, rtol=0, atol=1e-6)
+    assert int(model.contrast.step) == 1 and model.contrast.alpha() == pytest.approx(0.4 / 4)
+
+
+def test_queue_fills_with_momentum_features():
+    torch.manual_seed(0)
+    model = vlp.create_model("albef", model_config("albef"))
+    b = batch()
+    model(b)
+    assert int(model.contrast.text_queue.ptr) == 6
+    with torch.no_grad():
+        expected = model.encode_image(b["images"])  # momentum == online at initialisation
+    torch.testing.assert_close(model.contrast.image_queue.features[:6], expected, atol=1e-5, rtol=0)
+
+
+def test_blip_decoder_is_causal_and_shares_all_but_self_attention():
+    torch.manual_seed(0)
+    model = vlp.create_model("blip", model_config("blip")).eval()
+    b = batch()
+    image_tokens = model.visual(b["images"])[1]
+    changed = b["input_ids"].clone()
+    changed[:, 5:] = (changed[:, 5:] + 1) % 50 + 9
+    mask = torch.ones_like(changed)
+    a = model.caption_logits(image_tokens, b["input_ids"], mask)
+    c = model.caption_logits(image_tokens, changed, mask)
+    torch.testing.assert_close(a[:, :5], c[:, :5])
+    assert not torch.allclose(a[:, 5:], c[:, 5:])
+    other = model.caption_logits(image_tokens.flip(0), b["input_ids"], mask)  # sees the image
+    assert not torch.allclose(a, other)
+    encoder = {id(p) for p in model.text.parameters()}
+    own = [n for n, p in model.decoder.named_parameters() if id(p) not in encoder]
+    assert own and all(".attn." in n or ".norm1." in n for n in own)
+
+
+def test_albef_fusion_layers_see_the_image_text_layers_do_not():
+    torch.manual_seed(0)
+    model = vlp.create_model("albef", model_config("albef")).eval()
+    b = batch()
+    text = model.encode_text(b["input_ids"], b["attention_mask"])
+    tokens = model.visual(b["images"])[1]
+    s1 = model.itm_score(tokens, b["input_ids"], b["attention_mask"])
+    s2 = model.itm_score(tokens.flip(0), b["input_ids"], b["attention_mask"])
+    assert text.shape == (6, 16) and not torch.allclose(s1, s2)
+    assert [i for i, blk in enumerate(model.text.transformer.blocks) if blk.cross_attn is not None] == [2, 3]
+
+
+def test_missing_special_tokens_are_named():
+    with pytest.raises(ValueError, match="mask"):
+        vlp.create_model("albef", model_config("albef", tokens={"pad": 0, "cls": 2, "sep": 3}))
+
+
+@pytest.fixture
+def fusion_config(tmp_path, shapes_dir):
+    def write(recipe: str, momentum: float = 0.9, **train) -> object:
+        model = model_config(recipe)
+        model["contrastive"] = {**model["contrastive"], "momentum": momentum}
+        model.pop("tokens")
+        model["text"].pop("vocab_size")
+        config = {"recipe": recipe, "model": model,
+                  "data": {"path": str(shapes_dir), "batch_size": 16, "workers": 0},
+                  "train": {"steps": 6, "lr": 1e-3, "warmup": 2, "log_every": 1, "ckpt_every": 3, **train}}
+        path = tmp_path / f"{recipe}.yaml"
+        path.write_text(yaml.safe_dump(config))
+        return path
+    return write
+
+
+@pytest.mark.parametrize("recipe", ["albef", "blip"])
+def test_training_lowers_the_losses(tmp_path, fusion_config, recipe):
+    # Without momentum distillation, whose soft targets keep the ITC loss high early on.
+    cfg = load_run_config(recipe, fusion_config(recipe, momentum=0, steps=60, log_every=5, ckpt_every=60))
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = [r for r in records if "loss" in r]
+    generative = "mlm" if recipe == "albef" else "lm"
+    for name in ("itc", generative):
+        first = sum(r[name] for r in logged[:2]) / 2
+        last = sum(r[name] for r in logged[-3:]) / 3  # MLM/LM on 16 captions a step are noisy
+        assert last < 0.9 * first, (name, first, last)
+
+
+def test_blip_resume_is_exact(tmp_path, fusion_config):
+    """Momentum encoders, queues and the hard-negative RNG resume too."""
+    cfg = load_run_config("blip", fusion_config("blip"))
+    Trainer(cfg, tmp_path / "straight", progress=False).fit()
+    Trainer(cfg, tmp_path / "resumed", progress=False).fit(stop_at=3)
+    Trainer(cfg, tmp_path / "resumed", resume=True, progress=False).fit()
+    a, b = vlp.load(tmp_path / "straight").state_dict(), vlp.load(tmp_path / "resumed").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
