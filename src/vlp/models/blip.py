@@ -15,9 +15,11 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
+from vlp.generate import generate
 from vlp.losses.lm import lm_loss
 from vlp.models.fusion import ContrastiveConfig, FusionModel
 from vlp.models.registry import register
+from vlp.nn.attention import KVCache
 from vlp.nn.heads import TokenPredictionHead
 from vlp.nn.text import TextConfig, TextTransformer, bert_text_config, tie_except_self_attention
 from vlp.nn.vit import VisionConfig
@@ -76,6 +78,19 @@ class BLIP(FusionModel):
         """Next-token logits [B, L, V] of the image-grounded decoder ([DEC], causal)."""
         ids = with_first_token(input_ids, self.cfg.tokens["dec"])
         return self.lm_head(self.decoder(ids, attention_mask, context=image_tokens)[1])
+
+    @torch.no_grad()
+    def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor | None = None,
+                 method: str = "beam", **options) -> torch.Tensor:
+        """Captions of a batch of images as token ids [B, P + T], starting with [DEC] and the
+        prompt's tokens (`prompt_ids` without their start token; none by default).
+        Options as `vlp.generate.generate` (max_new_tokens, num_beams, top_p, ...)."""
+        batch = images.shape[0]
+        start = torch.full((batch, 1), self.cfg.tokens["dec"], dtype=torch.long, device=images.device)
+        prompt = start if prompt_ids is None else torch.cat([start, prompt_ids.expand(batch, -1)], dim=1)
+        state = (KVCache(), self.visual(images)[1])
+        return generate(CaptionDecoder(self), prompt, state, method, eos_id=self.cfg.tokens["sep"],
+                        pad_id=self.cfg.tokens["pad"], **options)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One ViT pass, three text passes (Sec. 3.2): ITC, ITM, LM (those in `objectives`)."""
