@@ -147,3 +147,27 @@ def test_blip_resume_is_exact(tmp_path, fusion_config):
     Trainer(cfg, tmp_path / "resumed", resume=True, progress=False).fit()
     a, b = vlp.load(tmp_path / "straight").state_dict(), vlp.load(tmp_path / "resumed").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_blip_cli_train_eval_caption(tmp_path, fusion_config, shapes_dir):
+    from typer.testing import CliRunner
+
+    from vlp.cli import app
+
+    runner, run = CliRunner(), tmp_path / "blip"
+    result = runner.invoke(app, ["train", "blip", "--config", str(fusion_config("blip")), "--out", str(run),
+                                 "--no-progress"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(app, ["eval", str(run), "--tasks", "retrieval,caption", "--k-test", "4",
+                                 "--decoding", "greedy"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((run / "eval.json").read_text())
+    assert results["retrieval_itm"]["itm_pairs"] == 4 * (24 + 24 * 5)  # k_test per query, both ways
+    assert {"bleu4", "cider"} <= set(results["caption"]) and results["caption"]["decoding"][0] == "method=greedy"
+    assert "generated:" in (run / "report.html").read_text()
+    image = tmp_path / "image.png"
+    vlp.data.shapes.ShapesWorld(image_size=32).sample("test", 0).image.save(image)
+    result = runner.invoke(app, ["caption", str(run), str(image), "--decoding", "nucleus"])
+    assert result.exit_code == 0 and result.output.startswith(str(image)), result.output
+    result = runner.invoke(app, ["caption", str(run), str(tmp_path / "missing.png")])
+    assert result.exit_code != 0 and "missing.png" in result.output

@@ -97,7 +97,10 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory (or one of its checkpoints).")],
     data: Annotated[Optional[Path], typer.Option(help="Data set (default: the run's data.path).")] = None,
-    tasks: Annotated[str, typer.Option(help="Comma-separated: zeroshot,retrieval,probe.")] = "zeroshot,retrieval,probe",
+    tasks: Annotated[str, typer.Option(
+        help="Comma-separated: zeroshot,retrieval,probe,caption (caption: recipes with a decoder).")
+    ] = "zeroshot,retrieval,probe,caption",
+    decoding: Annotated[str, typer.Option(help="Caption decoding: beam (3 beams), greedy or nucleus (top-p 0.9).")] = "beam",
     report: Annotated[bool, typer.Option(help="Also write RUN/report.html.")] = True,
     k_test: Annotated[int, typer.Option(
         help="Recipes with an ITM head: re-rank each query's ITC top-k by ITM score.")] = 16,
@@ -110,10 +113,49 @@ def evaluate(
     model = vlp.load(run)
     run_dir = run if (run / "config.yaml").is_file() else run.parent.parent
     results = run_eval(model, data or Path(model.run_config.data.path), run_dir,
-                       tasks=[t.strip() for t in tasks.split(",") if t.strip()], k_test=k_test)
+                       tasks=[t.strip() for t in tasks.split(",") if t.strip()], k_test=k_test,
+                       decoding=decoding_options(decoding))
     console.print(results_table(results))
     if report:
         typer.echo(f"report: {write_report(run_dir)}")
+
+
+def decoding_options(method: str) -> dict:
+    """The decoding settings behind a `--decoding` choice (BLIP's evaluation uses beam 3)."""
+    from vlp.eval.run import DEFAULT_DECODING
+
+    presets = {"beam": DEFAULT_DECODING, "greedy": {**DEFAULT_DECODING, "method": "greedy"},
+               "nucleus": {**DEFAULT_DECODING, "method": "nucleus", "top_p": 0.9}}
+    if method not in presets:
+        raise typer.BadParameter(f"--decoding must be one of {sorted(presets)}, got {method!r}")
+    options = dict(presets[method])
+    if method != "beam":
+        options.pop("num_beams")
+    return options
+
+
+@app.command()
+def caption(
+    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint of a recipe with a decoder.")],
+    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    decoding: Annotated[str, typer.Option(help="beam (3 beams), greedy or nucleus (top-p 0.9).")] = "beam",
+    prompt: Annotated[Optional[str], typer.Option(help="Text the caption starts with (default: the run's).")] = None,
+) -> None:
+    """Print a caption for each image."""
+    import torch
+    from PIL import Image
+
+    import vlp
+    from vlp.data.transforms import eval_transform
+
+    model = vlp.load(run)
+    transform = eval_transform(model.cfg.vision.image_size)
+    missing = [str(p) for p in images if not p.is_file()]
+    if missing:
+        raise typer.BadParameter(f"no such image file: {', '.join(missing)}")
+    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    for path, text in zip(images, vlp.caption(model, batch, prompt=prompt, **decoding_options(decoding))):
+        typer.echo(f"{path}\t{text}")
 
 
 @app.command("report")

@@ -56,8 +56,10 @@ def _examples(run_dir: Path, examples: list[dict[str, Any]]) -> str:
         items = "".join(f'<li class="{"hit" if t["correct"] else ""}">{html.escape(t["caption"])}'
                         f'{" &#10003;" if t["correct"] else ""}</li>' for t in example["top5"])
         truth = html.escape(example["truth"][0])
+        generated = (f"<div class=truth>generated: {html.escape(example['generated'])}</div>"
+                     if example.get("generated") is not None else "")
         cards.append(f'<div class="card"><img src="{image}" width="128" height="128">'
-                     f"<div><div class=truth>true: {truth}</div><ol>{items}</ol></div></div>")
+                     f"<div><div class=truth>true: {truth}</div>{generated}<ol>{items}</ol></div></div>")
     return "".join(cards)
 
 

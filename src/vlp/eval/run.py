@@ -1,8 +1,10 @@
 """`vlp eval RUN`: the fixed evaluation protocols on a data set written by `vlp data shapes`.
 
 Tasks: zeroshot (the "classify" split: shape, colour, colour+shape with prompt ensembles),
-retrieval (the "test" split, and "compositional" where present), probe (swap pairs of the test
-split). Results go to `RUN/eval.json`, retrieval examples to `RUN/examples.json`.
+retrieval (the "test" split, and "compositional" where present; recipes with an ITM head also
+re-rank the ITC shortlist), probe (swap pairs of the test split), caption (recipes with a
+decoder: BLEU-4/CIDEr/METEOR on the test split). Results go to `RUN/eval.json`, retrieval
+examples to `RUN/examples.json`.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from vlp.eval.probe import swap_probe_accuracy
 from vlp.eval.retrieval import blockwise_topk, recall_at_k, reranked_recall_at_k
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
 
-TASKS = ("zeroshot", "retrieval", "probe")
+TASKS = ("zeroshot", "retrieval", "probe", "caption")
 console = Console()
+DEFAULT_DECODING = {"method": "beam", "num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 3}
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -142,6 +145,23 @@ def reranked_retrieval(model: nn.Module, dataset: CaptionDataset, k_test: int = 
     return metrics
 
 
+@torch.no_grad()
+def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, Any],
+               batch_size: int = 64) -> tuple[dict[str, Any], dict[int, str]]:
+    """BLEU-4, CIDEr (and METEOR with Java) of generated captions against each test image's
+    references; returns the metrics and the captions by sample index."""
+    from vlp.api import caption
+    from vlp.eval.captioning import caption_metrics
+
+    start = time.perf_counter()
+    generated: dict[int, str] = {}
+    for indices, images in image_batches(model, dataset, [], batch_size):
+        generated.update(zip(indices, caption(model, images, **decoding)))
+    metrics = caption_metrics(generated, {i: dataset.captions(i) for i in generated})
+    metrics.update(seconds=time.perf_counter() - start, decoding=[f"{k}={v}" for k, v in decoding.items()])
+    return metrics, generated
+
+
 def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
     """Swap-probe accuracy overall and per swap kind (attribute / relation)."""
     image_emb, kept, _ = embed_images(model, dataset)
@@ -160,7 +180,8 @@ def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
-             tasks: Iterable[str] = TASKS, examples: int = 8, k_test: int = 16) -> dict[str, Any]:
+             tasks: Iterable[str] = TASKS, examples: int = 8, k_test: int = 16,
+             decoding: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the chosen protocols; write eval.json (and examples.json) into `run_dir` if given."""
     data = Path(data)
     unknown = set(tasks) - set(TASKS)
@@ -182,6 +203,10 @@ def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
             results["retrieval_compositional"], _ = retrieval(model, open_dataset(data, split="compositional"))
     if "probe" in tasks:
         results["probe"] = probe(model, test)
+    if "caption" in tasks and hasattr(model, "generate"):
+        results["caption"], generated = captioning(model, test, decoding or DEFAULT_DECODING)
+        for example in shown:
+            example["generated"] = generated.get(example["index"])
     if run_dir is not None:
         (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
         _save_examples(Path(run_dir), test, shown)

@@ -84,10 +84,14 @@ class BLIP(FusionModel):
                  method: str = "beam", **options) -> torch.Tensor:
         """Captions of a batch of images as token ids [B, P + T], starting with [DEC] and the
         prompt's tokens (`prompt_ids` without their start token; none by default).
-        Options as `vlp.generate.generate` (max_new_tokens, num_beams, top_p, ...)."""
+        Options as `vlp.generate.generate` (max_new_tokens, num_beams, top_p, ...); the length
+        is capped at the text context length."""
         batch = images.shape[0]
         start = torch.full((batch, 1), self.cfg.tokens["dec"], dtype=torch.long, device=images.device)
         prompt = start if prompt_ids is None else torch.cat([start, prompt_ids.expand(batch, -1)], dim=1)
+        room = self.cfg.text.context_length - prompt.shape[1]
+        options["max_new_tokens"] = min(options.get("max_new_tokens", 20), room)
+        options["min_new_tokens"] = min(options.get("min_new_tokens", 0), options["max_new_tokens"])
         state = (KVCache(), self.visual(images)[1])
         return generate(CaptionDecoder(self), prompt, state, method, eos_id=self.cfg.tokens["sep"],
                         pad_id=self.cfg.tokens["pad"], **options)
