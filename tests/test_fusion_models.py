@@ -171,3 +171,22 @@ def test_blip_cli_train_eval_caption(tmp_path, fusion_config, shapes_dir):
     assert result.exit_code == 0 and result.output.startswith(str(image)), result.output
     result = runner.invoke(app, ["caption", str(run), str(tmp_path / "missing.png")])
     assert result.exit_code != 0 and "missing.png" in result.output
+
+
+def test_itm_batch_layout_and_uniform_negatives_when_not_hard():
+    from vlp.models.fusion import itm_inputs
+
+    torch.manual_seed(0)
+    b = batch(size=4)
+    tokens = torch.arange(4.0)[:, None, None].expand(4, 3, 2)  # image i is filled with i
+    feat = torch.eye(4)  # image i is most similar to text i, equally far from the others
+    draws = torch.zeros(4, 4)
+    for _ in range(400):
+        images, texts, masks, labels = itm_inputs(tokens, b["input_ids"], b["attention_mask"], b["input_ids"],
+                                                  feat, feat, torch.zeros(()))
+        assert labels.tolist() == [1] * 4 + [0] * 8 and torch.equal(texts[:4], b["input_ids"])
+        negative_images = images[8:, 0, 0].long()
+        assert (negative_images != torch.arange(4)).all()
+        draws[torch.arange(4), negative_images] += 1
+    off_diagonal = draws[~torch.eye(4, dtype=torch.bool)] / 400
+    assert torch.allclose(off_diagonal, torch.full_like(off_diagonal, 1 / 3), atol=0.08)

@@ -39,6 +39,7 @@ class ContrastiveConfig:
     queue_size: int = 65536
     alpha: float = 0.4  # weight of the momentum model's soft targets
     alpha_ramp_steps: int = 1000  # alpha grows linearly over these steps (ALBEF: the first epoch)
+    hard_negatives: bool = True  # ITM negatives drawn by ITC similarity; False: uniformly (ablation)
 
 
 class Momentum(nn.Module):
@@ -159,8 +160,9 @@ class FusionModel(nn.Module):
     def itm_batch(self, aligned: dict[str, torch.Tensor], text: torch.Tensor,
                   batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """`itm_inputs` for this batch; `text` is what the recipe's fusion path takes."""
+        scale = self.contrast.scale() if self.contrast.cfg.hard_negatives else torch.zeros(())
         return itm_inputs(aligned["image_tokens"], text, batch["attention_mask"], batch["input_ids"],
-                          aligned["image_feat"], aligned["text_feat"], self.contrast.scale())
+                          aligned["image_feat"], aligned["text_feat"], scale)
 
     def after_optimizer_step(self) -> None:
         self.contrast.step += 1
@@ -180,8 +182,9 @@ def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.
     a hard-negative text, then B texts with a hard-negative image (ALBEF Sec. 3.2).
 
     `text` is what the fusion encoder takes (BLIP: token ids; ALBEF: the text encoder's states);
-    negatives come from all ranks, sampled without gradient by ITC similarity; captions that are
-    identical to the positive one (by `input_ids`) are never drawn.
+    negatives come from all ranks, sampled without gradient by ITC similarity (a zero
+    `logit_scale` makes the draw uniform); captions identical to the positive one (by
+    `input_ids`) are never drawn.
     """
     sizes = gather_sizes(image_feat.shape[0], image_feat.device)
     with torch.no_grad():
