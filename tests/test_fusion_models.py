@@ -190,3 +190,42 @@ def test_itm_batch_layout_and_uniform_negatives_when_not_hard():
         draws[torch.arange(4), negative_images] += 1
     off_diagonal = draws[~torch.eye(4, dtype=torch.bool)] / 400
     assert torch.allclose(off_diagonal, torch.full_like(off_diagonal, 1 / 3), atol=0.08)
+
+
+def test_fine_tuning_entry_points(tmp_path, fusion_config, shapes_dir):
+    """blip -> blip_vqa / blip_caption with --init: weights carried over, VQA evaluated."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from vlp.cli import app
+
+    runner, pretrained = CliRunner(), tmp_path / "blip"
+    assert runner.invoke(app, ["train", "blip", "--config", str(fusion_config("blip")), "--out",
+                               str(pretrained), "--no-progress"]).exit_code == 0
+    common = ["--data", str(shapes_dir), "--steps", "4", "--no-progress", "data.batch_size=8",
+              "data.workers=0", "train.ckpt_every=4", "train.log_every=1"]
+    for recipe in ("blip_vqa", "blip_caption"):
+        result = runner.invoke(app, ["train", recipe, "--init", str(pretrained), "--out",
+                                     str(tmp_path / recipe), *common])
+        assert result.exit_code == 0, result.output
+    records = [json.loads(line) for line in (tmp_path / "blip_vqa" / "metrics.jsonl").read_text().splitlines()]
+    init = next(r for r in records if r.get("event") == "init")
+    # Tiny BLIP's image tokens (32 wide) and question states (32 wide) match here: all loads.
+    assert init["missing"] == [] and init["other shape"] == []
+    assert any("vqa" in r for r in records)
+    saved = load_file(str(next((pretrained / "checkpoints").glob("step_*")) / "model.safetensors"))
+    assert "decoder.token_embed.weight" in saved  # tied weights are stored under every name
+    vqa_model, blip = vlp.load(tmp_path / "blip_vqa"), vlp.load(pretrained)
+    assert vqa_model.recipe == "blip_vqa"
+    # 4 steps at lr 2e-4 move a weight by < 1e-3; a fresh initialisation would be ~0.02 away.
+    for name in ("visual.patch_embed.weight", "decoder.token_embed.weight",
+                 "decoder.transformer.blocks.0.mlp.fc1.weight"):
+        moved = (vqa_model.state_dict()[name] - blip.state_dict()[name]).abs().mean()
+        assert moved < 2e-3, (name, moved)
+    caption_cfg = vlp.load(tmp_path / "blip_caption").run_config
+    assert caption_cfg.data.prompt == "a picture of " and caption_cfg.model["objectives"] == ["lm"]
+    result = runner.invoke(app, ["eval", str(tmp_path / "blip_vqa"), "--no-report"])
+    assert result.exit_code == 0, result.output
+    results = json.loads((tmp_path / "blip_vqa" / "eval.json").read_text())
+    assert set(results) == {"data", "vqa"}
+    assert {"accuracy", "accuracy_color", "accuracy_count", "accuracy_relation"} <= set(results["vqa"])

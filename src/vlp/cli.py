@@ -81,13 +81,17 @@ def train(
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a recipe. Works alone or under `torchrun --nproc_per_node N` (DDP)."""
-    from vlp.config import load_run_config
+    from vlp.config import load_run_config, load_yaml
     from vlp.train.trainer import Trainer
 
     flags = {"data.path": data, "train.steps": steps, "data.batch_size": batch_size, "train.seed": seed,
              "data.strict": strict or None}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    cfg = load_run_config(recipe, config, extra + list(overrides or []))
+    base_model = None
+    if init is not None:  # the architecture comes from the pretrained run
+        from vlp.train.checkpoint import run_of
+        base_model = load_yaml(run_of(init) / "config.yaml").get("model")
+    cfg = load_run_config(recipe, config, extra + list(overrides or []), base_model=base_model)
     values = Trainer(cfg, out, resume=resume, init=init, progress=progress).fit()
     if values:
         typer.echo(f"done: step {values['step']}, loss {values['loss']:.4f}; run in {out}")
@@ -98,8 +102,8 @@ def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory (or one of its checkpoints).")],
     data: Annotated[Optional[Path], typer.Option(help="Data set (default: the run's data.path).")] = None,
     tasks: Annotated[str, typer.Option(
-        help="Comma-separated: zeroshot,retrieval,probe,caption (caption: recipes with a decoder).")
-    ] = "zeroshot,retrieval,probe,caption",
+        help="Comma-separated: zeroshot,retrieval,probe,caption,vqa (each where the recipe can).")
+    ] = "zeroshot,retrieval,probe,caption,vqa",
     decoding: Annotated[str, typer.Option(help="Caption decoding: beam (3 beams), greedy or nucleus (top-p 0.9).")] = "beam",
     report: Annotated[bool, typer.Option(help="Also write RUN/report.html.")] = True,
     k_test: Annotated[int, typer.Option(

@@ -33,6 +33,7 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.85, 1.0)
     strict: bool = False
     prompt: str = ""  # text put before every caption and not scored by LM losses ("a picture of ")
+    text: str = "caption"  # caption | qa: question-answer pairs of each sample's metadata (VQA)
 
 
 @dataclass
@@ -158,8 +159,14 @@ class RunConfig:
 
 
 def load_run_config(recipe: str | None = None, path: str | Path | None = None,
-                    overrides: list[str] | None = None) -> RunConfig:
-    """A run config from a YAML file (default: the recipe's tiny config) plus overrides."""
+                    overrides: list[str] | None = None, base_model: dict[str, Any] | None = None) -> RunConfig:
+    """A run config from a YAML file (default: the named config's tiny.yaml) plus overrides.
+
+    A shipped config may name another recipe: `configs/blip_caption/` fine-tunes `blip`.
+    `base_model` (a pretrained run's model section, for `--init`) lies under the file's `model`
+    section, which then only needs what the fine-tuning changes.
+    """
+    explicit = path is not None
     if path is None:
         if recipe is None:
             raise ConfigError("give a recipe or a config file")
@@ -167,7 +174,18 @@ def load_run_config(recipe: str | None = None, path: str | Path | None = None,
     data = load_yaml(path)
     if recipe is not None:
         data.setdefault("recipe", recipe)
-        if data["recipe"] != recipe:
+        if explicit and data["recipe"] != recipe:
             raise ConfigError(f"{path}: config is for recipe {data['recipe']!r}, not {recipe!r}")
+    if base_model is not None:
+        data["model"] = deep_merge(base_model, data.get("model") or {})
     apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `top`, nested dicts merged key by key."""
+    merged = dict(base)
+    for key, value in top.items():
+        both_dicts = isinstance(value, dict) and isinstance(merged.get(key), dict)
+        merged[key] = deep_merge(merged[key], value) if both_dicts else value
+    return merged

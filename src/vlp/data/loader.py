@@ -28,11 +28,14 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 
 class TrainSet(Dataset):
-    """Item (epoch, index) -> {"image": augmented tensor, "caption": one of its captions}."""
+    """Item (epoch, index) -> {"image": augmented tensor, "caption": one of its captions}, or
+    with `text="qa"` {"image", "question", "answer"}: one of the sample's `meta["qa"]` pairs."""
 
     def __init__(self, base: CaptionDataset, transform: Callable[[Image.Image, random.Random], torch.Tensor],
-                 seed: int):
-        self.base, self.transform, self.seed = base, transform, seed
+                 seed: int, text: str = "caption"):
+        if text not in ("caption", "qa"):
+            raise ValueError(f"data.text must be 'caption' or 'qa', got {text!r}")
+        self.base, self.transform, self.seed, self.text = base, transform, seed, text
 
     def __len__(self) -> int:
         return len(self.base)
@@ -43,8 +46,14 @@ class TrainSet(Dataset):
         if isinstance(item, Skipped):
             return item
         rng = sample_rng(self.seed, epoch, index)
-        caption = rng.choice(item.captions)
-        return {"image": self.transform(item.image, rng), "caption": caption, "epoch": epoch}
+        if self.text == "caption":
+            return {"image": self.transform(item.image, rng), "caption": rng.choice(item.captions),
+                    "epoch": epoch}
+        if not item.meta.get("qa"):
+            return Skipped(item.source, "no question-answer pairs (meta.qa) for data.text=qa")
+        qa = rng.choice(item.meta["qa"])
+        return {"image": self.transform(item.image, rng), "question": qa["question"],
+                "answer": qa["answer"], "epoch": epoch}
 
 
 class StreamSampler(Sampler[list[tuple[int, int]]]):
@@ -92,16 +101,19 @@ class Collator:
         if not good:
             raise DataError(f"every sample of a batch was unreadable, e.g. {skipped[0].source}: "
                             f"{skipped[0].reason}")
-        tokens = self.tokenizer([self.prompt + item["caption"] for item in good],
-                                max_length=self.context_length, style=self.style)
-        return {
-            "images": torch.stack([item["image"] for item in good]),
-            "input_ids": tokens["input_ids"],
-            "attention_mask": tokens["attention_mask"],
-            "prompt_length": self.prompt_length,
-            "epoch": max(item["epoch"] for item in good),
-            "skipped": skipped,
-        }
+        batch = {"images": torch.stack([item["image"] for item in good]),
+                 "epoch": max(item["epoch"] for item in good), "skipped": skipped}
+        if "question" in good[0]:  # question -> input_ids/attention_mask, answer -> answer_*
+            answers = self._tokenize([item["answer"] for item in good])
+            batch.update(answer_ids=answers["input_ids"], answer_mask=answers["attention_mask"])
+            texts = [item["question"] for item in good]
+        else:
+            texts = [self.prompt + item["caption"] for item in good]
+            batch["prompt_length"] = self.prompt_length
+        return {**batch, **self._tokenize(texts)}
+
+    def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        return self.tokenizer(texts, max_length=self.context_length, style=self.style)
 
 
 def train_loader(dataset: TrainSet, collator: Collator, global_batch: int, seed: int, start: int,

@@ -3,7 +3,8 @@
 Tasks: zeroshot (the "classify" split: shape, colour, colour+shape with prompt ensembles),
 retrieval (the "test" split, and "compositional" where present; recipes with an ITM head also
 re-rank the ITC shortlist), probe (swap pairs of the test split), caption (recipes with a
-decoder: BLEU-4/CIDEr/METEOR on the test split). Results go to `RUN/eval.json`, retrieval
+decoder: BLEU-4/CIDEr/METEOR on the test split), vqa (recipes that answer questions: accuracy
+per question type). Results go to `RUN/eval.json`, retrieval
 examples to `RUN/examples.json`.
 """
 
@@ -27,7 +28,7 @@ from vlp.eval.probe import swap_probe_accuracy
 from vlp.eval.retrieval import blockwise_topk, recall_at_k, reranked_recall_at_k
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
 
-TASKS = ("zeroshot", "retrieval", "probe", "caption")
+TASKS = ("zeroshot", "retrieval", "probe", "caption", "vqa")
 console = Console()
 DEFAULT_DECODING = {"method": "beam", "num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 3}
 
@@ -162,6 +163,30 @@ def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, An
     return metrics, generated
 
 
+@torch.no_grad()
+def vqa(model: nn.Module, dataset: CaptionDataset, batch_size: int = 64) -> dict[str, float]:
+    """Exact-match accuracy (overall and per question type) of greedy answers to every
+    question-answer pair of the split."""
+    from vlp.eval.vqa import vqa_accuracy
+
+    predictions, answers, types = [], [], []
+    for indices, images in image_batches(model, dataset, [], batch_size):
+        pairs = [(row, qa) for row, index in enumerate(indices) for qa in dataset.meta(index).get("qa", [])]
+        if not pairs:
+            continue
+        rows = torch.tensor([row for row, _ in pairs], device=images.device)
+        questions = model.tokenizer([qa["question"] for _, qa in pairs], max_length=model.cfg.text.context_length,
+                                    style=model.tokenizer_style)
+        ids = model.answer(images[rows], questions["input_ids"].to(images.device),
+                           questions["attention_mask"].to(images.device))
+        predictions += model.tokenizer.batch_decode(ids[:, 1:])
+        answers += [qa["answer"] for _, qa in pairs]
+        types += [qa["type"] for _, qa in pairs]
+    if not answers:
+        raise ValueError(f"{dataset.source}: no question-answer pairs (meta.qa) to evaluate VQA on")
+    return vqa_accuracy(predictions, answers, types)
+
+
 def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
     """Swap-probe accuracy overall and per swap kind (attribute / relation)."""
     image_emb, kept, _ = embed_images(model, dataset)
@@ -188,6 +213,11 @@ def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
     if unknown:
         raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {list(TASKS)}")
     info = json.loads((data / "info.json").read_text())
+    supported = getattr(model, "eval_tasks", TASKS)
+    if set(tasks) - set(supported):
+        console.print(f"[yellow]skipping {sorted(set(tasks) - set(supported))}: recipe "
+                      f"{getattr(model, 'recipe', '?')} supports {list(supported)}")
+    tasks = [task for task in tasks if task in supported]
     results: dict[str, Any] = {"data": str(data)}
     shown: list = []
     test = open_dataset(data, split="test")
@@ -203,7 +233,9 @@ def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
             results["retrieval_compositional"], _ = retrieval(model, open_dataset(data, split="compositional"))
     if "probe" in tasks:
         results["probe"] = probe(model, test)
-    if "caption" in tasks and hasattr(model, "generate"):
+    if "vqa" in tasks:
+        results["vqa"] = vqa(model, test)
+    if "caption" in tasks:
         results["caption"], generated = captioning(model, test, decoding or DEFAULT_DECODING)
         for example in shown:
             example["generated"] = generated.get(example["index"])

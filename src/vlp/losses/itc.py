@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vlp.losses.momentum import soft_itc_targets
 from vlp.train.distributed import all_gather_with_grad, gather_sizes, rank
 
 
@@ -42,10 +43,10 @@ def momentum_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_f
     """
     batch = image_feat.shape[0]
     with torch.no_grad():
-        onehot = torch.zeros(batch, text_keys.shape[0], device=image_feat.device)
-        onehot[:, :batch] = torch.eye(batch, device=image_feat.device)
-        i2t_targets = alpha * (logit_scale * image_feat_m @ text_keys.T).softmax(dim=1) + (1 - alpha) * onehot
-        t2i_targets = alpha * (logit_scale * text_feat_m @ image_keys.T).softmax(dim=1) + (1 - alpha) * onehot
+        positive = torch.zeros(batch, text_keys.shape[0], dtype=torch.bool, device=image_feat.device)
+        positive[:, :batch] = torch.eye(batch, dtype=torch.bool, device=image_feat.device)
+        i2t_targets = soft_itc_targets(logit_scale * image_feat_m @ text_keys.T, positive, alpha)
+        t2i_targets = soft_itc_targets(logit_scale * text_feat_m @ image_keys.T, positive, alpha)
     i2t = soft_cross_entropy(logit_scale * image_feat @ text_keys.T, i2t_targets)
     t2i = soft_cross_entropy(logit_scale * text_feat @ image_keys.T, t2i_targets)
     return (i2t + t2i) / 2

@@ -34,6 +34,8 @@ def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive: torch
 
     sim_i2t[i, j]: image i (local) vs text j (global); sim_t2i[t, j]: text t vs image j;
     `positive` marks pairs that must not be drawn (same for both directions: pair i <-> i).
+    A row whose similarities give no usable distribution (NaN or infinite entries) is drawn
+    uniformly over its non-positives.
     """
     if positive.all(dim=1).any():
         row = int(positive.all(dim=1).nonzero()[0])
@@ -42,5 +44,7 @@ def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive: torch
     draws = []
     for sim in (sim_i2t, sim_t2i):
         weights = sim.float().masked_fill(positive, float("-inf")).softmax(dim=1)
+        broken = weights.isnan().any(dim=1, keepdim=True)
+        weights = torch.where(broken, (~positive).float(), weights)
         draws.append(torch.multinomial(weights, 1, generator=generator).squeeze(1))
     return draws[0], draws[1]

@@ -19,7 +19,7 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: 
     -100 elsewhere)."""
     device = input_ids.device
     draw = lambda: torch.rand(input_ids.shape, generator=generator, device=device)  # noqa: E731
-    special = torch.tensor(list(special_ids), device=device)
+    special = torch.tensor(list(special_ids), dtype=torch.long, device=device)
     candidate = attention_mask.bool() & ~torch.isin(input_ids, special)
     chosen = candidate & (draw() < prob)
     labels = torch.where(chosen, input_ids, IGNORE)

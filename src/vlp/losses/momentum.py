@@ -10,11 +10,24 @@ from torch import nn
 @torch.no_grad()
 def ema_update(model: nn.Module, momentum_model: nn.Module, momentum: float) -> None:
     """p_m <- m * p_m + (1 - m) * p for every parameter pair (same names in both)."""
-    pairs = zip(model.named_parameters(), momentum_model.named_parameters())
+    pairs = zip(model.named_parameters(), momentum_model.named_parameters(), strict=True)
     for (name, p), (name_m, p_m) in pairs:
         if name != name_m:
             raise ValueError(f"momentum model does not mirror the model: {name} vs {name_m}")
         p_m.mul_(momentum).add_(p.detach(), alpha=1 - momentum)
+
+
+def soft_itc_targets(sim_m: torch.Tensor, positive: torch.Tensor, alpha: float) -> torch.Tensor:
+    """ITC targets with momentum distillation (ALBEF Sec. 3.3, eq. 5-6): alpha * softmax(sim_m)
+    + (1 - alpha) * y, where y spreads each row's mass evenly over its `positive` entries.
+
+    sim_m [N, K]: the momentum model's (scaled) similarities; positive [N, K] bool, each row at
+    least one True (the true pair; also duplicates of it, when the caller knows them).
+    """
+    if not positive.any(dim=1).all():
+        raise ValueError("every row of an ITC target needs at least one positive")
+    y = positive.to(sim_m.dtype)
+    return alpha * sim_m.softmax(dim=1) + (1 - alpha) * y / y.sum(dim=1, keepdim=True)
 
 
 def alpha_ramp(alpha: float, step: int, ramp_steps: int) -> float:

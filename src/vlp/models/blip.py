@@ -19,7 +19,7 @@ from vlp.generate import generate
 from vlp.losses.lm import lm_loss
 from vlp.models.fusion import ContrastiveConfig, FusionModel
 from vlp.models.registry import register
-from vlp.nn.attention import KVCache
+from vlp.nn.attention import KVCache, padding_mask
 from vlp.nn.heads import TokenPredictionHead
 from vlp.nn.text import TextConfig, TextTransformer, bert_text_config, tie_except_self_attention
 from vlp.nn.vit import VisionConfig
@@ -46,6 +46,7 @@ def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 @register("blip", BLIPConfig)
 class BLIP(FusionModel):
     required_tokens = ("pad", "cls", "sep", "enc", "dec")
+    eval_tasks = ("zeroshot", "retrieval", "probe", "caption")
 
     def __init__(self, cfg: BLIPConfig):
         unknown = set(cfg.objectives) - {"itc", "itm", "lm"}
@@ -55,12 +56,16 @@ class BLIP(FusionModel):
         cfg.text = replace(cfg.text, context_dim=cfg.vision.width)
         super().__init__(cfg.vision, cfg.text, cfg.contrastive, cfg.tokens)
         self.cfg = cfg
-        self.decoder = TextTransformer(replace(cfg.text, causal=True))
+        self.decoder = TextTransformer(replace(cfg.text, causal=True, context_dim=self.decoder_context_width()))
         if cfg.share_decoder:
             tie_except_self_attention(self.text, self.decoder)
         self.lm_head = TokenPredictionHead(cfg.text.width, self.decoder.token_embed, cfg.text.act,
                                            cfg.text.eps)
         self._add_momentum()
+
+    def decoder_context_width(self) -> int:
+        """Width of what the decoder cross-attends to: image tokens for captioning."""
+        return self.cfg.vision.width
 
     def itm_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:
@@ -89,12 +94,15 @@ class BLIP(FusionModel):
         batch = images.shape[0]
         start = torch.full((batch, 1), self.cfg.tokens["dec"], dtype=torch.long, device=images.device)
         prompt = start if prompt_ids is None else torch.cat([start, prompt_ids.expand(batch, -1)], dim=1)
+        return self._decode(prompt, self.visual(images)[1], None, method, **options)
+
+    def _decode(self, prompt: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
+                method: str, **options) -> torch.Tensor:
         room = self.cfg.text.context_length - prompt.shape[1]
         options["max_new_tokens"] = min(options.get("max_new_tokens", 20), room)
         options["min_new_tokens"] = min(options.get("min_new_tokens", 0), options["max_new_tokens"])
-        state = (KVCache(), self.visual(images)[1])
-        return generate(CaptionDecoder(self), prompt, state, method, eos_id=self.cfg.tokens["sep"],
-                        pad_id=self.cfg.tokens["pad"], **options)
+        return generate(GroundedDecoder(self), prompt, (KVCache(), context, context_mask), method,
+                        eos_id=self.cfg.tokens["sep"], pad_id=self.cfg.tokens["pad"], **options)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One ViT pass, three text passes (Sec. 3.2): ITC, ITM, LM (those in `objectives`)."""
@@ -118,20 +126,63 @@ class BLIP(FusionModel):
         return losses
 
 
-class CaptionDecoder:
-    """BLIP's image-grounded decoder as a `vlp.generate` decoder: the state is the key/value
-    cache and the image tokens it cross-attends to (both follow beams on `reorder`)."""
+class GroundedDecoder:
+    """A BLIP decoder as a `vlp.generate` decoder: the state is the key/value cache and the
+    context it cross-attends to (image tokens, or question states and their padding mask for
+    VQA); all of it follows the beams on `reorder`."""
 
     def __init__(self, model: BLIP):
         self.model = model
 
-    def step(self, tokens: torch.Tensor, state: tuple[KVCache, torch.Tensor]
-             ) -> tuple[torch.Tensor, tuple[KVCache, torch.Tensor]]:
-        cache, image_tokens = state
-        states = self.model.decoder(tokens, torch.ones_like(tokens), context=image_tokens, cache=cache)[1]
+    def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        cache, context, context_mask = state
+        states = self.model.decoder(tokens, torch.ones_like(tokens), context=context,
+                                    context_mask=context_mask, cache=cache)[1]
         return self.model.lm_head(states[:, -1]), state
 
-    def reorder(self, state: tuple[KVCache, torch.Tensor], index: torch.Tensor
-                ) -> tuple[KVCache, torch.Tensor]:
-        cache, image_tokens = state
-        return cache.reorder(index), image_tokens.index_select(0, index)
+    def reorder(self, state: tuple, index: torch.Tensor) -> tuple:
+        cache, context, context_mask = state
+        return (cache.reorder(index), context.index_select(0, index),
+                None if context_mask is None else context_mask.index_select(0, index))
+
+
+@register("blip_vqa", BLIPConfig)
+class BLIPVQA(BLIP):
+    """BLIP for VQA (Sec. 5.3, Fig. 5): the image-grounded encoder reads the question ([ENC],
+    cross-attention to the image); an answer decoder, cross-attending to those question states,
+    generates the answer. Trained with the LM loss on answers (`data.text: qa`)."""
+
+    eval_tasks = ("vqa",)
+
+    def __init__(self, cfg: BLIPConfig):
+        if cfg.share_decoder:
+            raise ValueError("blip_vqa: model.share_decoder must be false (the answer decoder "
+                             "cross-attends to question states, not to image tokens)")
+        super().__init__(cfg)
+        for unused in (self.image_proj, self.text_proj, self.itm_head, self.contrast):
+            unused.requires_grad_(False)  # kept so pretrained runs load without surprises
+
+    def decoder_context_width(self) -> int:
+        return self.cfg.text.width
+
+    def encode_question(self, images: torch.Tensor, question_ids: torch.Tensor,
+                        question_mask: torch.Tensor) -> torch.Tensor:
+        ids = with_first_token(question_ids, self.cfg.tokens["enc"])
+        return self.text(ids, question_mask, context=self.visual(images)[1])[1]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        questions = self.encode_question(batch["images"], batch["input_ids"], batch["attention_mask"])
+        answer_ids = with_first_token(batch["answer_ids"], self.cfg.tokens["dec"])
+        states = self.decoder(answer_ids, batch["answer_mask"], context=questions,
+                              context_mask=padding_mask(batch["attention_mask"]))[1]
+        return {"vqa": lm_loss(self.lm_head(states), answer_ids, batch["answer_mask"],
+                               label_smoothing=self.cfg.label_smoothing)}
+
+    @torch.no_grad()
+    def answer(self, images: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
+               method: str = "greedy", **options) -> torch.Tensor:
+        """Answer token ids [B, 1 + T] (after [DEC]), generated from the question states."""
+        questions = self.encode_question(images, question_ids, question_mask)
+        start = torch.full((len(images), 1), self.cfg.tokens["dec"], dtype=torch.long, device=images.device)
+        options.setdefault("max_new_tokens", 5)
+        return self._decode(start, questions, padding_mask(question_mask), method, **options)

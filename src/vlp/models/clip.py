@@ -31,6 +31,7 @@ class CLIPConfig:
 @register("clip", CLIPConfig)
 class CLIP(nn.Module):
     tokenizer_style = "clip"  # <|startoftext|> ... <|endoftext|>, EOS pooling
+    eval_tasks = ("zeroshot", "retrieval", "probe")
 
     def __init__(self, cfg: CLIPConfig):
         super().__init__()

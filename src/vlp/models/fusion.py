@@ -104,6 +104,7 @@ class FusionModel(nn.Module):
     """
 
     tokenizer_style = "bert"  # [CLS] ... [SEP]
+    eval_tasks: tuple[str, ...] = ("zeroshot", "retrieval", "probe")
     required_tokens: tuple[str, ...] = ("pad", "cls", "sep")
     text_layers = slice(None)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 
@@ -40,17 +40,38 @@ def write_text_atomic(path: Path, text: str) -> None:
 
 
 def save_weights(model: nn.Module, path: Path) -> None:
-    """Model weights as safetensors; tied weights (shared modules) are stored once."""
-    save_model(model, str(path), metadata={"recipe": getattr(model, "recipe", "")})
+    """Model weights as safetensors, every name stored: a tied weight (BLIP's decoder shares
+    the encoder's) is written under each of its names, so a recipe that unties it loads it."""
+    state, stored = {}, set()
+    for name, tensor in model.state_dict().items():
+        tensor = tensor.detach()
+        if tensor.data_ptr() in stored:
+            tensor = tensor.clone()
+        stored.add(tensor.data_ptr())
+        state[name] = tensor.contiguous().cpu()
+    save_file(state, str(path), metadata={"recipe": getattr(model, "recipe", "")})
 
 
 def load_weights(model: nn.Module, path: Path, strict: bool = True) -> tuple[list[str], list[str]]:
     """Load safetensors weights; returns (missing, unexpected) names, an error if `strict`."""
-    missing, unexpected = load_model(model, str(path), strict=False,
-                                     device=str(next(model.parameters()).device))
+    device = str(next(model.parameters()).device)
+    missing, unexpected = model.load_state_dict(load_file(str(path), device=device), strict=False)
     if strict and (missing or unexpected):
         raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
     return missing, unexpected
+
+
+def load_matching_weights(model: nn.Module, path: Path) -> dict[str, list[str]]:
+    """Load every tensor whose name and shape match (fine-tuning another recipe from a run);
+    returns the names that were missing, unexpected, or of another shape."""
+    own = model.state_dict()
+    weights = load_file(str(path))
+    report = {"missing": [k for k in own if k not in weights],
+              "unexpected": [k for k in weights if k not in own],
+              "other shape": [k for k in weights if k in own and weights[k].shape != own[k].shape]}
+    usable = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
+    model.load_state_dict(usable, strict=False)
+    return report
 
 
 def rng_state() -> dict[str, Any]:

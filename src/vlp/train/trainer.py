@@ -109,15 +109,14 @@ class Trainer:
     def _initialise_from(self, init: Path) -> None:
         """Fine-tuning: the pretrained weights wherever names and shapes match; report the rest."""
         weights = ckpt.weights_of(init)
-        missing, unexpected = ckpt.load_weights(self.model, weights, strict=False)
+        report = ckpt.load_matching_weights(self.model, weights)
         if dist.is_main():
             console.print(f"initialised from {weights}")
-            for what, names in (("not in the pretrained run (trained from scratch)", missing),
-                                ("in the pretrained run but unused", unexpected)):
+            for what, names in report.items():
                 if names:
-                    console.print(f"[yellow]{len(names)} weights {what}: {', '.join(names[:8])}"
-                                  f"{' ...' if len(names) > 8 else ''}")
-            self._log({"event": "init", "from": str(weights), "missing": missing, "unexpected": unexpected})
+                    console.print(f"[yellow]{len(names)} weights {what} (not taken from the run): "
+                                  f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+            self._log({"event": "init", "from": str(weights), **report})
 
     def _restore(self) -> None:
         path = ckpt.latest_checkpoint(self.run_dir)
@@ -208,7 +207,7 @@ class Trainer:
         transform = train_transform(self.model.cfg.vision.image_size, scale=self.cfg.data.crop_scale)
         collator = Collator(self.tokenizer, self.model.cfg.text.context_length, self.model.tokenizer_style,
                             self.cfg.data.prompt)
-        loader = train_loader(TrainSet(self.dataset, transform, cfg.seed), collator,
+        loader = train_loader(TrainSet(self.dataset, transform, cfg.seed, self.cfg.data.text), collator,
                               self.cfg.data.batch_size * dist.world_size(), cfg.seed, self.samples_seen(),
                               dist.rank(), dist.world_size(), self.cfg.data.workers)
         batches = iter(loader)
