@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+DEV_STAMP := $(VENV)/.installed-dev-stamp
 DEMO_DATA := data/shapes
 DEMO_RUN := runs/demo
 
@@ -11,10 +12,15 @@ DEMO_RUN := runs/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+# Tests and benchmarks also need the interop/caption extras (transformers, open_clip, pycocoevalcap).
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(DEV_STAMP)
+
+install: $(DEV_STAMP)
 
 $(DEMO_DATA)/info.json: | $(STAMP)
 	$(BIN)/vlp data shapes --out $(DEMO_DATA) --train 40000
@@ -24,13 +30,13 @@ demo: $(STAMP) $(DEMO_DATA)/info.json
 	$(BIN)/vlp eval $(DEMO_RUN) --data $(DEMO_DATA)
 	@echo "open $(DEMO_RUN)/report.html"
 
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/python -m pytest
 
-test-slow: $(STAMP)
+test-slow: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python bench/clip_tiny.py --precision fp32
 	$(BIN)/python bench/clip_tiny.py --precision bf16
 

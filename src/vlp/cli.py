@@ -101,9 +101,9 @@ def train(
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory (or one of its checkpoints).")],
     data: Annotated[Optional[Path], typer.Option(help="Data set (default: the run's data.path).")] = None,
-    tasks: Annotated[str, typer.Option(
-        help="Comma-separated: zeroshot,retrieval,probe,caption,vqa (each where the recipe can).")
-    ] = "zeroshot,retrieval,probe,caption,vqa",
+    tasks: Annotated[Optional[str], typer.Option(
+        help="Comma-separated subset of zeroshot,retrieval,probe,caption,vqa "
+             "(default: every task the run's recipe supports).")] = None,
     decoding: Annotated[str, typer.Option(help="Caption decoding: beam (3 beams), greedy or nucleus (top-p 0.9).")] = "beam",
     report: Annotated[bool, typer.Option(help="Also write RUN/report.html.")] = True,
     k_test: Annotated[int, typer.Option(
@@ -117,7 +117,7 @@ def evaluate(
     model = vlp.load(run)
     run_dir = run if (run / "config.yaml").is_file() else run.parent.parent
     results = run_eval(model, data or Path(model.run_config.data.path), run_dir,
-                       tasks=[t.strip() for t in tasks.split(",") if t.strip()], k_test=k_test,
+                       tasks=tasks and [t.strip() for t in tasks.split(",") if t.strip()], k_test=k_test,
                        decoding=decoding_options(decoding))
     console.print(results_table(results))
     if report:

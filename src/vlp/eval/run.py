@@ -205,15 +205,17 @@ def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
 
 
 def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
-             tasks: Iterable[str] = TASKS, examples: int = 8, k_test: int = 16,
+             tasks: Iterable[str] | None = None, examples: int = 8, k_test: int = 16,
              decoding: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the chosen protocols; write eval.json (and examples.json) into `run_dir` if given."""
+    """Run the chosen protocols (default: all the recipe supports); write eval.json (and
+    examples.json) into `run_dir` if given."""
     data = Path(data)
-    unknown = set(tasks) - set(TASKS)
+    unknown = set(tasks or ()) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {list(TASKS)}")
     info = json.loads((data / "info.json").read_text())
     supported = getattr(model, "eval_tasks", TASKS)
+    tasks = list(supported if tasks is None else tasks)
     if set(tasks) - set(supported):
         console.print(f"[yellow]skipping {sorted(set(tasks) - set(supported))}: recipe "
                       f"{getattr(model, 'recipe', '?')} supports {list(supported)}")

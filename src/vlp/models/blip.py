@@ -61,7 +61,10 @@ class BLIP(FusionModel):
             tie_except_self_attention(self.text, self.decoder)
         self.lm_head = TokenPredictionHead(cfg.text.width, self.decoder.token_embed, cfg.text.act,
                                            cfg.text.eps)
-        self._add_momentum()
+        if "itc" in cfg.objectives:
+            self._add_momentum()
+        # Fine-tuning on a subset of the objectives leaves some weights without gradient (DDP).
+        self.has_unused_parameters = set(cfg.objectives) != {"itc", "itm", "lm"}
 
     def decoder_context_width(self) -> int:
         """Width of what the decoder cross-attends to: image tokens for captioning."""

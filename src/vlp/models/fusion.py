@@ -130,13 +130,13 @@ class FusionModel(nn.Module):
             self.momentum = Momentum(modules, self.contrast.cfg.momentum)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        emb = self.image_proj(self.visual(images)[0])
-        return F.normalize(emb, dim=-1) if normalize else emb
+        pooled = self.visual(images)[0]
+        return project(self.image_proj, pooled) if normalize else self.image_proj(pooled)
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     normalize: bool = True) -> torch.Tensor:
-        emb = self.text_proj(self.text(input_ids, attention_mask, layers=self.text_layers)[0])
-        return F.normalize(emb, dim=-1) if normalize else emb
+        pooled = self.text(input_ids, attention_mask, layers=self.text_layers)[0]
+        return project(self.text_proj, pooled) if normalize else self.text_proj(pooled)
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         return self.contrast.scale() * image_emb @ text_emb.T
@@ -144,16 +144,17 @@ class FusionModel(nn.Module):
     def align(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unimodal pass and ITC: image tokens, text states, features, momentum outputs, loss."""
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
-        out = {"image_tokens": self.visual(images)[1],
-               "text_states": self.text(ids, mask, layers=self.text_layers)[1]}
-        out["image_feat"] = project(self.image_proj, out["image_tokens"])
-        out["text_feat"] = project(self.text_proj, out["text_states"])
+        image_pooled, image_tokens = self.visual(images)
+        text_pooled, text_states = self.text(ids, mask, layers=self.text_layers)
+        out = {"image_tokens": image_tokens, "text_states": text_states,
+               "image_feat": project(self.image_proj, image_pooled),
+               "text_feat": project(self.text_proj, text_pooled)}
         if self.momentum is not None:
             with torch.no_grad():
                 m = self.momentum
-                out["image_tokens_m"] = m["visual"](images)[1]
-                out["image_feat_m"] = project(m["image_proj"], out["image_tokens_m"])
-                out["text_feat_m"] = project(m["text_proj"], m["text"](ids, mask, layers=self.text_layers)[1])
+                image_pooled_m, out["image_tokens_m"] = m["visual"](images)
+                out["image_feat_m"] = project(m["image_proj"], image_pooled_m)
+                out["text_feat_m"] = project(m["text_proj"], m["text"](ids, mask, layers=self.text_layers)[0])
         out["itc"] = self.contrast(out["image_feat"], out["text_feat"], out.get("image_feat_m"),
                                    out.get("text_feat_m"))
         return out
@@ -171,9 +172,9 @@ class FusionModel(nn.Module):
             self.momentum.update()
 
 
-def project(proj: nn.Linear, tokens: torch.Tensor) -> torch.Tensor:
-    """Normalised embedding of the first ([CLS]) token."""
-    return F.normalize(proj(tokens[:, 0]), dim=-1)
+def project(proj: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
+    """Normalised joint-space embedding of a tower's pooled output."""
+    return F.normalize(proj(pooled), dim=-1)
 
 
 def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,

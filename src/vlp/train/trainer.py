@@ -96,7 +96,9 @@ class Trainer:
             self._restore()
         if dist.is_main():
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self.ddp = (DistributedDataParallel(self.model) if dist.is_distributed() else None)
+        unused = getattr(self.model, "has_unused_parameters", False)
+        self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=unused)
+                    if dist.is_distributed() else None)
         self.skipped_this_epoch: list = []
         self.epoch = self.samples_seen() // len(self.dataset)
 
