@@ -100,35 +100,39 @@ def _texts_of(dataset: CaptionDataset, kept: list[int]) -> tuple[list[str], torc
     return texts, torch.tensor(owner)
 
 
-def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0) -> tuple[dict, list]:
-    """Recall@1/5/10 both ways; optionally the top-5 captions of the first `examples` images."""
+def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
+              k_test: int = 0) -> tuple[dict, dict | None, list]:
+    """Recall@1/5/10 both ways; with `k_test` and a recipe with an ITM head, also the recalls
+    after ITM re-ranking of each query's ITC top-k_test; optionally the top-5 captions of the
+    first `examples` images. Returns (ITC metrics, re-ranked metrics or None, examples)."""
     start = time.perf_counter()
     image_emb, kept, _ = embed_images(model, dataset)
     texts, owner = _texts_of(dataset, kept)
     text_emb = embed_texts(model, texts)
     metrics = recall_at_k(image_emb, text_emb, owner)
     metrics["seconds"] = time.perf_counter() - start
+    reranked = None
+    if k_test and hasattr(model, "itm_score"):
+        reranked = _itm_reranked(model, dataset, image_emb, texts, owner, text_emb, k_test)
     shown = []
     if examples:
         top = blockwise_topk(image_emb[:examples], text_emb, 5)
         for row, indices in enumerate(top.tolist()):
             shown.append({"index": kept[row], "truth": dataset.captions(kept[row]),
                           "top5": [{"caption": texts[j], "correct": int(owner[j]) == row} for j in indices]})
-    return metrics, shown
+    return metrics, reranked, shown
 
 
 @torch.no_grad()
-def reranked_retrieval(model: nn.Module, dataset: CaptionDataset, k_test: int = 16,
-                       batch_size: int = 128) -> dict[str, float]:
+def _itm_reranked(model: nn.Module, dataset: CaptionDataset, image_emb: torch.Tensor, texts: list[str],
+                  owner: torch.Tensor, text_emb: torch.Tensor, k_test: int,
+                  batch_size: int = 128) -> dict[str, float]:
     """Recall@K with each query's ITC top-`k_test` re-ranked by the model's ITM score.
 
     Keeps every test image's tokens in memory (fine for evaluation splits of a few thousand
-    images); reports the seconds and the number of ITM (fusion) passes it cost.
+    images); reports the extra seconds and the number of ITM (fusion) passes it cost.
     """
     start = time.perf_counter()
-    image_emb, kept, _ = embed_images(model, dataset)
-    texts, owner = _texts_of(dataset, kept)
-    text_emb = embed_texts(model, texts)
     tokens = torch.cat([model.visual(images)[1].cpu() for _, images in image_batches(model, dataset, [])])
     encoded = model.tokenizer(texts, max_length=model.cfg.text.context_length, style=model.tokenizer_style)
     device = next(model.parameters()).device
@@ -142,7 +146,7 @@ def reranked_retrieval(model: nn.Module, dataset: CaptionDataset, k_test: int = 
                           for i, t in zip(image_idx.split(batch_size), text_idx.split(batch_size))])
 
     metrics = reranked_recall_at_k(image_emb, text_emb, owner, score, k_test)
-    metrics.update(seconds=time.perf_counter() - start, k_test=k_test, itm_pairs=pairs)
+    metrics.update(extra_seconds=time.perf_counter() - start, k_test=k_test, itm_pairs=pairs)
     return metrics
 
 
@@ -228,11 +232,11 @@ def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
     if "zeroshot" in tasks:
         results["zeroshot"] = zeroshot(model, data, info)
     if "retrieval" in tasks:
-        results["retrieval"], shown = retrieval(model, test, examples)
-        if hasattr(model, "itm_score"):
-            results["retrieval_itm"] = reranked_retrieval(model, test, k_test)
+        results["retrieval"], reranked, shown = retrieval(model, test, examples, k_test)
+        if reranked is not None:
+            results["retrieval_itm"] = reranked
         if info["splits"].get("compositional"):
-            results["retrieval_compositional"], _ = retrieval(model, open_dataset(data, split="compositional"))
+            results["retrieval_compositional"] = retrieval(model, open_dataset(data, split="compositional"))[0]
     if "probe" in tasks:
         results["probe"] = probe(model, test)
     if "vqa" in tasks:
