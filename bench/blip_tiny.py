@@ -12,13 +12,12 @@ without the KV cache, in one process with alternating repetitions (medians, rati
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import torch
 
 import vlp
-from clip_tiny import compare, vocab_batch  # noqa: E402  (bench/ is the script's folder)
+from clip_tiny import bench_arguments, compare, vocab_batch  # noqa: E402  (bench/ is the script's folder)
 from vlp.config import load_run_config
 from vlp.data.tokenizer import SPECIAL_TOKENS
 from vlp.generate import greedy
@@ -54,12 +53,7 @@ class Recomputed(GroundedDecoder):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--reps", type=int, default=5)
-    parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    args = parser.parse_args()
+    args = bench_arguments(__doc__, batch=64, reps=5, warmup=1)
     cfg = load_run_config("blip")
     torch.manual_seed(0)
     model_cfg = {**cfg.model, "text": {**cfg.model["text"], "vocab_size": 512}, "tokens": TOKENS}
@@ -94,6 +88,8 @@ def main() -> None:
                         args.precision, 16 * 20, baseline="naive"))
     for row in rows:
         print(json.dumps(row))
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows}, indent=2))
 
 
 if __name__ == "__main__":

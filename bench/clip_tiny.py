@@ -91,14 +91,19 @@ def compare(name, fns, reps, warmup, precision, items, baseline="open_clip"):
             f"ratio_vlp_over_{baseline}": round(rates["vlp"] / rates[baseline], 3)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--batch", type=int, default=128)
-    parser.add_argument("--reps", type=int, default=7)
-    parser.add_argument("--warmup", type=int, default=2)
+def bench_arguments(doc: str, batch: int, reps: int, warmup: int) -> argparse.Namespace:
+    """The options every benchmark script takes."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch", type=int, default=batch)
+    parser.add_argument("--reps", type=int, default=reps)
+    parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = bench_arguments(__doc__, batch=128, reps=7, warmup=2)
     cfg = load_run_config("clip")
     torch.manual_seed(0)
     models = {"vlp": vlp_model(cfg), "open_clip": open_clip_model(cfg)}
