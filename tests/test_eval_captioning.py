@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from vlp.data.shapes import ShapesWorld
-from vlp.eval.captioning import caption_metrics, tokenize
+from vlp.eval.captioning import caption_diversity, caption_metrics, tokenize
 from vlp.eval.vqa import normalize_answer, vqa_accuracy
 
 needs_coco = pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None,
@@ -16,6 +16,18 @@ needs_coco = pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is Non
 
 def test_tokenize_lowercases_and_drops_punctuation():
     assert tokenize("A red-circle, LEFT of the square.") == "a red circle left of the square"
+
+
+def test_caption_diversity_counts_distinct_ngrams_and_unique_captions():
+    # Unigrams: a red circle | a red circle | a blue square -> 9 in all, 5 distinct.
+    # Bigrams: (a red) (red circle) twice, (a blue) (blue square) -> 6 in all, 4 distinct.
+    d = caption_diversity(["A red circle.", "a red circle", "a blue square"])
+    assert d["distinct_1"] == pytest.approx(100 * 5 / 9)
+    assert d["distinct_2"] == pytest.approx(100 * 4 / 6)
+    assert d["unique_captions"] == pytest.approx(100 / 3)
+    assert caption_diversity(["one", "two"]) == {"distinct_1": 100.0, "distinct_2": 0.0, "unique_captions": 100.0}
+    with pytest.raises(ValueError):
+        caption_diversity([])
 
 
 @needs_coco

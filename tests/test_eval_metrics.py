@@ -74,7 +74,5 @@ def test_zeroshot_known_answer():
 
 
 def test_swap_probe():
-    images = torch.eye(2)
-    true = torch.tensor([[1.0, 0], [0, 1.0], [1.0, 0]])
-    false = torch.tensor([[0, 1.0], [1.0, 0], [1.0, 0]])  # last pair: a tie counts as a miss
-    assert abs(swap_probe_accuracy(images, true, false, torch.tensor([0, 1, 0])) - 200 / 3) < 1e-4
+    true, false = torch.tensor([0.9, 0.2, 0.5]), torch.tensor([0.1, 0.7, 0.5])  # a tie is a miss
+    assert abs(swap_probe_accuracy(true, false) - 100 / 3) < 1e-4

@@ -49,6 +49,22 @@ def test_losses_and_gradients(recipe, losses):
     assert not any(id(p) in optimised for p in model.momentum.parameters())
 
 
+@pytest.mark.parametrize("objectives", [["itc"], ["itc", "itm"], ["itm", "mlm"]])
+def test_albef_ablation_trains_only_its_objectives(objectives):
+    """ALBEF's Table 1 rows are configuration: the fusion layers and heads of objectives left
+    out get no gradient, and the model says so (DDP must be told)."""
+    torch.manual_seed(0)
+    model = vlp.create_model("albef", model_config("albef", objectives=objectives))
+    out = model(batch())
+    assert set(out) == set(objectives) and model.has_unused_parameters
+    sum(out.values()).backward()
+    fusion_grad = model.text.transformer.blocks[2].cross_attn.q.weight.grad
+    assert (fusion_grad is not None) == (objectives != ["itc"])
+    assert (model.itm_head.weight.grad is not None) == ("itm" in objectives)
+    with pytest.raises(ValueError, match="subset"):
+        vlp.create_model("albef", model_config("albef", objectives=["lm"]))
+
+
 def test_momentum_encoders_follow_the_ema():
     torch.manual_seed(0)
     model = vlp.create_model("blip", model_config("blip"))
@@ -158,12 +174,14 @@ def test_blip_cli_train_eval_caption(tmp_path, fusion_config, shapes_dir):
     result = runner.invoke(app, ["train", "blip", "--config", str(fusion_config("blip")), "--out", str(run),
                                  "--no-progress"])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["eval", str(run), "--tasks", "retrieval,caption", "--k-test", "4",
+    result = runner.invoke(app, ["eval", str(run), "--tasks", "retrieval,caption,probe", "--k-test", "4",
                                  "--decoding", "greedy"])
     assert result.exit_code == 0, result.output
     results = json.loads((run / "eval.json").read_text())
     assert results["retrieval_itm"]["itm_pairs"] == 4 * (24 + 24 * 5)  # k_test per query, both ways
-    assert {"bleu4", "cider"} <= set(results["caption"]) and results["caption"]["decoding"][0] == "method=greedy"
+    assert {"bleu4", "cider", "distinct_2"} <= set(results["caption"])
+    assert results["caption"]["decoding"][0] == "method=greedy"
+    assert {"accuracy", "itm_accuracy", "itm_relation_accuracy"} <= set(results["probe"])
     assert "generated:" in (run / "report.html").read_text()
     image = tmp_path / "image.png"
     vlp.data.shapes.ShapesWorld(image_size=32).sample("test", 0).image.save(image)

@@ -70,6 +70,18 @@ def test_bf16_and_accumulation_run(tmp_path, tiny_config):
     assert values["step"] == 2 and torch.isfinite(torch.tensor(values["loss"]))
 
 
+def test_auto_precision_is_bf16_only_where_native(monkeypatch):
+    from vlp.train import trainer as trainer_module
+
+    cpu = torch.device("cpu")
+    for native, expected in ((True, "bf16"), (False, "fp32")):
+        monkeypatch.setattr(trainer_module, "native_bf16", lambda device, native=native: native)
+        assert trainer_module.resolve_precision("auto", cpu) == expected
+        assert trainer_module.resolve_precision("bf16", cpu) == "bf16"  # asked for: kept, with a warning
+    with pytest.raises(ValueError, match="fp16"):
+        trainer_module.resolve_precision("fp16", cpu)
+
+
 def test_no_weight_decay_on_norms_biases_embeddings(tmp_path, tiny_config):
     trainer = Trainer(load_run_config("clip", tiny_config), tmp_path / "run", progress=False)
     decayed = {id(p) for p in trainer.optimizer.param_groups[0]["params"]}

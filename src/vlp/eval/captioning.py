@@ -1,4 +1,5 @@
-"""Caption metrics (BLEU, CIDEr-D, METEOR) through the COCO caption toolkit, `pycocoevalcap`.
+"""Caption metrics (BLEU, CIDEr-D, METEOR) through the COCO caption toolkit, `pycocoevalcap`,
+and the diversity of a set of captions.
 
 Captions are tokenised here, in Python: lowercased and split into runs of letters and digits, so
 punctuation is dropped and hyphens and apostrophes split words ("left-of" -> "left of"). The
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import re
 import shutil
+from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
 
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor")
@@ -76,4 +78,20 @@ def caption_metrics(predictions: Mapping[Hashable, str],
         else:
             skipped.append("meteor: java not found on PATH")
     result["skipped"] = skipped
+    return result
+
+
+def caption_diversity(captions: Sequence[str]) -> dict[str, float]:
+    """How varied a set of generated captions is, in %: distinct-1/2 (Li et al. 2016, distinct
+    n-grams over all n-grams of all captions) and the share of captions that occur only once
+    among them (beam search repeats the same caption for similar images; sampling varies)."""
+    if not captions:
+        raise ValueError("no captions to measure")
+    words = [tokenize(caption).split() for caption in captions]
+    result = {}
+    for n in (1, 2):
+        grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
+        result[f"distinct_{n}"] = 100.0 * len(set(grams)) / max(len(grams), 1)
+    counts = Counter(map(tuple, words))
+    result["unique_captions"] = 100.0 * sum(counts[tuple(w)] == 1 for w in words) / len(words)
     return result

@@ -6,9 +6,7 @@ from __future__ import annotations
 import torch
 
 
-def swap_probe_accuracy(image_emb: torch.Tensor, true_emb: torch.Tensor, false_emb: torch.Tensor,
-                        pair_image: torch.Tensor) -> float:
-    """Accuracy (%) over pairs; pair p belongs to image `pair_image[p]`. Ties count as misses."""
-    images = image_emb[pair_image]
-    wins = (images * true_emb).sum(dim=1) > (images * false_emb).sum(dim=1)
-    return 100.0 * wins.float().mean().item()
+def swap_probe_accuracy(true_score: torch.Tensor, false_score: torch.Tensor) -> float:
+    """Accuracy (%) over pairs: how often the true caption scores above its swapped twin (each
+    pair's image-text similarity or match probability). Ties count as misses."""
+    return 100.0 * (true_score > false_score).float().mean().item()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -124,26 +124,37 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
 
 
 @torch.no_grad()
-def _itm_reranked(model: nn.Module, dataset: CaptionDataset, image_emb: torch.Tensor, texts: list[str],
-                  owner: torch.Tensor, text_emb: torch.Tensor, k_test: int,
-                  batch_size: int = 128) -> dict[str, float]:
-    """Recall@K with each query's ITC top-`k_test` re-ranked by the model's ITM score.
+def _itm_scorer(model: nn.Module, dataset: CaptionDataset, texts: list[str],
+                batch_size: int = 128) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """score(image_rows, text_rows): the model's ITM match probability of each (image, text) pair,
+    rows indexing the readable images of `dataset` and `texts`.
 
-    Keeps every test image's tokens in memory (fine for evaluation splits of a few thousand
-    images); reports the extra seconds and the number of ITM (fusion) passes it cost.
+    Keeps every image's tokens in memory (fine for evaluation splits of a few thousand images).
     """
-    start = time.perf_counter()
     tokens = torch.cat([model.visual(images)[1].cpu() for _, images in image_batches(model, dataset, [])])
     encoded = model.tokenizer(texts, max_length=model.cfg.text.context_length, style=model.tokenizer_style)
     device = next(model.parameters()).device
+
+    def score(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+        return torch.cat([model.itm_score(tokens[i].to(device), encoded["input_ids"][t].to(device),
+                                          encoded["attention_mask"][t].to(device)).cpu()
+                          for i, t in zip(image_rows.split(batch_size), text_rows.split(batch_size))])
+
+    return score
+
+
+def _itm_reranked(model: nn.Module, dataset: CaptionDataset, image_emb: torch.Tensor, texts: list[str],
+                  owner: torch.Tensor, text_emb: torch.Tensor, k_test: int) -> dict[str, float]:
+    """Recall@K with each query's ITC top-`k_test` re-ranked by the model's ITM score; reports
+    the extra seconds and the number of ITM (fusion) passes it cost."""
+    start = time.perf_counter()
+    itm = _itm_scorer(model, dataset, texts)
     pairs = 0
 
     def score(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
         nonlocal pairs
         pairs += len(image_idx)
-        return torch.cat([model.itm_score(tokens[i].to(device), encoded["input_ids"][t].to(device),
-                                          encoded["attention_mask"][t].to(device)).cpu()
-                          for i, t in zip(image_idx.split(batch_size), text_idx.split(batch_size))])
+        return itm(image_idx, text_idx)
 
     metrics = reranked_recall_at_k(image_emb, text_emb, owner, score, k_test)
     metrics.update(extra_seconds=time.perf_counter() - start, k_test=k_test, itm_pairs=pairs)
@@ -154,15 +165,16 @@ def _itm_reranked(model: nn.Module, dataset: CaptionDataset, image_emb: torch.Te
 def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, Any],
                batch_size: int = 64) -> tuple[dict[str, Any], dict[int, str]]:
     """BLEU-4, CIDEr (and METEOR with Java) of generated captions against each test image's
-    references; returns the metrics and the captions by sample index."""
+    references, and their diversity; returns the metrics and the captions by sample index."""
     from vlp.api import caption
-    from vlp.eval.captioning import caption_metrics
+    from vlp.eval.captioning import caption_diversity, caption_metrics
 
     start = time.perf_counter()
     generated: dict[int, str] = {}
     for indices, images in image_batches(model, dataset, [], batch_size):
         generated.update(zip(indices, caption(model, images, **decoding)))
     metrics = caption_metrics(generated, {i: dataset.captions(i) for i in generated})
+    metrics.update(caption_diversity(list(generated.values())))
     metrics.update(seconds=time.perf_counter() - start, decoding=[f"{k}={v}" for k, v in decoding.items()])
     return metrics, generated
 
@@ -191,20 +203,28 @@ def vqa(model: nn.Module, dataset: CaptionDataset, batch_size: int = 64) -> dict
     return vqa_accuracy(predictions, answers, types)
 
 
+@torch.no_grad()
 def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
-    """Swap-probe accuracy overall and per swap kind (attribute / relation)."""
+    """Swap-probe accuracy overall and per swap kind (attribute / relation), scoring captions by
+    ITC similarity and, for recipes with an ITM head, also by ITM match probability (`itm_*`)."""
     image_emb, kept, _ = embed_images(model, dataset)
     pairs = [(row, swap) for row, index in enumerate(kept) for swap in dataset.meta(index).get("swaps", [])]
     if not pairs:
         return {}
-    true_emb = embed_texts(model, [swap["true"] for _, swap in pairs])
-    false_emb = embed_texts(model, [swap["false"] for _, swap in pairs])
     owner = torch.tensor([row for row, _ in pairs])
-    results = {"accuracy": swap_probe_accuracy(image_emb, true_emb, false_emb, owner)}
-    for kind in sorted({swap["kind"] for _, swap in pairs}):
-        select = torch.tensor([swap["kind"] == kind for _, swap in pairs])
-        results[f"{kind}_accuracy"] = swap_probe_accuracy(image_emb, true_emb[select], false_emb[select],
-                                                          owner[select])
+    true, false = [swap["true"] for _, swap in pairs], [swap["false"] for _, swap in pairs]
+    images = image_emb[owner]
+    scores = {"": ((images * embed_texts(model, true)).sum(1), (images * embed_texts(model, false)).sum(1))}
+    if hasattr(model, "itm_score"):
+        itm, rows = _itm_scorer(model, dataset, true + false), torch.arange(len(pairs))
+        scores["itm_"] = (itm(owner, rows), itm(owner, rows + len(pairs)))
+    kinds = [swap["kind"] for _, swap in pairs]
+    results = {}
+    for prefix, (true_score, false_score) in scores.items():
+        results[f"{prefix}accuracy"] = swap_probe_accuracy(true_score, false_score)
+        for kind in sorted(set(kinds)):
+            select = torch.tensor([k == kind for k in kinds])
+            results[f"{prefix}{kind}_accuracy"] = swap_probe_accuracy(true_score[select], false_score[select])
     return results
 
 

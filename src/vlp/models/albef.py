@@ -28,12 +28,14 @@ class ALBEFConfig:
                                                                       cross_attention_from=2))
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     mlm_probability: float = 0.15
+    objectives: tuple[str, ...] = ("itc", "itm", "mlm")  # ablations keep a subset (Sec. 6, Table 1)
     tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
 
 
 @register("albef", ALBEFConfig)
 class ALBEF(FusionModel):
     required_tokens = ("pad", "cls", "sep", "mask")
+    objective_names = ("itc", "itm", "mlm")
 
     def __init__(self, cfg: ALBEFConfig):
         split = cfg.text.cross_attention_from
@@ -41,7 +43,7 @@ class ALBEF(FusionModel):
             raise ValueError("model.text.cross_attention_from must split the text layers into a "
                              f"text part and a fusion part, got {split} of {cfg.text.layers}")
         cfg.text = replace(cfg.text, context_dim=cfg.vision.width)
-        super().__init__(cfg.vision, cfg.text, cfg.contrastive, cfg.tokens)
+        super().__init__(cfg.vision, cfg.text, cfg.contrastive, cfg.tokens, cfg.objectives)
         self.cfg = cfg
         self.text_layers, self.fusion_layers = slice(0, split), slice(split, None)
         self.mlm_head = TokenPredictionHead(cfg.text.width, self.text.token_embed, cfg.text.act,
@@ -62,10 +64,17 @@ class ALBEF(FusionModel):
         return logits.softmax(dim=-1)[:, 1]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """ITC, ITM and MLM (those in `objectives`) from one unimodal pass (Sec. 3)."""
         aligned = self.align(batch)
-        images, texts, masks, labels = self.itm_batch(aligned, aligned["text_states"], batch)
-        itm = F.cross_entropy(self.itm_head(self.fuse(texts, masks, images)[:, 0]), labels)
-        return {"itc": aligned["itc"], "itm": itm, "mlm": self._mlm(batch, aligned)}
+        losses = {}
+        if "itc" in self.objectives:
+            losses["itc"] = aligned["itc"]
+        if "itm" in self.objectives:
+            images, texts, masks, labels = self.itm_batch(aligned, aligned["text_states"], batch)
+            losses["itm"] = F.cross_entropy(self.itm_head(self.fuse(texts, masks, images)[:, 0]), labels)
+        if "mlm" in self.objectives:
+            losses["mlm"] = self._mlm(batch, aligned)
+        return losses
 
     def _mlm(self, batch: dict[str, torch.Tensor], aligned: dict[str, torch.Tensor]) -> torch.Tensor:
         """MLM conditioned on the image; soft targets from the momentum model (Sec. 3.3)."""

@@ -46,25 +46,20 @@ def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 @register("blip", BLIPConfig)
 class BLIP(FusionModel):
     required_tokens = ("pad", "cls", "sep", "enc", "dec")
+    objective_names = ("itc", "itm", "lm")
     eval_tasks = ("zeroshot", "retrieval", "probe", "caption")
 
     def __init__(self, cfg: BLIPConfig):
-        unknown = set(cfg.objectives) - {"itc", "itm", "lm"}
-        if unknown or not cfg.objectives:
-            raise ValueError(f"model.objectives must be a non-empty subset of itc, itm, lm; got "
-                             f"{list(cfg.objectives)}")
         cfg.text = replace(cfg.text, context_dim=cfg.vision.width)
-        super().__init__(cfg.vision, cfg.text, cfg.contrastive, cfg.tokens)
+        super().__init__(cfg.vision, cfg.text, cfg.contrastive, cfg.tokens, cfg.objectives)
         self.cfg = cfg
         self.decoder = TextTransformer(replace(cfg.text, causal=True, context_dim=self.decoder_context_width()))
         if cfg.share_decoder:
             tie_except_self_attention(self.text, self.decoder)
         self.lm_head = TokenPredictionHead(cfg.text.width, self.decoder.token_embed, cfg.text.act,
                                            cfg.text.eps)
-        if "itc" in cfg.objectives:
+        if "itc" in self.objectives:
             self._add_momentum()
-        # Fine-tuning on a subset of the objectives leaves some weights without gradient (DDP).
-        self.has_unused_parameters = set(cfg.objectives) != {"itc", "itm", "lm"}
 
     def decoder_context_width(self) -> int:
         """Width of what the decoder cross-attends to: image tokens for captioning."""
@@ -109,8 +104,8 @@ class BLIP(FusionModel):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One ViT pass, three text passes (Sec. 3.2): ITC, ITM, LM (those in `objectives`)."""
-        objectives = self.cfg.objectives
-        if {"itc", "itm"} & set(objectives):
+        objectives = self.objectives
+        if {"itc", "itm"} & objectives:
             aligned = self.align(batch)
             image_tokens = aligned["image_tokens"]
         else:

@@ -106,14 +106,22 @@ class FusionModel(nn.Module):
     tokenizer_style = "bert"  # [CLS] ... [SEP]
     eval_tasks: tuple[str, ...] = ("zeroshot", "retrieval", "probe")
     required_tokens: tuple[str, ...] = ("pad", "cls", "sep")
+    objective_names: tuple[str, ...] = ("itc", "itm")
     text_layers = slice(None)
 
     def __init__(self, vision: VisionConfig, text: TextConfig, contrastive: ContrastiveConfig,
-                 tokens: dict[str, int]):
+                 tokens: dict[str, int], objectives: tuple[str, ...]):
         super().__init__()
         missing = set(self.required_tokens) - set(tokens)
         if missing:
             raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
+        if not objectives or set(objectives) - set(self.objective_names):
+            raise ValueError(f"model.objectives must be a non-empty subset of "
+                             f"{list(self.objective_names)}; got {list(objectives)}")
+        self.objectives = set(objectives)
+        # Training a subset of the objectives (ablations, fine-tuning) leaves weights without
+        # gradient, which DDP must be told about.
+        self.has_unused_parameters = self.objectives != set(self.objective_names)
         self.visual = VisionTransformer(vision)
         self.text = TextTransformer(text)
         self.image_proj = nn.Linear(vision.width, contrastive.embed_dim)

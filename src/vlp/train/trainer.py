@@ -43,6 +43,26 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bf16 matmuls run natively here: CUDA with bf16, or a CPU with AVX512-BF16/AMX.
+    Elsewhere oneDNN emulates them and a bf16 autocast step is about 10x slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` is bf16 autocast where bf16 is native (see `native_bf16`), fp32 elsewhere."""
+    if name not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {name!r}")
+    if name == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    if name == "bf16" and not native_bf16(device) and dist.is_main():
+        console.print(f"[yellow]train.precision=bf16 on a {device.type} without native bf16 matmuls: "
+                      "expect steps several times slower than fp32 (train.precision=auto picks for you)")
+    return name
+
+
 def prepare_tokenizer(run_dir: Path, data_path: Path, dataset) -> Tokenizer:
     """The run's tokenizer: the run's own, else the data set's, else one trained on its captions."""
     for candidate in (run_dir / "tokenizer.json", data_path / "tokenizer.json"):
@@ -75,6 +95,7 @@ class Trainer:
             torch.set_num_threads(cfg.train.threads)
         self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), progress
         self.device = resolve_device(cfg.train.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         data_path = Path(cfg.data.path)
         self.dataset = open_dataset(data_path, split=cfg.data.train_split, format=cfg.data.format,
@@ -96,6 +117,7 @@ class Trainer:
             self._restore()
         if dist.is_main():
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self._log({"event": "start", "step": self.step, "device": str(self.device), "precision": self.precision})
         unused = getattr(self.model, "has_unused_parameters", False)
         self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=unused)
                     if dist.is_distributed() else None)
@@ -164,7 +186,7 @@ class Trainer:
 
     def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                  enabled=self.cfg.train.precision == "bf16")
+                                  enabled=self.precision == "bf16")
         with autocast:
             losses = (self.ddp or self.model)(batch)
         weights = self.cfg.train.loss_weights
