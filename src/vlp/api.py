@@ -1,4 +1,4 @@
-"""The Python entry points: `vlp.create_model`, `vlp.load` and `vlp.caption`."""
+"""The Python entry points: `vlp.create_model`, `vlp.load`, `vlp.save` and `vlp.caption`."""
 
 from __future__ import annotations
 
@@ -6,19 +6,25 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from torch import nn
 
-from vlp.config import RunConfig, from_dict, load_yaml
+from vlp.config import RunConfig, from_dict, load_yaml, to_dict
 from vlp.data.tokenizer import Tokenizer
-from vlp.train.checkpoint import load_weights, run_of, weights_of
+from vlp.interop.pretrained import is_pretrained_dir, load_pretrained, save_hf
+from vlp.train.checkpoint import load_weights, run_of, save_checkpoint, weights_of
 from vlp.train.trainer import build_model
 
 
-def load(path: str | Path, device: str = "cpu") -> nn.Module:
-    """Load a trained model from a run directory (its newest checkpoint) or a checkpoint directory.
+def load(path: str | Path, device: str = "cpu", strict: bool = True) -> nn.Module:
+    """Load a model from a vlp run directory (its newest checkpoint) or checkpoint directory, a
+    transformers or open_clip checkpoint directory, or a Hugging Face hub id (docs/interop.md).
 
-    The returned model is in eval mode and carries its tokenizer as `model.tokenizer`.
+    The returned model is in eval mode and carries its tokenizer as `model.tokenizer`. `strict`
+    (checkpoints of other libraries): unmatched weights are an error rather than a warning.
     """
+    if is_pretrained_dir(Path(path)) or not Path(path).exists():
+        return load_pretrained(path, strict=strict).to(device)
     run_dir, weights = run_of(path), weights_of(path)
     cfg = from_dict(RunConfig, load_yaml(run_dir / "config.yaml"))
     tokenizer = Tokenizer.load(run_dir / "tokenizer.json")
@@ -27,6 +33,25 @@ def load(path: str | Path, device: str = "cpu") -> nn.Module:
     model.tokenizer = tokenizer
     model.run_config = cfg
     return model.to(device).eval()
+
+
+def save(model: nn.Module, out: str | Path, format: str = "vlp") -> Path:
+    """Write `model` (with its `.tokenizer`) to directory `out`: `format="vlp"` as a run that
+    `vlp.load`, `vlp eval` and `vlp train --init` take; `format="hf"` as a transformers checkpoint."""
+    if format == "hf":
+        return save_hf(model, out)
+    if format != "vlp":
+        raise ValueError(f"format must be 'vlp' or 'hf', got {format!r}")
+    if getattr(model, "tokenizer", None) is None:
+        raise ValueError("the model has no tokenizer (model.tokenizer), which a vlp run needs: load "
+                         "the checkpoint from a directory with tokenizer files")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = RunConfig(recipe=model.recipe, model=to_dict(model.cfg))
+    (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    model.tokenizer.save(out / "tokenizer.json")
+    save_checkpoint(out, 0, model, {"step": 0})
+    return out
 
 
 def caption(model: nn.Module, images: torch.Tensor, method: str = "beam", prompt: str | None = None,

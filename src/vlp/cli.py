@@ -1,4 +1,4 @@
-"""The `vlp` command: data, tokenizer, train, eval, report."""
+"""The `vlp` command: data, tokenizer, train, eval, caption, convert, report."""
 
 from __future__ import annotations
 
@@ -87,11 +87,11 @@ def train(
     flags = {"data.path": data, "train.steps": steps, "data.batch_size": batch_size, "train.seed": seed,
              "data.strict": strict or None}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    base_model = None
+    pretrained = None
     if init is not None:  # the architecture comes from the pretrained run
         from vlp.train.checkpoint import run_of
-        base_model = load_yaml(run_of(init) / "config.yaml").get("model")
-    cfg = load_run_config(recipe, config, extra + list(overrides or []), base_model=base_model)
+        pretrained = load_yaml(run_of(init) / "config.yaml")
+    cfg = load_run_config(recipe, config, extra + list(overrides or []), pretrained=pretrained)
     values = Trainer(cfg, out, resume=resume, init=init, progress=progress).fit()
     if values:
         typer.echo(f"done: step {values['step']}, loss {values['loss']:.4f}; run in {out}")
@@ -99,7 +99,8 @@ def train(
 
 @app.command("eval")
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run directory (or one of its checkpoints).")],
+    run: Annotated[Path, typer.Argument(help="Run directory (or one of its checkpoints), or a "
+                                        "transformers/open_clip checkpoint directory.")],
     data: Annotated[Optional[Path], typer.Option(help="Data set (default: the run's data.path).")] = None,
     tasks: Annotated[Optional[str], typer.Option(
         help="Comma-separated subset of zeroshot,retrieval,probe,caption,vqa "
@@ -113,9 +114,13 @@ def evaluate(
     import vlp
     from vlp.eval.report import write_report
     from vlp.eval.run import console, evaluate as run_eval, results_table
+    from vlp.interop.pretrained import is_pretrained_dir
+    from vlp.train.checkpoint import run_of
 
     model = vlp.load(run)
-    run_dir = run if (run / "config.yaml").is_file() else run.parent.parent
+    if data is None and not hasattr(model, "run_config"):
+        raise typer.BadParameter(f"{run} is not a vlp run: pass --data")
+    run_dir = run if is_pretrained_dir(run) else run_of(run)
     results = run_eval(model, data or Path(model.run_config.data.path), run_dir,
                        tasks=tasks and [t.strip() for t in tasks.split(",") if t.strip()], k_test=k_test,
                        decoding=decoding_options(decoding))
@@ -160,6 +165,24 @@ def caption(
     batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
     for path, text in zip(images, vlp.caption(model, batch, prompt=prompt, **decoding_options(decoding))):
         typer.echo(f"{path}\t{text}")
+
+
+@app.command()
+def convert(
+    src: Annotated[str, typer.Argument(help="A vlp run, a transformers/open_clip checkpoint directory "
+                                            "or a hub id (org/name, needs the network).")],
+    dst: Annotated[Path, typer.Argument(help="Output directory.")],
+    to: Annotated[str, typer.Option(help="hf: a transformers checkpoint; vlp: a run that vlp eval, "
+                                         "vlp caption and vlp train --init take.")] = "vlp",
+    strict: Annotated[bool, typer.Option(help="Fail on checkpoint weights vlp cannot place.")] = True,
+) -> None:
+    """Convert a checkpoint between vlp and transformers formats (docs/interop.md)."""
+    import vlp
+
+    if to not in ("hf", "vlp"):
+        raise typer.BadParameter(f"--to must be hf or vlp, got {to!r}")
+    model = vlp.load(src, strict=strict)
+    typer.echo(f"wrote {vlp.save(model, dst, format=to)} ({model.recipe}, {to} format)")
 
 
 @app.command("report")

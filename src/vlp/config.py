@@ -159,12 +159,14 @@ class RunConfig:
 
 
 def load_run_config(recipe: str | None = None, path: str | Path | None = None,
-                    overrides: list[str] | None = None, base_model: dict[str, Any] | None = None) -> RunConfig:
+                    overrides: list[str] | None = None, pretrained: dict[str, Any] | None = None) -> RunConfig:
     """A run config from a YAML file (default: the named config's tiny.yaml) plus overrides.
 
     A shipped config may name another recipe: `configs/blip_caption/` fine-tunes `blip`.
-    `base_model` (a pretrained run's model section, for `--init`) lies under the file's `model`
-    section, which then only needs what the fine-tuning changes.
+    `pretrained` (the config of the run `--init` starts from): its model section lies under the
+    file's, which then only needs what the fine-tuning changes; but the shipped config of the
+    pretrained run's own recipe (`configs/clip/` to continue a `clip` run) describes a
+    from-scratch architecture, so its model section is left out (overrides still apply).
     """
     explicit = path is not None
     if path is None:
@@ -176,8 +178,10 @@ def load_run_config(recipe: str | None = None, path: str | Path | None = None,
         data.setdefault("recipe", recipe)
         if explicit and data["recipe"] != recipe:
             raise ConfigError(f"{path}: config is for recipe {data['recipe']!r}, not {recipe!r}")
-    if base_model is not None:
-        data["model"] = deep_merge(base_model, data.get("model") or {})
+    if pretrained is not None:
+        base = pretrained.get("model") or {}
+        same_recipe = not explicit and data["recipe"] == recipe == pretrained.get("recipe")
+        data["model"] = dict(base) if same_recipe else deep_merge(base, data.get("model") or {})
     apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
 

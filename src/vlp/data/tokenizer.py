@@ -121,10 +121,15 @@ class Tokenizer:
             tok = tokenizers.Tokenizer.from_file(str(file))
         except Exception as err:  # the library raises a bare Exception on malformed JSON
             raise DataError(f"{file}: not a valid tokenizers JSON file ({err})") from err
+        return cls.from_library(tok, str(file))
+
+    @classmethod
+    def from_library(cls, tok: tokenizers.Tokenizer, source: str) -> Tokenizer:
+        """Wrap a library tokenizer (e.g. a checkpoint's) that has at least one style's tokens."""
         if not any(all(tok.token_to_id(t) is not None for t in ends) for ends in STYLES.values()):
-            raise DataError(f"{file}: has neither {SOT} and {EOT} (clip style) nor {CLS} and {SEP} "
+            raise DataError(f"{source}: has neither {SOT} and {EOT} (clip style) nor {CLS} and {SEP} "
                             f"(bert style) in its vocabulary")
-        return cls(tok, source=str(file))
+        return cls(tok, source=source)
 
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json to a file path ending in .json, or into a directory; return the file."""

@@ -1,1 +1,2 @@
-"""interop"""
+"""Interoperability with other libraries' checkpoints (transformers, open_clip); see
+`vlp.interop.pretrained` and docs/interop.md."""

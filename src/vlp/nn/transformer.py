@@ -36,6 +36,7 @@ class TransformerConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    mlp_dim: int = 0  # hidden width of the MLP; 0: width x mlp_ratio (checkpoints give it exactly)
     act: str = "gelu"
     eps: float = 1e-5
     pre_norm: bool = True
@@ -70,7 +71,7 @@ class Block(nn.Module):
             self.norm_cross = nn.LayerNorm(cfg.width, eps=cfg.eps)
             self.cross_attn = Attention(cfg.width, cfg.heads, context_dim=cfg.context_dim or cfg.width)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = MLP(cfg.width, int(cfg.width * cfg.mlp_ratio), cfg.act)
+        self.mlp = MLP(cfg.width, cfg.mlp_dim or int(cfg.width * cfg.mlp_ratio), cfg.act)
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, fn) -> torch.Tensor:
         if self.pre_norm:

@@ -1,0 +1,156 @@
+"""Load Hugging Face and open_clip checkpoints as vlp models, and save vlp models for them.
+
+    model = vlp.load("path/to/clip-vit-base-patch32")      # a transformers model directory
+    model = vlp.load("openai/clip-vit-base-patch32")        # a hub id (needs the network)
+    vlp.save(model, "out", format="hf")                     # CLIPModel.from_pretrained("out") loads it
+
+A format is data: which vlp recipe, how its config maps (`config_from`, `config_to`) and how its
+weights are named (`entries`, see `vlp.interop.mapping`). Adding an architecture adds a `Format`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from vlp.data.tokenizer import Tokenizer
+from vlp.interop import clip
+from vlp.interop.mapping import CheckpointMismatch, Entry, from_vlp, to_vlp
+from vlp.models.registry import create_model
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+
+
+@dataclass(frozen=True)
+class Format:
+    recipe: str
+    config_from: Callable[[dict[str, Any]], dict[str, Any]]
+    entries: Callable[[Any], list[Entry]]
+    hf_classes: tuple[str, str] | None = None  # transformers (config, model) classes for saving
+    config_to: Callable[..., dict[str, Any]] | None = None
+    ignore: tuple[str, ...] = ()  # source keys that are buffers, not weights
+
+
+HF_FORMATS = {
+    "clip": Format("clip", clip.config_from_hf, clip.hf_entries, ("CLIPConfig", "CLIPModel"),
+                   clip.config_to_hf, ignore=("position_ids",)),
+}
+OPEN_CLIP = Format("clip", clip.config_from_open_clip, clip.open_clip_entries, ignore=("attn_mask",))
+
+
+def is_pretrained_dir(path: Path) -> bool:
+    """A transformers or open_clip checkpoint directory (rather than a vlp run)."""
+    return not (path / "config.yaml").is_file() and any(
+        (path / name).is_file() for name in ("config.json", OPEN_CLIP_CONFIG))
+
+
+def resolve(source: str | Path) -> Path:
+    """A local directory, or a hub id downloaded (or found in the cache) by `huggingface_hub`."""
+    path = Path(source)
+    if path.exists():
+        return path
+    if str(source).count("/") != 1:
+        raise FileNotFoundError(f"{source}: no such directory (and not a hub id of the form org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(str(source), allow_patterns=["*.json", "*.safetensors", "*.txt"]))
+    except Exception as err:
+        raise FileNotFoundError(
+            f"could not get {source} from the Hugging Face hub ({type(err).__name__}: {err}). Offline, "
+            f"download it elsewhere (`huggingface-cli download {source}`: config.json, model.safetensors "
+            f"and the tokenizer files) and pass the directory instead") from err
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a checkpoint directory: safetensors (single or sharded) or PyTorch .bin."""
+    from safetensors.torch import load_file
+
+    for index_name, loader in (("model.safetensors.index.json", load_file),
+                               ("pytorch_model.bin.index.json", _load_bin)):
+        index = path / index_name
+        if index.is_file():
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            return {k: v for shard in shards for k, v in loader(str(path / shard)).items()}
+    for name in ("model.safetensors", "open_clip_model.safetensors"):
+        if (path / name).is_file():
+            return load_file(str(path / name))
+    for name in ("pytorch_model.bin", "open_clip_pytorch_model.bin"):
+        if (path / name).is_file():
+            return _load_bin(str(path / name))
+    raise FileNotFoundError(f"{path}: no weights (model.safetensors, its sharded index, or pytorch_model.bin)")
+
+
+def _load_bin(file: str) -> dict[str, torch.Tensor]:
+    return torch.load(file, map_location="cpu", weights_only=True)
+
+
+def load_tokenizer(path: Path) -> Tokenizer | None:
+    """The checkpoint's tokenizer: tokenizer.json, else vocab/merges files through transformers."""
+    if (path / "tokenizer.json").is_file():
+        return Tokenizer.load(path / "tokenizer.json")
+    if not any((path / f).is_file() for f in ("vocab.json", "vocab.txt")):
+        return None
+    from transformers import AutoTokenizer
+
+    return Tokenizer.from_library(AutoTokenizer.from_pretrained(str(path)).backend_tokenizer, str(path))
+
+
+def detect(path: Path) -> tuple[Format, dict[str, Any]]:
+    """The format of a checkpoint directory and its config."""
+    if (path / OPEN_CLIP_CONFIG).is_file():
+        return OPEN_CLIP, json.loads((path / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+    config = json.loads((path / "config.json").read_text())
+    model_type = config.get("model_type")
+    if model_type not in HF_FORMATS:
+        raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} is not supported; "
+                         f"vlp loads {sorted(HF_FORMATS)} and open_clip CLIP (see docs/interop.md)")
+    return HF_FORMATS[model_type], config
+
+
+def load_pretrained(source: str | Path, strict: bool = True) -> nn.Module:
+    """A vlp model (eval mode, with `.tokenizer`) from a transformers/open_clip checkpoint.
+
+    Every checkpoint tensor must find its vlp weight and every vlp weight its tensor; otherwise a
+    `CheckpointMismatch` names the keys (`strict=False`: a warning, the rest is loaded).
+    """
+    path = resolve(source)
+    fmt, config = detect(path)
+    model = create_model(fmt.recipe, fmt.config_from(config))
+    target = model.state_dict()
+    state, report = to_vlp(read_state_dict(path), fmt.entries(model.cfg), target, ignore=fmt.ignore)
+    report.check(str(path), strict)
+    model.load_state_dict(state, strict=False)
+    model.tokenizer = load_tokenizer(path)
+    return model.eval()
+
+
+def save_hf(model: nn.Module, out: str | Path) -> Path:
+    """Write `model` as a transformers checkpoint directory (config, safetensors, tokenizer.json)."""
+    import transformers
+
+    fmt = next((f for f in HF_FORMATS.values() if f.recipe == model.recipe and f.hf_classes), None)
+    if fmt is None:
+        raise ValueError(f"recipe {model.recipe!r} has no transformers counterpart to save as "
+                         f"(supported: {sorted(f.recipe for f in HF_FORMATS.values())})")
+    tokenizer = getattr(model, "tokenizer", None)
+    eos = tokenizer.eot_id if tokenizer is not None else None
+    config_cls, model_cls = (getattr(transformers, name) for name in fmt.hf_classes)
+    hf_model = model_cls(config_cls(**fmt.config_to(model.cfg, eos)))
+    target = hf_model.state_dict()
+    state = from_vlp(model.state_dict(), fmt.entries(model.cfg), target)
+    missing = [k for k in target if k not in state and not k.endswith(fmt.ignore)]
+    if missing:
+        raise CheckpointMismatch(f"no vlp weight for transformers' {missing[:8]}")
+    hf_model.load_state_dict(state, strict=False)
+    out = Path(out)
+    hf_model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save(out / "tokenizer.json")
+    return out
