@@ -27,18 +27,18 @@ def _tower(width: int, layers: int, heads: int, mlp_dim: int, act: str, eps: flo
             "pre_norm": True}
 
 
-def config_from_hf(hf: dict[str, Any]) -> dict[str, Any]:
-    """vlp CLIP config (model section) of a transformers `CLIPConfig` dict."""
+def config_from_hf(hf: dict[str, Any], tokens: dict[str, int]) -> tuple[str, dict[str, Any]]:
+    """(recipe, vlp CLIP config) of a transformers `CLIPConfig` dict."""
     v, t = hf["vision_config"], hf["text_config"]
     vision = _tower(v["hidden_size"], v["num_hidden_layers"], v["num_attention_heads"],
                     v["intermediate_size"], v.get("hidden_act", "quick_gelu"), v.get("layer_norm_eps", 1e-5))
     text = _tower(t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"],
                   t["intermediate_size"], t.get("hidden_act", "quick_gelu"), t.get("layer_norm_eps", 1e-5))
-    return {"embed_dim": hf["projection_dim"],
-            "vision": {**vision, "image_size": v["image_size"], "patch_size": v["patch_size"],
-                       "pool": "cls", "ln_pre": True, "patch_bias": False, "stem": "patch"},
-            "text": {**text, "vocab_size": t["vocab_size"], "context_length": t["max_position_embeddings"],
-                     "causal": True, "pool": "eos", "embed_norm": False}}
+    return "clip", {"embed_dim": hf["projection_dim"],
+                    "vision": {**vision, "image_size": v["image_size"], "patch_size": v["patch_size"],
+                               "pool": "cls", "ln_pre": True, "patch_bias": False, "stem": "patch"},
+                    "text": {**text, "vocab_size": t["vocab_size"], "context_length": t["max_position_embeddings"],
+                             "causal": True, "pool": "eos", "embed_norm": False}}
 
 
 def config_to_hf(cfg: Any, eos_token_id: int | None) -> dict[str, Any]:
@@ -65,8 +65,9 @@ def config_to_hf(cfg: Any, eos_token_id: int | None) -> dict[str, Any]:
             "vision_config": {**tower(v), "image_size": v.image_size, "patch_size": v.patch_size}}
 
 
-def hf_entries(cfg: Any) -> list[Entry]:
+def hf_entries(model: Any) -> list[Entry]:
     """vlp CLIP <-> transformers CLIPModel weight names."""
+    cfg = model.cfg
     return [
         Entry("visual.cls_token", ("vision_model.embeddings.class_embedding",)),
         Entry("visual.patch_embed.weight", ("vision_model.embeddings.patch_embedding.weight",)),
@@ -83,8 +84,8 @@ def hf_entries(cfg: Any) -> list[Entry]:
     ]
 
 
-def config_from_open_clip(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    """vlp CLIP config of an open_clip model config (`open_clip_config.json`'s `model_cfg`)."""
+def config_from_open_clip(model_cfg: dict[str, Any], tokens: dict[str, int]) -> tuple[str, dict[str, Any]]:
+    """(recipe, vlp CLIP config) of an open_clip model config (`open_clip_config.json`'s `model_cfg`)."""
     v, t = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     if "timm_model_name" in v or "hf_model_name" in t or isinstance(v.get("layers"), (list, tuple)):
         raise ValueError("only open_clip's own ViT image and text towers are supported "
@@ -104,15 +105,18 @@ def config_from_open_clip(model_cfg: dict[str, Any]) -> dict[str, Any]:
     vision = _tower(vw, v.get("layers", 12), vw // v.get("head_width", 64), int(vw * v.get("mlp_ratio", 4.0)),
                     act, eps)
     text = _tower(tw, t.get("layers", 12), t.get("heads", 8), int(tw * t.get("mlp_ratio", 4.0)), act, eps)
-    return {"embed_dim": model_cfg["embed_dim"],
-            "vision": {**vision, "image_size": v.get("image_size", 224), "patch_size": v.get("patch_size", 16),
-                       "pool": "cls", "ln_pre": True, "patch_bias": False, "stem": "patch"},
-            "text": {**text, "vocab_size": t.get("vocab_size", 49408), "context_length": t.get("context_length", 77),
-                     "causal": True, "pool": "eos", "embed_norm": False}}
+    return "clip", {"embed_dim": model_cfg["embed_dim"],
+                    "vision": {**vision, "image_size": v.get("image_size", 224),
+                               "patch_size": v.get("patch_size", 16), "pool": "cls", "ln_pre": True,
+                               "patch_bias": False, "stem": "patch"},
+                    "text": {**text, "vocab_size": t.get("vocab_size", 49408),
+                             "context_length": t.get("context_length", 77), "causal": True, "pool": "eos",
+                             "embed_norm": False}}
 
 
-def open_clip_entries(cfg: Any) -> list[Entry]:
+def open_clip_entries(model: Any) -> list[Entry]:
     """vlp CLIP <-> open_clip CLIP state-dict names (projections stored as x @ W)."""
+    cfg = model.cfg
     return [
         Entry("visual.cls_token", ("visual.class_embedding",)),
         Entry("visual.patch_embed.weight", ("visual.conv1.weight",)),

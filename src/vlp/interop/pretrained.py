@@ -20,28 +20,35 @@ import torch
 from torch import nn
 
 from vlp.data.tokenizer import Tokenizer
-from vlp.interop import clip
+from vlp.interop import blip, clip
 from vlp.interop.mapping import CheckpointMismatch, Entry, from_vlp, to_vlp
 from vlp.models.registry import create_model
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
+def _nothing_absent(model: nn.Module) -> tuple[str, ...]:
+    return ()
+
+
 @dataclass(frozen=True)
 class Format:
-    recipe: str
-    config_from: Callable[[dict[str, Any]], dict[str, Any]]
-    entries: Callable[[Any], list[Entry]]
+    config_from: Callable[[dict[str, Any], dict[str, int]], tuple[str, dict[str, Any]]]  # -> recipe, config
+    entries: Callable[[nn.Module], list[Entry]]
+    ignore: tuple[str, ...] = ()  # source keys that are buffers or tied copies, not weights
+    absent: Callable[[nn.Module], tuple[str, ...]] = _nothing_absent  # vlp weights it never holds
     hf_classes: tuple[str, str] | None = None  # transformers (config, model) classes for saving
     config_to: Callable[..., dict[str, Any]] | None = None
-    ignore: tuple[str, ...] = ()  # source keys that are buffers, not weights
 
 
 HF_FORMATS = {
-    "clip": Format("clip", clip.config_from_hf, clip.hf_entries, ("CLIPConfig", "CLIPModel"),
-                   clip.config_to_hf, ignore=("position_ids",)),
+    "clip": Format(clip.config_from_hf, clip.hf_entries, ignore=("position_ids",),
+                   hf_classes=("CLIPConfig", "CLIPModel"), config_to=clip.config_to_hf),
+    "blip": Format(blip.config_from_hf, blip.hf_entries, absent=blip.absent,
+                   ignore=("position_ids", "predictions.decoder.weight", "predictions.decoder.bias")),
 }
-OPEN_CLIP = Format("clip", clip.config_from_open_clip, clip.open_clip_entries, ignore=("attn_mask",))
+OPEN_CLIP = Format(clip.config_from_open_clip, clip.open_clip_entries, ignore=("attn_mask",))
+SAVABLE = {"clip": HF_FORMATS["clip"]}  # recipe -> the format it saves as
 
 
 def is_pretrained_dir(path: Path) -> bool:
@@ -122,12 +129,15 @@ def load_pretrained(source: str | Path, strict: bool = True) -> nn.Module:
     """
     path = resolve(source)
     fmt, config = detect(path)
-    model = create_model(fmt.recipe, fmt.config_from(config))
+    tokenizer = load_tokenizer(path)
+    recipe, model_cfg = fmt.config_from(config, tokenizer.special_ids() if tokenizer else {})
+    model = create_model(recipe, model_cfg)
     target = model.state_dict()
-    state, report = to_vlp(read_state_dict(path), fmt.entries(model.cfg), target, ignore=fmt.ignore)
+    state, report = to_vlp(read_state_dict(path), fmt.entries(model), target, ignore=fmt.ignore)
+    report.missing = [k for k in report.missing if not k.startswith(fmt.absent(model))]
     report.check(str(path), strict)
     model.load_state_dict(state, strict=False)
-    model.tokenizer = load_tokenizer(path)
+    model.tokenizer = tokenizer
     return model.eval()
 
 
@@ -135,16 +145,16 @@ def save_hf(model: nn.Module, out: str | Path) -> Path:
     """Write `model` as a transformers checkpoint directory (config, safetensors, tokenizer.json)."""
     import transformers
 
-    fmt = next((f for f in HF_FORMATS.values() if f.recipe == model.recipe and f.hf_classes), None)
+    fmt = SAVABLE.get(model.recipe)
     if fmt is None:
-        raise ValueError(f"recipe {model.recipe!r} has no transformers counterpart to save as "
-                         f"(supported: {sorted(f.recipe for f in HF_FORMATS.values())})")
+        raise ValueError(f"recipe {model.recipe!r} cannot be saved as a transformers checkpoint yet "
+                         f"(supported: {sorted(SAVABLE)})")
     tokenizer = getattr(model, "tokenizer", None)
     eos = tokenizer.eot_id if tokenizer is not None else None
     config_cls, model_cls = (getattr(transformers, name) for name in fmt.hf_classes)
     hf_model = model_cls(config_cls(**fmt.config_to(model.cfg, eos)))
     target = hf_model.state_dict()
-    state = from_vlp(model.state_dict(), fmt.entries(model.cfg), target)
+    state = from_vlp(model.state_dict(), fmt.entries(model), target)
     missing = [k for k in target if k not in state and not k.endswith(fmt.ignore)]
     if missing:
         raise CheckpointMismatch(f"no vlp weight for transformers' {missing[:8]}")

@@ -47,7 +47,6 @@ def with_first_token(input_ids: torch.Tensor, token_id: int) -> torch.Tensor:
 class BLIP(FusionModel):
     required_tokens = ("pad", "cls", "sep", "enc", "dec")
     objective_names = ("itc", "itm", "lm")
-    eval_tasks = ("zeroshot", "retrieval", "probe", "caption")
 
     def __init__(self, cfg: BLIPConfig):
         cfg.text = replace(cfg.text, context_dim=cfg.vision.width)
@@ -60,6 +59,12 @@ class BLIP(FusionModel):
                                            cfg.text.eps)
         if "itc" in self.objectives:
             self._add_momentum()
+
+    @property
+    def eval_tasks(self) -> tuple[str, ...]:
+        """Embedding tasks where ITC was trained, captioning where LM was."""
+        tasks = ("zeroshot", "retrieval", "probe") if "itc" in self.objectives else ()
+        return tasks + (("caption",) if "lm" in self.objectives else ())
 
     def decoder_context_width(self) -> int:
         """Width of what the decoder cross-attends to: image tokens for captioning."""

@@ -1,0 +1,105 @@
+"""BLIP checkpoints of transformers: `BlipForImageTextRetrieval` (ITC + ITM),
+`BlipForConditionalGeneration` (captioning decoder) and `BlipForQuestionAnswering`.
+
+All three are vlp's BLIP/BLIP-VQA: a pre-LN ViT without `ln_pre` and with a patch bias, BERT
+text towers (post-LN, embedding LayerNorm, cross-attention in every layer). Each checkpoint
+holds only the parts its task uses, so the vlp model is built with just those objectives and the
+other parts are reported as absent, not missing: a captioning checkpoint has no ITC/ITM weights
+and evaluates only captioning. transformers does not replace the first token by [ENC] for ITM and
+VQA questions as the BLIP paper (and vlp) does: vlp's inputs follow the paper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vlp.interop.mapping import Entry, block_entries, pairs
+
+VISION_BLOCK = {"attn.qkv.{p}": "self_attn.qkv.{p}", "attn.out.{p}": "self_attn.projection.{p}",
+                "norm1.{p}": "layer_norm1.{p}", "mlp.fc1.{p}": "mlp.fc1.{p}", "mlp.fc2.{p}": "mlp.fc2.{p}",
+                "norm2.{p}": "layer_norm2.{p}"}
+BERT_BLOCK = {"attn.qkv.{p}": ("attention.self.query.{p}", "attention.self.key.{p}", "attention.self.value.{p}"),
+              "attn.out.{p}": "attention.output.dense.{p}", "norm1.{p}": "attention.output.LayerNorm.{p}",
+              "cross_attn.q.{p}": "crossattention.self.query.{p}",
+              "cross_attn.kv.{p}": ("crossattention.self.key.{p}", "crossattention.self.value.{p}"),
+              "cross_attn.out.{p}": "crossattention.output.dense.{p}",
+              "norm_cross.{p}": "crossattention.output.LayerNorm.{p}",
+              "mlp.fc1.{p}": "intermediate.dense.{p}", "mlp.fc2.{p}": "output.dense.{p}",
+              "norm2.{p}": "output.LayerNorm.{p}"}
+# model_type "blip" covers three tasks, told apart by `architectures` in config.json.
+TASKS = {"BlipForImageTextRetrieval": ("blip", ["itc", "itm"]),
+         "BlipForConditionalGeneration": ("blip", ["lm"]),
+         "BlipForQuestionAnswering": ("blip_vqa", ["lm"])}
+
+
+def task_of(hf: dict[str, Any]) -> str:
+    architecture = (hf.get("architectures") or ["BlipForConditionalGeneration"])[0]
+    if architecture not in TASKS:
+        raise ValueError(f"BLIP architecture {architecture!r} is not supported; vlp loads {sorted(TASKS)}")
+    return architecture
+
+
+def config_from_hf(hf: dict[str, Any], tokens: dict[str, int]) -> tuple[str, dict[str, Any]]:
+    """(vlp recipe, model config) of a transformers `BlipConfig` dict; `tokens` are the
+    tokenizer's special ids, [DEC] and [SEP] taken from the config where it names them."""
+    v, t = hf["vision_config"], hf["text_config"]
+    recipe, objectives = TASKS[task_of(hf)]
+    vision = {"width": v["hidden_size"], "layers": v["num_hidden_layers"], "heads": v["num_attention_heads"],
+              "mlp_dim": v["intermediate_size"], "act": v.get("hidden_act", "gelu"),
+              "eps": v.get("layer_norm_eps", 1e-5), "pre_norm": True, "image_size": v["image_size"],
+              "patch_size": v["patch_size"], "pool": "cls", "ln_pre": False, "patch_bias": True, "stem": "patch"}
+    text = {"width": t["hidden_size"], "layers": t["num_hidden_layers"], "heads": t["num_attention_heads"],
+            "mlp_dim": t["intermediate_size"], "act": t.get("hidden_act", "gelu"),
+            "eps": t.get("layer_norm_eps", 1e-12), "pre_norm": False, "vocab_size": t["vocab_size"],
+            "context_length": t["max_position_embeddings"], "causal": False, "pool": "cls",
+            "embed_norm": True, "cross_attention_every": 1}
+    named = {"dec": t.get("bos_token_id"), "sep": t.get("sep_token_id"), "pad": t.get("pad_token_id")}
+    tokens = {**tokens, **{k: i for k, i in named.items() if i is not None}}
+    return recipe, {"vision": vision, "text": text, "objectives": objectives, "tokens": tokens,
+                    "share_decoder": False,
+                    "contrastive": {"embed_dim": hf.get("image_text_hidden_size", 256), "momentum": 0.0}}
+
+
+def _text(vlp_prefix: str, src_prefix: str, layers: int) -> list[Entry]:
+    return [Entry(f"{vlp_prefix}.token_embed.weight", (f"{src_prefix}.embeddings.word_embeddings.weight",)),
+            Entry(f"{vlp_prefix}.pos_embed", (f"{src_prefix}.embeddings.position_embeddings.weight",)),
+            *pairs(f"{vlp_prefix}.", f"{src_prefix}.", [("embed_norm", "embeddings.LayerNorm")]),
+            *block_entries(f"{vlp_prefix}.transformer.blocks", f"{src_prefix}.encoder.layer", layers, BERT_BLOCK)]
+
+
+def hf_entries(model: Any) -> list[Entry]:
+    """vlp BLIP / BLIP-VQA <-> the transformers BLIP model of the same task."""
+    cfg, objectives, v = model.cfg, model.objectives, "vision_model."
+    entries = [Entry("visual.cls_token", (v + "embeddings.class_embedding",)),
+               *pairs("visual.", v + "embeddings.", [("patch_embed", "patch_embedding")]),
+               Entry("visual.pos_embed", (v + "embeddings.position_embedding",)),
+               *block_entries("visual.transformer.blocks", v + "encoder.layers", cfg.vision.layers, VISION_BLOCK),
+               *pairs("visual.", v, [("norm", "post_layernorm")])]
+    if "text." not in absent(model):
+        entries += _text("text", "text_encoder", cfg.text.layers)
+    if "itc" in objectives:
+        entries += pairs("", "", [("image_proj", "vision_proj"), ("text_proj", "text_proj")])
+    if "itm" in objectives:
+        entries += pairs("", "", [("itm_head", "itm_head")])
+    if "lm" in objectives:
+        entries += [*_text("decoder", "text_decoder.bert", cfg.text.layers),
+                    *pairs("lm_head.", "text_decoder.cls.predictions.transform.",
+                           [("dense", "dense"), ("norm", "LayerNorm")]),
+                    Entry("lm_head.decoder.weight", ("text_decoder.bert.embeddings.word_embeddings.weight",)),
+                    Entry("lm_head.decoder.bias", ("text_decoder.cls.predictions.bias",))]
+    return entries
+
+
+def absent(model: Any) -> tuple[str, ...]:
+    """Prefixes of the vlp weights a transformers BLIP checkpoint of this task does not hold
+    (transformers keeps no ITC temperature at all)."""
+    objectives, prefixes = model.objectives, ["contrast."]
+    if "lm" not in objectives:
+        prefixes += ["decoder.", "lm_head."]
+    if "itc" not in objectives:
+        prefixes += ["image_proj.", "text_proj."]
+    if "itm" not in objectives:
+        prefixes += ["itm_head."]
+    if model.recipe == "blip" and objectives == {"lm"}:
+        prefixes += ["text."]  # a captioning checkpoint has only the decoder
+    return tuple(prefixes)
