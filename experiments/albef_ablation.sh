@@ -23,6 +23,7 @@ for seed in 0 1 2; do
     resume=$([ -e "$run/checkpoints/latest" ] && echo --resume || true)
     $VLP train albef --data "$DATA" --out "$run" --steps "$STEPS" --no-progress $resume \
       train.seed=$seed train.ckpt_every=$STEPS ${VARIANTS[$variant]}
-    $VLP eval "$run" --data "$DATA" --tasks retrieval,probe --k-test 16 --no-report
+    k_test=$([ "$variant" = 1_itc ] && echo 0 || echo 16)  # no trained ITM head to re-rank with
+    $VLP eval "$run" --data "$DATA" --tasks retrieval,probe --k-test "$k_test" --no-report
   done
 done

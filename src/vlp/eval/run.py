@@ -135,6 +135,7 @@ def _itm_scorer(model: nn.Module, dataset: CaptionDataset, texts: list[str],
     encoded = model.tokenizer(texts, max_length=model.cfg.text.context_length, style=model.tokenizer_style)
     device = next(model.parameters()).device
 
+    @torch.no_grad()
     def score(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         return torch.cat([model.itm_score(tokens[i].to(device), encoded["input_ids"][t].to(device),
                                           encoded["attention_mask"][t].to(device)).cpu()
