@@ -104,3 +104,27 @@ def test_blip_checkpoint_missing_a_layer_is_an_error(tmp_path, tokenizer):
     save_file(state, tmp_path / "model.safetensors")
     with pytest.raises(CheckpointMismatch, match=r"blocks\.1\.cross_attn\.kv\.weight"):
         vlp.load(tmp_path)
+
+
+def test_captioning_checkpoint_converts_and_captions_from_the_command_line(tmp_path, tokenizer):
+    from typer.testing import CliRunner
+
+    from vlp.cli import app
+    from vlp.data.shapes import ShapesWorld
+    from vlp.interop.blip import absent
+
+    save_hf_blip("BlipForConditionalGeneration", SHAPES[0], tokenizer, tmp_path / "hf")
+    runner = CliRunner()
+    result = runner.invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    loaded, converted = vlp.load(tmp_path / "hf"), vlp.load(tmp_path / "run")
+    a, b = loaded.state_dict(), converted.state_dict()
+    held = [k for k in a if not k.startswith(absent(loaded))]  # the rest is a fresh initialisation
+    assert a.keys() == b.keys() and held and all(torch.equal(a[k], b[k]) for k in held)
+    image = tmp_path / "image.png"
+    ShapesWorld(image_size=32).sample("test", 0).image.save(image)
+    captions = [runner.invoke(app, ["caption", str(where), str(image), "--decoding", "greedy"]).output
+                for where in (tmp_path / "hf", tmp_path / "run")]
+    assert captions[0] == captions[1] and captions[0].startswith(str(image))
+    result = runner.invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "back"), "--to", "hf"])
+    assert result.exit_code != 0 and "cannot be saved as a transformers checkpoint" in str(result.exception)

@@ -177,3 +177,15 @@ def test_converted_checkpoint_fine_tunes_and_evaluates(tmp_path, tokenizer, shap
                                  "--no-report"])
     assert result.exit_code == 0, result.output
     assert "i2t_R@1" in json.loads((tmp_path / "hf" / "eval.json").read_text())["retrieval"]
+
+
+def test_tokenizer_from_vocab_files_only(tmp_path, tokenizer):
+    """A checkpoint that ships vocab.txt (no tokenizer.json) gets its tokenizer through transformers."""
+    vocab = sorted(tokenizer._tok.get_vocab().items(), key=lambda item: item[1])
+    (tmp_path / "vocab.txt").write_text("".join(f"{token}\n" for token, _ in vocab))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    from vlp.interop.pretrained import load_tokenizer
+
+    loaded = load_tokenizer(tmp_path)
+    text = ["a red circle left of a blue square"]
+    assert torch.equal(loaded(text, style="bert")["input_ids"], tokenizer(text, style="bert")["input_ids"])
