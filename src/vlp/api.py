@@ -35,11 +35,13 @@ def load(path: str | Path, device: str = "cpu", strict: bool = True) -> nn.Modul
     return model.to(device).eval()
 
 
-def save(model: nn.Module, out: str | Path, format: str = "vlp") -> Path:
+def save(model: nn.Module, out: str | Path, format: str = "vlp", task: str | None = None) -> Path:
     """Write `model` (with its `.tokenizer`) to directory `out`: `format="vlp"` as a run that
-    `vlp.load`, `vlp eval` and `vlp train --init` take; `format="hf"` as a transformers checkpoint."""
+    `vlp.load`, `vlp eval` and `vlp train --init` take; `format="hf"` as a transformers checkpoint
+    (`task`: which transformers model a BLIP with all three objectives becomes, "retrieval" or
+    "captioning")."""
     if format == "hf":
-        return save_hf(model, out)
+        return save_hf(model, out, task)
     if format != "vlp":
         raise ValueError(f"format must be 'vlp' or 'hf', got {format!r}")
     if getattr(model, "tokenizer", None) is None:

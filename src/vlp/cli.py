@@ -175,6 +175,8 @@ def convert(
     to: Annotated[str, typer.Option(help="hf: a transformers checkpoint; vlp: a run that vlp eval, "
                                          "vlp caption and vlp train --init take.")] = "vlp",
     strict: Annotated[bool, typer.Option(help="Fail on checkpoint weights vlp cannot place.")] = True,
+    task: Annotated[Optional[str], typer.Option(
+        help="--to hf, BLIP with ITC+ITM+LM: retrieval or captioning (the transformers model to write).")] = None,
 ) -> None:
     """Convert a checkpoint between vlp and transformers formats (docs/interop.md)."""
     import vlp
@@ -182,7 +184,7 @@ def convert(
     if to not in ("hf", "vlp"):
         raise typer.BadParameter(f"--to must be hf or vlp, got {to!r}")
     model = vlp.load(src, strict=strict)
-    typer.echo(f"wrote {vlp.save(model, dst, format=to)} ({model.recipe}, {to} format)")
+    typer.echo(f"wrote {vlp.save(model, dst, format=to, task=task)} ({model.recipe}, {to} format)")
 
 
 @app.command("report")

@@ -22,6 +22,11 @@ OPEN_CLIP_BLOCK = {"attn.qkv.{p}": "attn.in_proj_{p}", "attn.out.{p}": "attn.out
                    "norm2.{p}": "ln_2.{p}"}
 
 
+def architecture(*_: Any) -> str:
+    """The transformers class of every CLIP checkpoint vlp reads or writes."""
+    return "CLIPModel"
+
+
 def _tower(width: int, layers: int, heads: int, mlp_dim: int, act: str, eps: float) -> dict[str, Any]:
     return {"width": width, "layers": layers, "heads": heads, "mlp_dim": mlp_dim, "act": act, "eps": eps,
             "pre_norm": True}
@@ -41,8 +46,9 @@ def config_from_hf(hf: dict[str, Any], tokens: dict[str, int]) -> tuple[str, dic
                              "causal": True, "pool": "eos", "embed_norm": False}}
 
 
-def config_to_hf(cfg: Any, eos_token_id: int | None) -> dict[str, Any]:
-    """transformers `CLIPConfig` kwargs of a vlp CLIPConfig; errors name what HF cannot express."""
+def config_to_hf(model: Any, architecture: str) -> dict[str, Any]:
+    """transformers `CLIPConfig` kwargs of a vlp CLIP; errors name what HF cannot express."""
+    cfg, tokenizer = model.cfg, getattr(model, "tokenizer", None)
     v, t = cfg.vision, cfg.text
     unsupported = {"vision.pool": (v.pool, "cls"), "vision.ln_pre": (v.ln_pre, True),
                    "vision.patch_bias": (v.patch_bias, False), "vision.stem": (v.stem, "patch"),
@@ -59,13 +65,13 @@ def config_to_hf(cfg: Any, eos_token_id: int | None) -> dict[str, Any]:
                 "layer_norm_eps": c.eps}
 
     text = {**tower(t), "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length}
-    if eos_token_id is not None:
-        text["eos_token_id"] = eos_token_id
+    if tokenizer is not None and tokenizer.eot_id is not None:
+        text["eos_token_id"] = tokenizer.eot_id
     return {"projection_dim": cfg.embed_dim, "text_config": text,
             "vision_config": {**tower(v), "image_size": v.image_size, "patch_size": v.patch_size}}
 
 
-def hf_entries(model: Any) -> list[Entry]:
+def hf_entries(model: Any, architecture: str = "CLIPModel") -> list[Entry]:
     """vlp CLIP <-> transformers CLIPModel weight names."""
     cfg = model.cfg
     return [
@@ -114,7 +120,7 @@ def config_from_open_clip(model_cfg: dict[str, Any], tokens: dict[str, int]) -> 
                              "embed_norm": False}}
 
 
-def open_clip_entries(model: Any) -> list[Entry]:
+def open_clip_entries(model: Any, architecture: str = "CLIP") -> list[Entry]:
     """vlp CLIP <-> open_clip CLIP state-dict names (projections stored as x @ W)."""
     cfg = model.cfg
     return [

@@ -27,28 +27,34 @@ from vlp.models.registry import create_model
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
 
-def _nothing_absent(model: nn.Module) -> tuple[str, ...]:
+def _nothing_absent(model: nn.Module, architecture: str) -> tuple[str, ...]:
     return ()
 
 
 @dataclass(frozen=True)
 class Format:
+    """How one family of checkpoints maps to vlp. `architecture` is the transformers class a
+    checkpoint is (its config's `architectures`) or a vlp model saves as."""
+
     config_from: Callable[[dict[str, Any], dict[str, int]], tuple[str, dict[str, Any]]]  # -> recipe, config
-    entries: Callable[[nn.Module], list[Entry]]
+    entries: Callable[[nn.Module, str], list[Entry]]
+    architecture_of: Callable[[dict[str, Any]], str]
     ignore: tuple[str, ...] = ()  # source keys that are buffers or tied copies, not weights
-    absent: Callable[[nn.Module], tuple[str, ...]] = _nothing_absent  # vlp weights it never holds
-    hf_classes: tuple[str, str] | None = None  # transformers (config, model) classes for saving
-    config_to: Callable[..., dict[str, Any]] | None = None
+    absent: Callable[[nn.Module, str], tuple[str, ...]] = _nothing_absent  # vlp weights it never holds
+    config_class: str | None = None  # transformers config class, for saving
+    config_to: Callable[[nn.Module, str], dict[str, Any]] | None = None
+    architecture_for: Callable[[nn.Module, str | None], str] | None = None  # (model, task) -> class
 
 
 HF_FORMATS = {
-    "clip": Format(clip.config_from_hf, clip.hf_entries, ignore=("position_ids",),
-                   hf_classes=("CLIPConfig", "CLIPModel"), config_to=clip.config_to_hf),
-    "blip": Format(blip.config_from_hf, blip.hf_entries, absent=blip.absent,
-                   ignore=("position_ids", "predictions.decoder.weight", "predictions.decoder.bias")),
+    "clip": Format(clip.config_from_hf, clip.hf_entries, clip.architecture, ignore=("position_ids",),
+                   config_class="CLIPConfig", config_to=clip.config_to_hf, architecture_for=clip.architecture),
+    "blip": Format(blip.config_from_hf, blip.hf_entries, blip.architecture_of, absent=blip.absent,
+                   ignore=("position_ids", "predictions.decoder.weight", "predictions.decoder.bias"),
+                   config_class="BlipConfig", config_to=blip.config_to_hf, architecture_for=blip.architecture_for),
 }
-OPEN_CLIP = Format(clip.config_from_open_clip, clip.open_clip_entries, ignore=("attn_mask",))
-SAVABLE = {"clip": HF_FORMATS["clip"]}  # recipe -> the format it saves as
+OPEN_CLIP = Format(clip.config_from_open_clip, clip.open_clip_entries, clip.architecture, ignore=("attn_mask",))
+SAVABLE = {"clip": HF_FORMATS["clip"], "blip": HF_FORMATS["blip"], "blip_vqa": HF_FORMATS["blip"]}
 
 
 def is_pretrained_dir(path: Path) -> bool:
@@ -131,36 +137,39 @@ def load_pretrained(source: str | Path, strict: bool = True) -> nn.Module:
     fmt, config = detect(path)
     tokenizer = load_tokenizer(path)
     recipe, model_cfg = fmt.config_from(config, tokenizer.special_ids() if tokenizer else {})
-    model = create_model(recipe, model_cfg)
+    model, architecture = create_model(recipe, model_cfg), fmt.architecture_of(config)
     target = model.state_dict()
-    state, report = to_vlp(read_state_dict(path), fmt.entries(model), target, ignore=fmt.ignore)
-    report.missing = [k for k in report.missing if not k.startswith(fmt.absent(model))]
+    state, report = to_vlp(read_state_dict(path), fmt.entries(model, architecture), target, ignore=fmt.ignore)
+    report.missing = [k for k in report.missing if not k.startswith(fmt.absent(model, architecture))]
     report.check(str(path), strict)
     model.load_state_dict(state, strict=False)
     model.tokenizer = tokenizer
     return model.eval()
 
 
-def save_hf(model: nn.Module, out: str | Path) -> Path:
-    """Write `model` as a transformers checkpoint directory (config, safetensors, tokenizer.json)."""
+def save_hf(model: nn.Module, out: str | Path, task: str | None = None) -> Path:
+    """Write `model` as a transformers checkpoint directory (config, safetensors, tokenizer.json).
+
+    `task` picks the transformers model where one vlp model maps to several (a BLIP with ITC,
+    ITM and LM: "retrieval" or "captioning")."""
     import transformers
 
     fmt = SAVABLE.get(model.recipe)
     if fmt is None:
         raise ValueError(f"recipe {model.recipe!r} cannot be saved as a transformers checkpoint yet "
                          f"(supported: {sorted(SAVABLE)})")
-    tokenizer = getattr(model, "tokenizer", None)
-    eos = tokenizer.eot_id if tokenizer is not None else None
-    config_cls, model_cls = (getattr(transformers, name) for name in fmt.hf_classes)
-    hf_model = model_cls(config_cls(**fmt.config_to(model.cfg, eos)))
+    architecture = fmt.architecture_for(model, task)
+    config = getattr(transformers, fmt.config_class)(**fmt.config_to(model, architecture))
+    hf_model = getattr(transformers, architecture)(config)
     target = hf_model.state_dict()
-    state = from_vlp(model.state_dict(), fmt.entries(model), target)
+    state = from_vlp(model.state_dict(), fmt.entries(model, architecture), target)
     missing = [k for k in target if k not in state and not k.endswith(fmt.ignore)]
     if missing:
         raise CheckpointMismatch(f"no vlp weight for transformers' {missing[:8]}")
     hf_model.load_state_dict(state, strict=False)
     out = Path(out)
     hf_model.save_pretrained(out)
+    tokenizer = getattr(model, "tokenizer", None)
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")
     return out
