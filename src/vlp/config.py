@@ -179,11 +179,24 @@ def load_run_config(recipe: str | None = None, path: str | Path | None = None,
         if explicit and data["recipe"] != recipe:
             raise ConfigError(f"{path}: config is for recipe {data['recipe']!r}, not {recipe!r}")
     if pretrained is not None:
-        base = pretrained.get("model") or {}
-        same_recipe = not explicit and data["recipe"] == recipe == pretrained.get("recipe")
-        data["model"] = dict(base) if same_recipe else deep_merge(base, data.get("model") or {})
+        data["model"] = _model_from_pretrained(pretrained, data, own=not explicit and data["recipe"] == recipe)
     apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
+
+
+def _model_from_pretrained(pretrained: dict[str, Any], data: dict[str, Any], own: bool) -> dict[str, Any]:
+    """The model section of a run that starts from `pretrained` (see `load_run_config`). From
+    another recipe only the sections both configs have carry over (a CLIP's `vision` tower
+    for BLIP-2)."""
+    from vlp.models.registry import recipe_classes
+
+    base = pretrained.get("model") or {}
+    if pretrained.get("recipe") != data["recipe"]:
+        fields = {f.name for f in dataclasses.fields(recipe_classes(data["recipe"])[1])}
+        base = {k: v for k, v in base.items() if k in fields}
+    elif own:
+        return dict(base)
+    return deep_merge(base, data.get("model") or {})
 
 
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:

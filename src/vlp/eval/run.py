@@ -27,6 +27,7 @@ from vlp.data.transforms import eval_transform
 from vlp.eval.probe import swap_probe_accuracy
 from vlp.eval.retrieval import blockwise_topk, recall_at_k, reranked_recall_at_k
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
+from vlp.models.registry import text_config
 
 TASKS = ("zeroshot", "retrieval", "probe", "caption", "vqa")
 console = Console()
@@ -44,7 +45,7 @@ def embed_texts(model: nn.Module, texts: list[str], batch_size: int = 256) -> to
     device = next(model.parameters()).device
     parts = []
     for chunk in _batches(texts, batch_size):
-        tokens = model.tokenizer(chunk, max_length=model.cfg.text.context_length, style=model.tokenizer_style)
+        tokens = model.tokenizer(chunk, max_length=text_config(model).context_length, style=model.tokenizer_style)
         parts.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).cpu())
     return torch.cat(parts)
 
@@ -132,7 +133,7 @@ def _itm_scorer(model: nn.Module, dataset: CaptionDataset, texts: list[str],
     Keeps every image's tokens in memory (fine for evaluation splits of a few thousand images).
     """
     tokens = torch.cat([model.visual(images)[1].cpu() for _, images in image_batches(model, dataset, [])])
-    encoded = model.tokenizer(texts, max_length=model.cfg.text.context_length, style=model.tokenizer_style)
+    encoded = model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
     device = next(model.parameters()).device
 
     @torch.no_grad()
@@ -192,7 +193,7 @@ def vqa(model: nn.Module, dataset: CaptionDataset, batch_size: int = 64) -> dict
         if not pairs:
             continue
         rows = torch.tensor([row for row, _ in pairs], device=images.device)
-        questions = model.tokenizer([qa["question"] for _, qa in pairs], max_length=model.cfg.text.context_length,
+        questions = model.tokenizer([qa["question"] for _, qa in pairs], max_length=text_config(model).context_length,
                                     style=model.tokenizer_style)
         ids = model.answer(images[rows], questions["input_ids"].to(images.device),
                            questions["attention_mask"].to(images.device))

@@ -8,6 +8,8 @@ gathered with gradient, so the loss and gradients equal a single process on the 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -15,13 +17,26 @@ from vlp.losses.momentum import soft_itc_targets
 from vlp.train.distributed import all_gather_with_grad, gather_sizes, rank
 
 
-def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
-    """Mean of image->text and text->image cross-entropy; embeddings must be L2-normalised."""
+def dot_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """[I, D] x [T, D] -> [I, T] cosine similarities of normalised embeddings."""
+    return image_emb @ text_emb.T
+
+
+def max_query_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """[I, Q, D] x [T, D] -> [I, T]: the best of an image's Q query embeddings for each text
+    (BLIP-2 Sec. 3.2, ITC: "select the highest one as the image-text similarity")."""
+    return torch.einsum("iqd,td->itq", image_emb, text_emb).amax(dim=-1)
+
+
+def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
+             similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dot_similarity) -> torch.Tensor:
+    """Mean of image->text and text->image cross-entropy; embeddings must be L2-normalised.
+    `similarity(images, texts) -> [I, T]` scores them (BLIP-2: the best query)."""
     sizes = gather_sizes(image_emb.shape[0], image_emb.device)
     all_images = all_gather_with_grad(image_emb, sizes)
     all_texts = all_gather_with_grad(text_emb, sizes)
-    logits_per_image = logit_scale * image_emb @ all_texts.T
-    logits_per_text = logit_scale * text_emb @ all_images.T
+    logits_per_image = logit_scale * similarity(image_emb, all_texts)
+    logits_per_text = logit_scale * similarity(all_images, text_emb).T
     offset = sum(sizes[: rank()])
     targets = torch.arange(image_emb.shape[0], device=image_emb.device) + offset
     return (F.cross_entropy(logits_per_image, targets) + F.cross_entropy(logits_per_text, targets)) / 2

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.losses.itc import itc_loss, momentum_itc_loss
+from vlp.losses.itc import dot_similarity, itc_loss, momentum_itc_loss
 from vlp.losses.itm import caption_keys, hard_negatives, positive_mask
 from vlp.losses.momentum import FeatureQueue, alpha_ramp, ema_update
 from vlp.nn.heads import itm_head
@@ -187,14 +188,15 @@ def project(proj: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
 
 def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                input_ids: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tensor,
-               logit_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+               logit_scale: torch.Tensor, similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+               = dot_similarity) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Image tokens, texts, masks and labels of the ITM batch: B positives, then B images with
     a hard-negative text, then B texts with a hard-negative image (ALBEF Sec. 3.2).
 
     `text` is what the fusion encoder takes (BLIP: token ids; ALBEF: the text encoder's states);
     negatives come from all ranks, sampled without gradient by ITC similarity (a zero
     `logit_scale` makes the draw uniform); captions identical to the positive one (by
-    `input_ids`) are never drawn.
+    `input_ids`) are never drawn. `similarity` as in `itc_loss` (BLIP-2: the best query).
     """
     sizes = gather_sizes(image_feat.shape[0], image_feat.device)
     with torch.no_grad():
@@ -202,8 +204,8 @@ def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.
         keys = caption_keys(input_ids, text_mask)
         positive = positive_mask(keys, all_gather_with_grad(keys, sizes), sum(sizes[: rank()]))
         scale = logit_scale.detach()
-        neg_text, neg_image = hard_negatives(scale * image_feat @ all_text_feat.T,
-                                             scale * text_feat @ all_image_feat.T, positive)
+        neg_text, neg_image = hard_negatives(scale * similarity(image_feat, all_text_feat),
+                                             scale * similarity(all_image_feat, text_feat).T, positive)
     all_images = all_gather_with_grad(image_tokens, sizes)
     all_text, all_mask = all_gather_padded(text), all_gather_padded(text_mask)
     length = all_text.shape[1]

@@ -38,3 +38,8 @@ def create_model(recipe: str, config: dict[str, Any] | Any | None = None) -> nn.
     if not isinstance(config, config_cls):
         config = from_dict(config_cls, config, where="model.")
     return model_cls(config)
+
+
+def text_config(model: nn.Module) -> Any:
+    """The config of a model's text tower (`cfg.text`, or the section its `text_section` names)."""
+    return getattr(model.cfg, getattr(model, "text_section", "text"))

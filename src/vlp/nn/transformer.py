@@ -43,6 +43,11 @@ class TransformerConfig:
     cross_attention_every: int = 0  # 0: none; k: blocks from, from + k, ... attend to the context
     cross_attention_from: int = 0  # first block with cross-attention (ALBEF: the top half fuses)
     context_dim: int | None = None  # width of the context for cross-attention (default: width)
+    # Two streams in one sequence, split at a position given at run time: the leading segment
+    # (Q-Former queries, VLMo image tokens) gets its own feed-forward weights (`mlp_first`), and
+    # with `cross_attention_first_only` only it cross-attends to the context (Q-Former).
+    split_ffn: bool = False
+    cross_attention_first_only: bool = False
 
 
 class MLP(nn.Module):
@@ -71,7 +76,13 @@ class Block(nn.Module):
             self.norm_cross = nn.LayerNorm(cfg.width, eps=cfg.eps)
             self.cross_attn = Attention(cfg.width, cfg.heads, context_dim=cfg.context_dim or cfg.width)
         self.norm2 = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        self.mlp = MLP(cfg.width, cfg.mlp_dim or int(cfg.width * cfg.mlp_ratio), cfg.act)
+        hidden = cfg.mlp_dim or int(cfg.width * cfg.mlp_ratio)
+        self.mlp = MLP(cfg.width, hidden, cfg.act)
+        self.first_only = cfg.cross_attention_first_only
+        self.mlp_first = self.norm2_first = None
+        if cfg.split_ffn:
+            self.norm2_first = nn.LayerNorm(cfg.width, eps=cfg.eps)
+            self.mlp_first = MLP(cfg.width, hidden, cfg.act)
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, fn) -> torch.Tensor:
         if self.pre_norm:
@@ -80,18 +91,31 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, index: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, index: int = 0, split: int | None = None) -> torch.Tensor:
         """Without a `context` the cross-attention is skipped (BLIP's unimodal text mode).
-        `index` is this block's position in its stack, its key in the `cache`."""
+        `index` is this block's position in its stack, its key in the `cache`; `split` is where
+        the leading segment ends (two-stream configs)."""
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.entry(index, "self"), cache.entry(index, "cross")
         x = self._residual(x, self.norm1,
                            lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache))
         if self.cross_attn is not None and context is not None:
-            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
-                h, context=context, mask=context_mask, cache=cross_cache))
-        return self._residual(x, self.norm2, self.mlp)
+            def cross(h: torch.Tensor) -> torch.Tensor:
+                return self._residual(h, self.norm_cross, lambda g: self.cross_attn(
+                    g, context=context, mask=context_mask, cache=cross_cache))
+            x = self._on_segments(x, split, cross, lambda h: h) if self.first_only else cross(x)
+        if self.mlp_first is None:
+            return self._residual(x, self.norm2, self.mlp)
+        return self._on_segments(x, split, lambda h: self._residual(h, self.norm2_first, self.mlp_first),
+                                 lambda h: self._residual(h, self.norm2, self.mlp))
+
+    @staticmethod
+    def _on_segments(x: torch.Tensor, split: int | None, first, rest) -> torch.Tensor:
+        """`first` on the tokens before `split`, `rest` on the others (None: all are first)."""
+        split = x.shape[1] if split is None else split
+        parts = [fn(part) for fn, part in ((first, x[:, :split]), (rest, x[:, split:])) if part.shape[1]]
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 class Transformer(nn.Module):
@@ -121,17 +145,18 @@ class Transformer(nn.Module):
                 for proj in (attn.q, attn.kv) if attn.is_cross else (attn.qkv,):
                     nn.init.normal_(proj.weight, std=attn_std)
                 nn.init.normal_(attn.out.weight, std=out_std)
-            nn.init.normal_(block.mlp.fc1.weight, std=(2 * cfg.width) ** -0.5)
-            nn.init.normal_(block.mlp.fc2.weight, std=out_std)
+            for mlp in filter(None, (block.mlp, block.mlp_first)):
+                nn.init.normal_(mlp.fc1.weight, std=(2 * cfg.width) ** -0.5)
+                nn.init.normal_(mlp.fc2.weight, std=out_std)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layers: slice = slice(None)) -> torch.Tensor:
+                cache: KVCache | None = None, layers: slice = slice(None), split: int | None = None) -> torch.Tensor:
         """Run the blocks in `layers` (ALBEF runs its text half and fusion half separately)."""
         start = layers.indices(len(self.blocks))[0]
         for i, block in enumerate(self.blocks[layers], start=start):
             x = block(x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask,
-                      cache=cache, index=i)
+                      cache=cache, index=i, split=split)
         return x
 
 

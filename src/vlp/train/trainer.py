@@ -29,7 +29,7 @@ from vlp.data.loader import Collator, TrainSet, train_loader
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import train_transform
 from vlp.models import create_model
-from vlp.models.registry import recipe_classes
+from vlp.models.registry import recipe_classes, text_config
 from vlp.train import checkpoint as ckpt
 from vlp.train import distributed as dist
 from vlp.train.optim import build_optimizer, build_scheduler
@@ -80,9 +80,10 @@ def prepare_tokenizer(run_dir: Path, data_path: Path, dataset) -> Tokenizer:
 def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> nn.Module:
     """The recipe's model with its text vocabulary sized to the tokenizer (and, for recipes
     that use special tokens such as [MASK] or [DEC], their ids in this vocabulary)."""
-    model_cfg = dict(cfg.model)
-    model_cfg["text"] = {**model_cfg.get("text", {}), "vocab_size": tokenizer.vocab_size}
-    if "tokens" in {f.name for f in fields(recipe_classes(cfg.recipe)[1])}:
+    model_cls, config_cls = recipe_classes(cfg.recipe)
+    model_cfg, section = dict(cfg.model), getattr(model_cls, "text_section", "text")
+    model_cfg[section] = {**model_cfg.get(section, {}), "vocab_size": tokenizer.vocab_size}
+    if "tokens" in {f.name for f in fields(config_cls)}:
         model_cfg["tokens"] = {**tokenizer.special_ids(), **model_cfg.get("tokens", {})}
     return create_model(cfg.recipe, model_cfg)
 
@@ -229,7 +230,7 @@ class Trainer:
         last = min(cfg.steps, stop_at or cfg.steps)
         self.model.train()
         transform = train_transform(self.model.cfg.vision.image_size, scale=self.cfg.data.crop_scale)
-        collator = Collator(self.tokenizer, self.model.cfg.text.context_length, self.model.tokenizer_style,
+        collator = Collator(self.tokenizer, text_config(self.model).context_length, self.model.tokenizer_style,
                             self.cfg.data.prompt)
         loader = train_loader(TrainSet(self.dataset, transform, cfg.seed, self.cfg.data.text), collator,
                               self.cfg.data.batch_size * dist.world_size(), cfg.seed, self.samples_seen(),
