@@ -1,10 +1,12 @@
-"""Output heads shared by the recipes: token prediction (MLM and LM) and image-text matching."""
+"""Output heads shared by the recipes: token prediction (MLM and LM), image-text matching and
+attentional pooling."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from vlp.nn.attention import Attention
 from vlp.nn.transformer import ACTIVATIONS, init_weights
 
 
@@ -31,3 +33,21 @@ def itm_head(width: int) -> nn.Linear:
     head = nn.Linear(width, 2)
     init_weights(head)
     return head
+
+
+class AttentionalPooler(nn.Module):
+    """Task-specific attentional pooling (CoCa, Yu et al. 2022, Sec. 3.2): `num_queries` learned
+    queries cross-attend to an encoder's tokens (1 for a contrastive embedding, many for a
+    captioning decoder)."""
+
+    def __init__(self, width: int, context_dim: int, heads: int, num_queries: int, eps: float = 1e-5):
+        super().__init__()
+        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * width ** -0.5)
+        self.norm_context = nn.LayerNorm(context_dim, eps=eps)
+        self.attn = Attention(width, heads, context_dim=context_dim)
+        self.norm = nn.LayerNorm(width, eps=eps)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, context_dim] -> pooled [B, num_queries, width]."""
+        queries = self.queries.expand(tokens.shape[0], -1, -1)
+        return self.norm(self.attn(queries, context=self.norm_context(tokens)))
