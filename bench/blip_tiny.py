@@ -20,7 +20,7 @@ import vlp
 from clip_tiny import bench_arguments, compare, vocab_batch  # noqa: E402  (bench/ is the script's folder)
 from vlp.config import load_run_config
 from vlp.data.tokenizer import SPECIAL_TOKENS
-from vlp.generate import greedy
+from vlp.generate import Recomputing, greedy
 from vlp.models.blip import GroundedDecoder
 from vlp.nn.attention import KVCache
 
@@ -38,18 +38,11 @@ def naive_step(model, batch):
     return sum(losses.values())
 
 
-class Recomputed(GroundedDecoder):
+def recomputed_logits(model):
     """The decoder without a cache: every step re-runs the whole prefix."""
-
-    def step(self, tokens, state):
-        prefix, image_tokens = state
-        prefix = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
-        states = self.model.decoder(prefix, torch.ones_like(prefix), context=image_tokens)[1]
-        return self.model.lm_head(states[:, -1]), (prefix, image_tokens)
-
-    def reorder(self, state, index):
-        prefix, image_tokens = state
-        return (None if prefix is None else prefix[index]), image_tokens[index]
+    def logits(prefix, image_tokens):
+        return model.lm_head(model.decoder(prefix, torch.ones_like(prefix), context=image_tokens)[1][:, -1])
+    return logits
 
 
 def main() -> None:
@@ -80,10 +73,10 @@ def main() -> None:
         image_tokens = model.visual(images)[1]
     options = dict(max_new_tokens=20, min_new_tokens=20, eos_id=TOKENS["sep"], pad_id=TOKENS["pad"])
     cached = greedy(GroundedDecoder(model), start, (KVCache(), image_tokens, None), **options)
-    uncached = greedy(Recomputed(model), start, (None, image_tokens), **options)
+    uncached = greedy(Recomputing(recomputed_logits(model)), start, (None, image_tokens), **options)
     assert torch.equal(cached, uncached), "KV-cache decoding must give the same tokens"
     decode = {"vlp": lambda: greedy(GroundedDecoder(model), start, (KVCache(), image_tokens, None), **options),
-              "naive": lambda: greedy(Recomputed(model), start, (None, image_tokens), **options)}
+              "naive": lambda: greedy(Recomputing(recomputed_logits(model)), start, (None, image_tokens), **options)}
     rows.append(compare("greedy generation, batch 16 (tokens/s)", decode, args.reps, args.warmup,
                         args.precision, 16 * 20, baseline="naive"))
     for row in rows:

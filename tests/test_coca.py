@@ -9,7 +9,7 @@ import yaml
 
 import vlp
 from vlp.config import load_run_config
-from vlp.generate import generate
+from vlp.generate import Recomputing, generate
 from vlp.train.trainer import Trainer
 
 TOKENS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "enc": 5, "dec": 6, "sot": 7, "eot": 8}
@@ -64,23 +64,6 @@ def test_text_embedding_ignores_padding_and_the_caption_never_sees_cls(model):
     torch.testing.assert_close(states[:, :6], model.unimodal(b["input_ids"], b["attention_mask"])[1][:, :6])
 
 
-class Recomputed:
-    """CoCa's decoder without any cache: every step runs both stacks on the whole prefix."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def step(self, tokens, state):
-        prefix, context = state
-        prefix = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
-        states = self.model.text(prefix, torch.ones_like(prefix))[1]
-        return self.model.caption_logits(states, context)[:, -1], (prefix, context)
-
-    def reorder(self, state, index):
-        prefix, context = state  # beam search expands the rows before the first step
-        return None if prefix is None else prefix.index_select(0, index), context.index_select(0, index)
-
-
 @pytest.mark.parametrize("method, options", [("greedy", {}), ("beam", {"num_beams": 3})])
 def test_cached_generation_equals_recomputing(model, method, options):
     model.eval()
@@ -88,7 +71,9 @@ def test_cached_generation_equals_recomputing(model, method, options):
     cached = model.generate(images, method=method, max_new_tokens=6, **options)
     start = torch.full((3, 1), TOKENS["sot"])
     with torch.no_grad():
-        reference = generate(Recomputed(model), start, (None, model.image_outputs(images)[1]), method,
+        decoder = Recomputing(lambda prefix, context: model.caption_logits(
+            model.text(prefix, torch.ones_like(prefix))[1], context)[:, -1])
+        reference = generate(decoder, start, (None, model.image_outputs(images)[1]), method,
                              max_new_tokens=6, eos_id=TOKENS["eot"], pad_id=TOKENS["pad"], **options)
     assert torch.equal(cached, reference)
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import vlp
-from vlp.generate import beam_search, generate, greedy, nucleus
+from vlp.generate import Recomputing, beam_search, generate, greedy, nucleus
 from vlp.nn.attention import KVCache
 from vlp.nn.text import TextConfig, TextTransformer
 
@@ -40,22 +40,6 @@ class Cached:
         return state[0].reorder(index), state[1][index]
 
 
-class Recomputed:
-    """The reference: every step re-runs the whole sequence, no cache."""
-
-    def __init__(self, lm):
-        self.lm = lm
-
-    def step(self, tokens, state):
-        prefix, context = state
-        prefix = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
-        return self.lm.logits(prefix, context), (prefix, context)
-
-    def reorder(self, state, index):
-        prefix, context = state
-        return (None if prefix is None else prefix[index]), context[index]
-
-
 def inputs(batch=3):
     gen = torch.Generator().manual_seed(1)
     return torch.randint(4, VOCAB, (batch, 2), generator=gen), torch.randn(batch, 5, 8, generator=gen)
@@ -68,7 +52,7 @@ def test_kv_cache_equals_recomputation(method, options):
     seeded = lambda: {"generator": torch.Generator().manual_seed(7)} if method == "nucleus" else {}  # noqa: E731
     cached = generate(Cached(lm), prompt, (KVCache(), context), method, max_new_tokens=12,
                       eos_id=EOS, pad_id=PAD, **options, **seeded())
-    reference = generate(Recomputed(lm), prompt, (None, context), method, max_new_tokens=12,
+    reference = generate(Recomputing(lm.logits), prompt, (None, context), method, max_new_tokens=12,
                          eos_id=EOS, pad_id=PAD, **options, **seeded())
     assert torch.equal(cached, reference)
     assert cached.shape[1] > prompt.shape[1] + 3

@@ -6,6 +6,6 @@ the new state (a key/value cache, the image tokens it attends to, ...); `reorder
 selects or repeats batch rows (beams). The state is opaque to the search.
 """
 
-from vlp.generate.search import Decoder, beam_search, generate, greedy, nucleus
+from vlp.generate.search import Decoder, Recomputing, beam_search, generate, greedy, nucleus
 
-__all__ = ["Decoder", "beam_search", "generate", "greedy", "nucleus"]
+__all__ = ["Decoder", "Recomputing", "beam_search", "generate", "greedy", "nucleus"]

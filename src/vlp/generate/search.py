@@ -18,6 +18,23 @@ class Decoder(Protocol):
         """The state of batch rows `index` (rows may repeat)."""
 
 
+class Recomputing:
+    """A `Decoder` without any cache: each step runs `logits(prefix, context) -> [N, V]` on the
+    whole prefix so far. The reference cached decoders are tested and benchmarked against."""
+
+    def __init__(self, logits: Callable[[torch.Tensor, Any], torch.Tensor]):
+        self.logits = logits
+
+    def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
+        prefix, context = state
+        prefix = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
+        return self.logits(prefix, context), (prefix, context)
+
+    def reorder(self, state: tuple, index: torch.Tensor) -> tuple:
+        prefix, context = state  # beam search may expand the rows before the first step
+        return None if prefix is None else prefix.index_select(0, index), context.index_select(0, index)
+
+
 def adjust_logits(logits: torch.Tensor, tokens: torch.Tensor, generated: int, min_new_tokens: int,
                   eos_id: int, repetition_penalty: float) -> torch.Tensor:
     """Repetition penalty (CTRL, Keskar et al. 2019: logits of tokens already in the sequence

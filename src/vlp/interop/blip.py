@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlp.interop.mapping import Entry, block_entries, pairs
+from vlp.interop.mapping import Entry, block_entries, pairs, require, tower_from_hf, tower_to_hf
 
 VISION_BLOCK = {"attn.qkv.{p}": "self_attn.qkv.{p}", "attn.out.{p}": "self_attn.projection.{p}",
                 "norm1.{p}": "layer_norm1.{p}", "mlp.fc1.{p}": "mlp.fc1.{p}", "mlp.fc2.{p}": "mlp.fc2.{p}",
@@ -66,13 +66,9 @@ def config_from_hf(hf: dict[str, Any], tokens: dict[str, int]) -> tuple[str, dic
     tokenizer's special ids, [DEC] and [SEP] taken from the config where it names them."""
     v, t = hf["vision_config"], hf["text_config"]
     recipe, objectives = TASKS[architecture_of(hf)]
-    vision = {"width": v["hidden_size"], "layers": v["num_hidden_layers"], "heads": v["num_attention_heads"],
-              "mlp_dim": v["intermediate_size"], "act": v.get("hidden_act", "gelu"),
-              "eps": v.get("layer_norm_eps", 1e-5), "pre_norm": True, "image_size": v["image_size"],
+    vision = {**tower_from_hf(v, "gelu", 1e-5), "pre_norm": True, "image_size": v["image_size"],
               "patch_size": v["patch_size"], "pool": "cls", "ln_pre": False, "patch_bias": True, "stem": "patch"}
-    text = {"width": t["hidden_size"], "layers": t["num_hidden_layers"], "heads": t["num_attention_heads"],
-            "mlp_dim": t["intermediate_size"], "act": t.get("hidden_act", "gelu"),
-            "eps": t.get("layer_norm_eps", 1e-12), "pre_norm": False, "vocab_size": t["vocab_size"],
+    text = {**tower_from_hf(t, "gelu", 1e-12), "pre_norm": False, "vocab_size": t["vocab_size"],
             "context_length": t["max_position_embeddings"], "causal": False, "pool": "cls",
             "embed_norm": True, "cross_attention_every": 1}
     named = {"dec": t.get("bos_token_id"), "sep": t.get("sep_token_id"), "pad": t.get("pad_token_id")}
@@ -85,24 +81,15 @@ def config_from_hf(hf: dict[str, Any], tokens: dict[str, int]) -> tuple[str, dic
 def config_to_hf(model: Any, architecture: str) -> dict[str, Any]:
     """transformers `BlipConfig` kwargs of a vlp BLIP; errors name what BLIP cannot express."""
     v, t, tokens = model.cfg.vision, model.cfg.text, model.cfg.tokens
-    expected = {"vision.pre_norm": (v.pre_norm, True), "vision.ln_pre": (v.ln_pre, False),
-                "vision.patch_bias": (v.patch_bias, True), "vision.pool": (v.pool, "cls"),
-                "vision.stem": (v.stem, "patch"), "text.pre_norm": (t.pre_norm, False),
-                "text.embed_norm": (t.embed_norm, True), "text.cross_attention_every": (t.cross_attention_every, 1),
-                "text.cross_attention_from": (t.cross_attention_from, 0)}
-    wrong = {k: got for k, (got, want) in expected.items() if got != want}
-    if wrong:
-        raise ValueError(f"transformers' BLIP cannot express this vlp BLIP: {wrong}")
-
-    def tower(c) -> dict[str, Any]:
-        return {"hidden_size": c.width, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
-                "intermediate_size": c.mlp_dim or int(c.width * c.mlp_ratio), "hidden_act": c.act,
-                "layer_norm_eps": c.eps}
-
-    text = {**tower(t), "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length,
+    require({"vision.pre_norm": (v.pre_norm, True), "vision.ln_pre": (v.ln_pre, False),
+             "vision.patch_bias": (v.patch_bias, True), "vision.pool": (v.pool, "cls"),
+             "vision.stem": (v.stem, "patch"), "text.pre_norm": (t.pre_norm, False),
+             "text.embed_norm": (t.embed_norm, True), "text.cross_attention_every": (t.cross_attention_every, 1),
+             "text.cross_attention_from": (t.cross_attention_from, 0)}, "transformers' BLIP")
+    text = {**tower_to_hf(t), "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length,
             "encoder_hidden_size": v.width, "bos_token_id": tokens["dec"], "sep_token_id": tokens["sep"],
             "pad_token_id": tokens["pad"]}
-    vision = {**tower(v), "image_size": v.image_size, "patch_size": v.patch_size}
+    vision = {**tower_to_hf(v), "image_size": v.image_size, "patch_size": v.patch_size}
     return {"text_config": text, "vision_config": vision, "image_text_hidden_size": model.cfg.contrastive.embed_dim,
             "architectures": [architecture]}
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vlp.interop.mapping import Entry, block_entries, pairs
+from vlp.interop.mapping import Entry, block_entries, pairs, require, tower_from_hf, tower_to_hf
 
 HF_BLOCK = {"attn.qkv.{p}": ("self_attn.q_proj.{p}", "self_attn.k_proj.{p}", "self_attn.v_proj.{p}"),
             "attn.out.{p}": "self_attn.out_proj.{p}", "norm1.{p}": "layer_norm1.{p}",
@@ -27,48 +27,32 @@ def architecture(*_: Any) -> str:
     return "CLIPModel"
 
 
-def _tower(width: int, layers: int, heads: int, mlp_dim: int, act: str, eps: float) -> dict[str, Any]:
-    return {"width": width, "layers": layers, "heads": heads, "mlp_dim": mlp_dim, "act": act, "eps": eps,
-            "pre_norm": True}
-
-
 def config_from_hf(hf: dict[str, Any], tokens: dict[str, int]) -> tuple[str, dict[str, Any]]:
     """(recipe, vlp CLIP config) of a transformers `CLIPConfig` dict."""
     v, t = hf["vision_config"], hf["text_config"]
-    vision = _tower(v["hidden_size"], v["num_hidden_layers"], v["num_attention_heads"],
-                    v["intermediate_size"], v.get("hidden_act", "quick_gelu"), v.get("layer_norm_eps", 1e-5))
-    text = _tower(t["hidden_size"], t["num_hidden_layers"], t["num_attention_heads"],
-                  t["intermediate_size"], t.get("hidden_act", "quick_gelu"), t.get("layer_norm_eps", 1e-5))
     return "clip", {"embed_dim": hf["projection_dim"],
-                    "vision": {**vision, "image_size": v["image_size"], "patch_size": v["patch_size"],
-                               "pool": "cls", "ln_pre": True, "patch_bias": False, "stem": "patch"},
-                    "text": {**text, "vocab_size": t["vocab_size"], "context_length": t["max_position_embeddings"],
-                             "causal": True, "pool": "eos", "embed_norm": False}}
+                    "vision": {**tower_from_hf(v, "quick_gelu", 1e-5), "pre_norm": True, "image_size": v["image_size"],
+                               "patch_size": v["patch_size"], "pool": "cls", "ln_pre": True,
+                               "patch_bias": False, "stem": "patch"},
+                    "text": {**tower_from_hf(t, "quick_gelu", 1e-5), "pre_norm": True, "vocab_size": t["vocab_size"],
+                             "context_length": t["max_position_embeddings"], "causal": True, "pool": "eos",
+                             "embed_norm": False}}
 
 
 def config_to_hf(model: Any, architecture: str) -> dict[str, Any]:
     """transformers `CLIPConfig` kwargs of a vlp CLIP; errors name what HF cannot express."""
     cfg, tokenizer = model.cfg, getattr(model, "tokenizer", None)
     v, t = cfg.vision, cfg.text
-    unsupported = {"vision.pool": (v.pool, "cls"), "vision.ln_pre": (v.ln_pre, True),
-                   "vision.patch_bias": (v.patch_bias, False), "vision.stem": (v.stem, "patch"),
-                   "vision.pre_norm": (v.pre_norm, True), "text.pre_norm": (t.pre_norm, True),
-                   "text.causal": (t.causal, True), "text.pool": (t.pool, "eos"),
-                   "text.embed_norm": (t.embed_norm, False)}
-    wrong = {k: got for k, (got, want) in unsupported.items() if got != want}
-    if wrong:
-        raise ValueError(f"transformers' CLIPModel cannot express this vlp CLIP: {wrong}")
-
-    def tower(c) -> dict[str, Any]:
-        return {"hidden_size": c.width, "num_hidden_layers": c.layers, "num_attention_heads": c.heads,
-                "intermediate_size": c.mlp_dim or int(c.width * c.mlp_ratio), "hidden_act": c.act,
-                "layer_norm_eps": c.eps}
-
-    text = {**tower(t), "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length}
+    require({"vision.pool": (v.pool, "cls"), "vision.ln_pre": (v.ln_pre, True),
+             "vision.patch_bias": (v.patch_bias, False), "vision.stem": (v.stem, "patch"),
+             "vision.pre_norm": (v.pre_norm, True), "text.pre_norm": (t.pre_norm, True),
+             "text.causal": (t.causal, True), "text.pool": (t.pool, "eos"),
+             "text.embed_norm": (t.embed_norm, False)}, "transformers' CLIPModel")
+    text = {**tower_to_hf(t), "vocab_size": t.vocab_size, "max_position_embeddings": t.context_length}
     if tokenizer is not None and tokenizer.eot_id is not None:
         text["eos_token_id"] = tokenizer.eot_id
     return {"projection_dim": cfg.embed_dim, "text_config": text,
-            "vision_config": {**tower(v), "image_size": v.image_size, "patch_size": v.patch_size}}
+            "vision_config": {**tower_to_hf(v), "image_size": v.image_size, "patch_size": v.patch_size}}
 
 
 def hf_entries(model: Any, architecture: str = "CLIPModel") -> list[Entry]:
@@ -96,7 +80,6 @@ def config_from_open_clip(model_cfg: dict[str, Any], tokens: dict[str, int]) -> 
     if "timm_model_name" in v or "hf_model_name" in t or isinstance(v.get("layers"), (list, tuple)):
         raise ValueError("only open_clip's own ViT image and text towers are supported "
                          "(not timm, ResNet or Hugging Face towers)")
-    act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
     unsupported = [k for k in ("attentional_pool", "no_ln_pre", "final_ln_after_pool", "ls_init_value",
                                "patch_dropout", "pos_embed_type")
                    if v.get(k) not in (None, False, 0, 0.0, "learnable")]
@@ -106,16 +89,17 @@ def config_from_open_clip(model_cfg: dict[str, Any], tokens: dict[str, int]) -> 
         unsupported.append("pool_type")
     if unsupported:
         raise ValueError(f"open_clip options vlp does not map: {sorted(set(unsupported))}")
-    eps = 1e-5
     vw, tw = v.get("width", 768), t.get("width", 512)
-    vision = _tower(vw, v.get("layers", 12), vw // v.get("head_width", 64), int(vw * v.get("mlp_ratio", 4.0)),
-                    act, eps)
-    text = _tower(tw, t.get("layers", 12), t.get("heads", 8), int(tw * t.get("mlp_ratio", 4.0)), act, eps)
+    vision = {"width": vw, "layers": v.get("layers", 12), "heads": vw // v.get("head_width", 64),
+              "mlp_dim": int(vw * v.get("mlp_ratio", 4.0))}
+    text = {"width": tw, "layers": t.get("layers", 12), "heads": t.get("heads", 8),
+            "mlp_dim": int(tw * t.get("mlp_ratio", 4.0))}
+    common = {"act": "quick_gelu" if model_cfg.get("quick_gelu") else "gelu", "eps": 1e-5, "pre_norm": True}
     return "clip", {"embed_dim": model_cfg["embed_dim"],
-                    "vision": {**vision, "image_size": v.get("image_size", 224),
+                    "vision": {**vision, **common, "image_size": v.get("image_size", 224),
                                "patch_size": v.get("patch_size", 16), "pool": "cls", "ln_pre": True,
                                "patch_bias": False, "stem": "patch"},
-                    "text": {**text, "vocab_size": t.get("vocab_size", 49408),
+                    "text": {**text, **common, "vocab_size": t.get("vocab_size", 49408),
                              "context_length": t.get("context_length", 77), "causal": True, "pool": "eos",
                              "embed_norm": False}}
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -42,6 +43,28 @@ class Report:
         import warnings
 
         warnings.warn(message, stacklevel=3)
+
+
+def require(settings: dict[str, tuple[Any, Any]], target: str) -> None:
+    """Fail, naming them, on the vlp config values (key: (value, the one `target` needs)) that
+    the target format cannot express."""
+    wrong = {key: got for key, (got, want) in settings.items() if got != want}
+    if wrong:
+        raise ValueError(f"{target} cannot express this vlp model: {wrong}")
+
+
+def tower_from_hf(hf: dict[str, Any], act: str, eps: float) -> dict[str, Any]:
+    """vlp transformer sizes of a transformers tower config (defaults for absent act/eps)."""
+    return {"width": hf["hidden_size"], "layers": hf["num_hidden_layers"], "heads": hf["num_attention_heads"],
+            "mlp_dim": hf["intermediate_size"], "act": hf.get("hidden_act", act),
+            "eps": hf.get("layer_norm_eps", eps)}
+
+
+def tower_to_hf(cfg: Any) -> dict[str, Any]:
+    """transformers names of a vlp tower's sizes."""
+    return {"hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+            "intermediate_size": cfg.mlp_dim or int(cfg.width * cfg.mlp_ratio), "hidden_act": cfg.act,
+            "layer_norm_eps": cfg.eps}
 
 
 def block_entries(vlp_prefix: str, src_prefix: str, layers: int,
