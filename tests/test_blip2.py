@@ -102,7 +102,7 @@ def blip2_config(tmp_path, shapes_dir):
     return path
 
 
-def test_stage1_trains_the_qformer_and_never_the_frozen_image_encoder(tmp_path, blip2_config):
+def test_stage1_trains_the_qformer_and_never_the_frozen_image_encoder(tmp_path, blip2_config, shapes_dir):
     trainer = Trainer(load_run_config("blip2_stage1", blip2_config), tmp_path / "run", progress=False)
     before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
     trainer.fit()
@@ -115,6 +115,12 @@ def test_stage1_trains_the_qformer_and_never_the_frozen_image_encoder(tmp_path, 
     assert not any(id(p) in optimised for p in trainer.model.visual.parameters())
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert all({"itc", "itg", "itm"} <= set(r) for r in records if "loss" in r)
+    from vlp.eval.run import evaluate
+
+    results = evaluate(vlp.load(tmp_path / "run"), shapes_dir, tasks=["zeroshot", "retrieval", "probe"], k_test=3)
+    assert {"i2t_R@1", "t2i_R@10"} <= set(results["retrieval"]) and results["retrieval_itm"]["k_test"] == 3
+    assert {"color_top1", "shape_top1"} <= set(results["zeroshot"])
+    assert {"accuracy", "itm_accuracy"} <= set(results["probe"])
 
 
 def test_stage1_losses_give_gradients_to_everything_but_the_image_encoder():

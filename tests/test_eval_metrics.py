@@ -1,3 +1,4 @@
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -76,3 +77,18 @@ def test_zeroshot_known_answer():
 def test_swap_probe():
     true, false = torch.tensor([0.9, 0.2, 0.5]), torch.tensor([0.1, 0.7, 0.5])  # a tie is a miss
     assert abs(swap_probe_accuracy(true, false) - 100 / 3) < 1e-4
+
+
+def test_recall_with_a_max_over_queries_similarity_matches_brute_force():
+    from vlp.losses.itc import max_query_similarity
+
+    gen = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(7, 3, 5, generator=gen), dim=-1)  # 3 query embeddings each
+    texts = F.normalize(torch.randn(14, 5, generator=gen), dim=-1)
+    owner = torch.arange(7).repeat_interleave(2)
+    full = max_query_similarity(images, texts)  # [7, 14], computed at once
+    i2t_hit = owner[full.argmax(dim=1)] == torch.arange(7)
+    t2i_hit = full.T.argmax(dim=1) == owner
+    metrics = recall_at_k(images, texts, owner, ks=(1,), block=2, similarity=max_query_similarity)
+    assert metrics["i2t_R@1"] == pytest.approx(100 * i2t_hit.float().mean().item())
+    assert metrics["t2i_R@1"] == pytest.approx(100 * t2i_hit.float().mean().item())

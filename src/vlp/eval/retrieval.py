@@ -11,25 +11,39 @@ from collections.abc import Callable
 
 import torch
 
+from vlp.losses.itc import dot_similarity
 
-def blockwise_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int,
-                   block: int = 1024) -> torch.Tensor:
-    """Indices [Q, k] of each query's k most similar gallery items (dot product), best first."""
+
+Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def blockwise_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, block: int = 1024,
+                   similarity: Similarity = dot_similarity) -> torch.Tensor:
+    """Indices [Q, k] of each query's k most similar gallery items, best first;
+    `similarity(query_block, gallery) -> [q, G]` (default: dot product)."""
     k = min(k, gallery.shape[0])
-    return torch.cat([(queries[i:i + block] @ gallery.T).topk(k, dim=1).indices
+    return torch.cat([similarity(queries[i:i + block], gallery).topk(k, dim=1).indices
                       for i in range(0, queries.shape[0], block)])
 
 
+def directed(similarity: Similarity) -> tuple[Similarity, Similarity]:
+    """(image->text, text->image) query-vs-gallery scores of an image-text `similarity`."""
+    return similarity, lambda texts, images: similarity(images, texts).T
+
+
 def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
-                ks: tuple[int, ...] = (1, 5, 10), block: int = 1024) -> dict[str, float]:
+                ks: tuple[int, ...] = (1, 5, 10), block: int = 1024,
+                similarity: Similarity = dot_similarity) -> dict[str, float]:
     """R@K (in %) for image->text (a hit is any caption of the image) and text->image.
 
-    `text_image[j]` is the index of the image that text j describes.
+    `text_image[j]` is the index of the image that text j describes; `similarity(images, texts)`
+    scores embeddings (BLIP-2: the best of an image's query embeddings).
     """
     kmax = max(ks)
     image_ids = torch.arange(image_emb.shape[0])
-    i2t = text_image[blockwise_topk(image_emb, text_emb, kmax, block)] == image_ids[:, None]
-    t2i = blockwise_topk(text_emb, image_emb, kmax, block) == text_image[:, None]
+    i2t_sim, t2i_sim = directed(similarity)
+    i2t = text_image[blockwise_topk(image_emb, text_emb, kmax, block, i2t_sim)] == image_ids[:, None]
+    t2i = blockwise_topk(text_emb, image_emb, kmax, block, t2i_sim) == text_image[:, None]
     metrics = {}
     for direction, hits in (("i2t", i2t), ("t2i", t2i)):
         for k in ks:
@@ -40,15 +54,17 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: tor
 
 def reranked_recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
                          score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k_test: int = 16,
-                         ks: tuple[int, ...] = (1, 5, 10), block: int = 1024) -> dict[str, float]:
+                         ks: tuple[int, ...] = (1, 5, 10), block: int = 1024,
+                         similarity: Similarity = dot_similarity) -> dict[str, float]:
     """R@K after re-ranking each query's ITC top-`k_test` by `score(image_idx, text_idx)` (an ITM
     match score per pair), as ALBEF/BLIP evaluate retrieval; items outside the shortlist keep
     their ITC order after it. Cost: k_test fusion passes per query, in both directions.
     """
-    image_ids = torch.arange(image_emb.shape[0])
-    i2t = _rerank(blockwise_topk(image_emb, text_emb, max(k_test, max(ks)), block), k_test,
+    image_ids, shortlist = torch.arange(image_emb.shape[0]), max(k_test, max(ks))
+    i2t_sim, t2i_sim = directed(similarity)
+    i2t = _rerank(blockwise_topk(image_emb, text_emb, shortlist, block, i2t_sim), k_test,
                   lambda q, c: score(q, c))
-    t2i = _rerank(blockwise_topk(text_emb, image_emb, max(k_test, max(ks)), block), k_test,
+    t2i = _rerank(blockwise_topk(text_emb, image_emb, shortlist, block, t2i_sim), k_test,
                   lambda q, c: score(c, q))
     hits = {"i2t": text_image[i2t] == image_ids[:, None], "t2i": t2i == text_image[:, None]}
     metrics = {f"{direction}_R@{k}": 100.0 * h[:, :k].any(dim=1).float().mean().item()

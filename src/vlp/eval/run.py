@@ -27,11 +27,26 @@ from vlp.data.transforms import eval_transform
 from vlp.eval.probe import swap_probe_accuracy
 from vlp.eval.retrieval import blockwise_topk, recall_at_k, reranked_recall_at_k
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
+from vlp.losses.itc import dot_similarity
 from vlp.models.registry import text_config
 
 TASKS = ("zeroshot", "retrieval", "probe", "caption", "vqa")
 console = Console()
 DEFAULT_DECODING = {"method": "beam", "num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 3}
+
+
+def similarity_of(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """How a model scores its image embeddings against its text embeddings (default: dot)."""
+    return getattr(model, "embedding_similarity", dot_similarity)
+
+
+def paired(similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+           block: int = 256) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Row i of the images against row i of the texts, for any image-text `similarity`."""
+    def scores(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        return torch.cat([similarity(images[i:i + block], texts[i:i + block]).diagonal()
+                          for i in range(0, len(images), block)])
+    return scores
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -88,7 +103,7 @@ def zeroshot(model: nn.Module, data: Path, info: dict[str, Any]) -> dict[str, fl
     for task, names in info["classes"].items():
         class_emb = class_embeddings(lambda t: embed_texts(model, t), names, info["prompt_templates"])
         labels = torch.tensor([names.index(dataset.meta(i)["labels"][task]) for i in kept])
-        results[f"{task}_top1"] = zeroshot_accuracy(image_emb, labels, class_emb)
+        results[f"{task}_top1"] = zeroshot_accuracy(image_emb, labels, class_emb, similarity_of(model))
     return results
 
 
@@ -110,14 +125,14 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
     image_emb, kept, _ = embed_images(model, dataset)
     texts, owner = _texts_of(dataset, kept)
     text_emb = embed_texts(model, texts)
-    metrics = recall_at_k(image_emb, text_emb, owner)
+    metrics = recall_at_k(image_emb, text_emb, owner, similarity=similarity_of(model))
     metrics["seconds"] = time.perf_counter() - start
     reranked = None
     if k_test and hasattr(model, "itm_score"):
         reranked = _itm_reranked(model, dataset, image_emb, texts, owner, text_emb, k_test)
     shown = []
     if examples:
-        top = blockwise_topk(image_emb[:examples], text_emb, 5)
+        top = blockwise_topk(image_emb[:examples], text_emb, 5, similarity=similarity_of(model))
         for row, indices in enumerate(top.tolist()):
             shown.append({"index": kept[row], "truth": dataset.captions(kept[row]),
                           "top5": [{"caption": texts[j], "correct": int(owner[j]) == row} for j in indices]})
@@ -132,7 +147,7 @@ def _itm_scorer(model: nn.Module, dataset: CaptionDataset, texts: list[str],
 
     Keeps every image's tokens in memory (fine for evaluation splits of a few thousand images).
     """
-    tokens = torch.cat([model.visual(images)[1].cpu() for _, images in image_batches(model, dataset, [])])
+    tokens = torch.cat([model.itm_image_tokens(images).cpu() for _, images in image_batches(model, dataset, [])])
     encoded = model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
     device = next(model.parameters()).device
 
@@ -158,7 +173,7 @@ def _itm_reranked(model: nn.Module, dataset: CaptionDataset, image_emb: torch.Te
         pairs += len(image_idx)
         return itm(image_idx, text_idx)
 
-    metrics = reranked_recall_at_k(image_emb, text_emb, owner, score, k_test)
+    metrics = reranked_recall_at_k(image_emb, text_emb, owner, score, k_test, similarity=similarity_of(model))
     metrics.update(extra_seconds=time.perf_counter() - start, k_test=k_test, itm_pairs=pairs)
     return metrics
 
@@ -215,8 +230,8 @@ def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
         return {}
     owner = torch.tensor([row for row, _ in pairs])
     true, false = [swap["true"] for _, swap in pairs], [swap["false"] for _, swap in pairs]
-    images = image_emb[owner]
-    scores = {"": ((images * embed_texts(model, true)).sum(1), (images * embed_texts(model, false)).sum(1))}
+    images, pairwise = image_emb[owner], paired(similarity_of(model))
+    scores = {"": (pairwise(images, embed_texts(model, true)), pairwise(images, embed_texts(model, false)))}
     if hasattr(model, "itm_score"):
         itm, rows = _itm_scorer(model, dataset, true + false), torch.arange(len(pairs))
         scores["itm_"] = (itm(owner, rows), itm(owner, rows + len(pairs)))

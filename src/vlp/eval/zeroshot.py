@@ -7,6 +7,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from vlp.losses.itc import dot_similarity
+
 
 def class_embeddings(embed_texts: Callable[[list[str]], torch.Tensor], class_names: list[str],
                      templates: list[str]) -> torch.Tensor:
@@ -16,7 +18,8 @@ def class_embeddings(embed_texts: Callable[[list[str]], torch.Tensor], class_nam
     return F.normalize(emb.mean(dim=1), dim=-1)
 
 
-def zeroshot_accuracy(image_emb: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor) -> float:
-    """Top-1 accuracy (%) of the nearest class embedding."""
-    predictions = (image_emb @ class_emb.T).argmax(dim=1)
+def zeroshot_accuracy(image_emb: torch.Tensor, labels: torch.Tensor, class_emb: torch.Tensor,
+                      similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dot_similarity) -> float:
+    """Top-1 accuracy (%) of the nearest class embedding (`similarity(images, classes)`)."""
+    predictions = similarity(image_emb, class_emb).argmax(dim=1)
     return 100.0 * (predictions == labels).float().mean().item()

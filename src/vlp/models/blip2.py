@@ -49,7 +49,8 @@ class BLIP2Config:
 class BLIP2Stage1(nn.Module):
     tokenizer_style = "bert"
     text_section = "qformer"  # the config section whose vocab_size follows the tokenizer
-    eval_tasks: tuple[str, ...] = ()
+    eval_tasks = ("zeroshot", "retrieval", "probe")
+    embedding_similarity = staticmethod(max_query_similarity)  # image embeddings are [B, Q, D]
 
     def __init__(self, cfg: BLIP2Config):
         super().__init__()
@@ -94,6 +95,15 @@ class BLIP2Stage1(nn.Module):
 
     def scale(self) -> torch.Tensor:
         return self.logit_scale.exp().clamp(max=100.0)
+
+    def itm_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """What `itm_score` takes of an image: the frozen encoder's features."""
+        return self.image_features(images)
+
+    def itm_score(self, image_feats: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+        """Match probability of each (image, text) pair."""
+        return self.itm_logits(image_feats, input_ids, attention_mask).softmax(dim=-1)[:, 1]
 
     def itm_logits(self, image_feats: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor) -> torch.Tensor:

@@ -150,6 +150,10 @@ class FusionModel(nn.Module):
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         return self.contrast.scale() * image_emb @ text_emb.T
 
+    def itm_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """What `itm_score` takes of an image: the ViT's tokens."""
+        return self.visual(images)[1]
+
     def align(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Unimodal pass and ITC: image tokens, text states, features, momentum outputs, loss."""
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
