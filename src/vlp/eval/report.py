@@ -36,11 +36,16 @@ def _curves(records: list[dict[str, Any]]) -> str:
     ax_loss.set(title="training loss", xlabel="step", yscale="log")
     ax_lr.plot(steps, [r["lr"] for r in records], color="tab:orange")
     ax_lr.set(title="learning rate", xlabel="step")
+    return figure_html(fig, "training curves")
+
+
+def figure_html(fig: plt.Figure, alt: str) -> str:
+    """A matplotlib figure as an inline <img> (the figure is closed)."""
     fig.tight_layout()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    return f'<img alt="training curves" src="{_png_data_uri(buffer.getvalue())}">'
+    return f'<img alt="{html.escape(alt)}" src="{_png_data_uri(buffer.getvalue())}">'
 
 
 def _eval_table(results: dict[str, Any]) -> str:

@@ -257,3 +257,14 @@ class Trainer:
                     self._save()
         self._report_skips(self.epoch)
         return values
+
+
+def train_run(recipe: str, out: Path, config: Path | None = None, overrides: list[str] | None = None,
+              init: Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, float]:
+    """What `vlp train` does: the run config (with `init`, the pretrained run's architecture,
+    see `load_run_config`), then training; returns the last logged values."""
+    from vlp.config import load_run_config, load_yaml
+
+    pretrained = load_yaml(ckpt.run_of(init) / "config.yaml") if init is not None else None
+    cfg = load_run_config(recipe, config, list(overrides or []), pretrained=pretrained)
+    return Trainer(cfg, out, resume=resume, init=init, progress=progress).fit()

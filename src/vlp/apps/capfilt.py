@@ -1,0 +1,266 @@
+"""CapFilt (BLIP, Li et al. 2022, Sec. 3.3): bootstrap a cleaner data set with a captioner and a
+filter fine-tuned from one pretrained model on a small clean set.
+
+For every image of the noisy set the captioner samples synthetic captions (nucleus sampling by
+default, which the paper found better than beam search for all its noise), then the filter
+keeps, among the web caption(s) and the synthetic ones, those whose ITM match probability
+reaches a threshold. BLIP-2's variant (Sec. 3.4 of its paper) ranks all candidates with a CLIP
+model instead and keeps the best `keep`.
+
+The output is a JSONL data set (`train.jsonl`, images under `images/`) whose lines carry the
+source sample's metadata and a `provenance` list: every candidate with its `source` (web or
+synthetic), `score` and whether it was `kept`. Work is done in parts of `chunk` samples, each
+written atomically: a killed run continues where it stopped, with the same output (sampling is
+seeded per part).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vlp.data.formats import CaptionDataset
+from vlp.data.sample import Skipped
+
+Captioner = Callable[[list[Any], torch.Generator], list[list[str]]]  # images -> captions per image
+Scorer = Callable[[list[Any], list[list[str]]], list[list[float]]]  # images, candidates -> scores
+
+
+@dataclass
+class CapFiltOptions:
+    synthetic: int = 1  # captions sampled per image (BLIP: 1)
+    method: str = "nucleus"  # nucleus | beam
+    top_p: float = 0.9
+    threshold: float = 0.5  # ITM match probability a caption needs (itm mode)
+    mode: str = "itm"  # itm: BLIP's filter | rank: BLIP-2's CLIP ranking, keep the best `keep`
+    keep: int = 2
+    chunk: int = 512  # samples per resumable part
+    batch_size: int = 64
+    seed: int = 0
+    limit: int | None = None  # only the first `limit` samples
+
+
+def select(candidates: Sequence[dict[str, Any]], options: CapFiltOptions) -> list[bool]:
+    """Which scored candidates ({"text", "source", "score"}) to keep: score >= threshold (itm),
+    or the `keep` best (rank)."""
+    if options.mode == "itm":
+        return [c["score"] >= options.threshold for c in candidates]
+    if options.mode == "rank":
+        best = sorted(range(len(candidates)), key=lambda i: -candidates[i]["score"])[:options.keep]
+        return [i in best for i in range(len(candidates))]
+    raise ValueError(f"CapFilt mode must be 'itm' or 'rank', got {options.mode!r}")
+
+
+def bootstrap(dataset: CaptionDataset, out: Path, captioner: Captioner, scorer: Scorer,
+              options: CapFiltOptions, stop_after: int | None = None,
+              progress: Callable[[int], None] | None = None) -> Path:
+    """Write `out/train.jsonl` (and `out/images/`) from `dataset`. Parts already in `out/parts`
+    are kept (resume, with the same options only); `stop_after` parts simulates a kill (tests).
+    `progress(n)` is called with the number of samples of each finished part."""
+    parts_dir, images_dir = out / "parts", out / "images"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    images_dir.mkdir(exist_ok=True)
+    _check_options(out / "capfilt_options.json", options)
+    total = min(len(dataset), options.limit or len(dataset))
+    for number, start in enumerate(range(0, total, options.chunk)):
+        part, indices = parts_dir / f"part_{number:05d}.jsonl", range(start, min(start + options.chunk, total))
+        if not part.is_file():
+            if stop_after is not None and number >= stop_after:
+                return out
+            records = _process(dataset, indices, images_dir, captioner, scorer, options,
+                               torch.Generator().manual_seed(options.seed * 100_003 + number))
+            _write_atomic(part, "".join(json.dumps(record) + "\n" for record in records))
+        if progress is not None:
+            progress(len(indices))
+    kept = [line for p in sorted(parts_dir.glob("part_*.jsonl")) for line in p.read_text().splitlines()
+            if json.loads(line)["caption"]]
+    _write_atomic(out / "train.jsonl", "".join(line + "\n" for line in kept))
+    return out
+
+
+def _check_options(path: Path, options: CapFiltOptions) -> None:
+    """Record the options of a run; a resumed run must use the same ones."""
+    current = asdict(options)
+    if path.is_file() and json.loads(path.read_text()) != current:
+        raise ValueError(f"{path.parent} was started with other CapFilt options ({path}); "
+                         "use a new --out or the same options to resume")
+    _write_atomic(path, json.dumps(current, indent=2))
+
+
+def _process(dataset: CaptionDataset, indices: range, images_dir: Path, captioner: Captioner, scorer: Scorer,
+             options: CapFiltOptions, generator: torch.Generator) -> list[dict[str, Any]]:
+    """One record per readable sample: its metadata, the kept captions and every candidate's
+    provenance; the image is written where any caption is kept."""
+    records = []
+    for batch_start in range(indices.start, indices.stop, options.batch_size):
+        batch = [(i, dataset[i]) for i in range(batch_start, min(batch_start + options.batch_size, indices.stop))]
+        batch = [(i, sample) for i, sample in batch if not isinstance(sample, Skipped)]
+        if not batch:
+            continue
+        images = [sample.image for _, sample in batch]
+        synthetic = captioner(images, generator)
+        candidates = [[{"text": t, "source": "web"} for t in sample.captions] +
+                      [{"text": t, "source": "synthetic"} for t in generated]
+                      for (_, sample), generated in zip(batch, synthetic)]
+        scores = scorer(images, [[c["text"] for c in group] for group in candidates])
+        for (index, sample), group, group_scores in zip(batch, candidates, scores):
+            for candidate, score in zip(group, group_scores):
+                candidate["score"] = round(float(score), 6)
+            for candidate, kept in zip(group, select(group, options)):
+                candidate["kept"] = bool(kept)
+            record = {**sample.meta, "image": f"images/{index:08d}.png", "source_index": index,
+                      "caption": [c["text"] for c in group if c["kept"]], "provenance": group}
+            if record["caption"]:
+                sample.image.save(images_dir / f"{index:08d}.png")
+            records.append(record)
+    return records
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def summarize(out: Path, thresholds: Sequence[float] = tuple(i / 20 for i in range(21))) -> dict[str, Any]:
+    """Counts of the bootstrapped set and, where the source flags noisy captions (shapes world),
+    the filter's precision and recall at removing them, at the chosen threshold and over a
+    range of thresholds (the precision/recall curve; itm mode)."""
+    records = [json.loads(line) for p in sorted((out / "parts").glob("part_*.jsonl"))
+               for line in p.read_text().splitlines()]
+    candidates = [(c, r.get("noisy")) for r in records for c in r["provenance"]]
+    web = [(c, noisy) for c, noisy in candidates if c["source"] == "web"]
+    synthetic = [c for c, _ in candidates if c["source"] == "synthetic"]
+    stats: dict[str, Any] = {
+        "images": len(records), "images_kept": sum(bool(r["caption"]) for r in records),
+        "web_captions": len(web), "web_removed": sum(not c["kept"] for c, _ in web),
+        "synthetic_generated": len(synthetic), "synthetic_added": sum(c["kept"] for c in synthetic)}
+    flagged = [(c, bool(noisy)) for c, noisy in web if noisy is not None]
+    if flagged:
+        noisy = [n for _, n in flagged]
+        stats["filter_at_threshold"] = _precision_recall([not c["kept"] for c, _ in flagged], noisy)
+        stats["filter_curve"] = [{"threshold": t, **_precision_recall([c["score"] < t for c, _ in flagged], noisy)}
+                                 for t in thresholds]
+    return stats
+
+
+def _precision_recall(removed: list[bool], noisy: list[bool]) -> dict[str, float]:
+    """Precision and recall (%) of removing noisy captions."""
+    hits = sum(r and n for r, n in zip(removed, noisy))
+    return {"precision": 100.0 * hits / max(sum(removed), 1), "recall": 100.0 * hits / max(sum(noisy), 1),
+            "removed": sum(removed)}
+
+
+def _image_batch(model: Any, images: list[Any]) -> torch.Tensor:
+    from vlp.data.transforms import eval_transform
+
+    transform = eval_transform(model.cfg.vision.image_size)
+    device = next(model.parameters()).device
+    return torch.stack([transform(image.convert("RGB")) for image in images]).to(device)
+
+
+def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
+    """`options.synthetic` captions per image from a vlp captioner (nucleus sampling with the
+    part's generator, or beam search: then one caption, repeated)."""
+    import vlp
+
+    decoding = ({"method": "nucleus", "top_p": options.top_p} if options.method == "nucleus"
+                else {"method": "beam", "num_beams": 3})
+
+    @torch.no_grad()
+    def caption(images: list[Any], generator: torch.Generator) -> list[list[str]]:
+        batch = _image_batch(model, images).repeat_interleave(options.synthetic, dim=0)
+        extra = {"generator": generator} if options.method == "nucleus" else {}
+        texts = vlp.caption(model, batch, max_new_tokens=20, min_new_tokens=3, **decoding, **extra)
+        k = options.synthetic
+        return [texts[i * k:(i + 1) * k] for i in range(len(images))]
+
+    return caption
+
+
+def _flatten(candidates: list[list[str]]) -> tuple[list[str], torch.Tensor]:
+    texts = [t for group in candidates for t in group]
+    rows = torch.tensor([i for i, group in enumerate(candidates) for _ in group])
+    return texts, rows
+
+
+def _regroup(scores: torch.Tensor, candidates: list[list[str]]) -> list[list[float]]:
+    return [chunk.tolist() for chunk in scores.split([len(group) for group in candidates])]
+
+
+def itm_scorer(model: Any) -> Scorer:
+    """BLIP's filter: the ITM match probability of each (image, candidate caption)."""
+    @torch.no_grad()
+    def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
+        from vlp.models.registry import text_config
+
+        tokens = model.itm_image_tokens(_image_batch(model, images))
+        texts, rows = _flatten(candidates)
+        encoded = model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
+        device = tokens.device
+        probs = model.itm_score(tokens[rows.to(device)], encoded["input_ids"].to(device),
+                                encoded["attention_mask"].to(device))
+        return _regroup(probs.cpu(), candidates)
+
+    return score
+
+
+def embedding_scorer(model: Any) -> Scorer:
+    """BLIP-2's ranking: the image-text similarity of a contrastive model (CLIP)."""
+    @torch.no_grad()
+    def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
+        from vlp.eval.run import embed_texts
+
+        image_emb = model.encode_image(_image_batch(model, images)).cpu()
+        texts, rows = _flatten(candidates)
+        return _regroup((image_emb[rows] * embed_texts(model, texts)).sum(dim=1), candidates)
+
+    return score
+
+
+def fine_tune(init: Path, clean: Path, out: Path, steps: int, progress: bool = True) -> tuple[Path, Path]:
+    """The captioner (`blip_caption`) and the filter (`blip_retrieval`) fine-tuned from `init` on
+    the clean set (its `clean` split, as the shipped configs say); finished runs are reused,
+    interrupted ones resumed."""
+    from vlp.train.checkpoint import latest_checkpoint, load_state
+    from vlp.train.trainer import train_run
+
+    runs = []
+    for recipe, name in (("blip_caption", "captioner"), ("blip_retrieval", "filter")):
+        run, checkpoint = out / name, latest_checkpoint(out / name)
+        if checkpoint is None or load_state(checkpoint)["step"] < steps:
+            train_run(recipe, run, overrides=[f"data.path={clean}", f"train.steps={steps}"], init=init,
+                      resume=checkpoint is not None, progress=progress)
+        runs.append(run)
+    return runs[0], runs[1]
+
+
+def write_report(out: Path, stats: dict[str, Any]) -> Path:
+    """out/report.html: the counts and, with noise flags, the filter's precision/recall curve."""
+    import html
+
+    import matplotlib.pyplot as plt
+
+    from vlp.eval.report import STYLE, figure_html
+
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in stats.items()
+                   if not isinstance(v, (dict, list)))
+    parts = [f"<h1>CapFilt: {html.escape(out.name)}</h1><table>{rows}</table>"]
+    if "filter_curve" in stats:
+        curve, chosen = stats["filter_curve"], stats["filter_at_threshold"]
+        fig, ax = plt.subplots(figsize=(5, 4))
+        ax.plot([p["recall"] for p in curve], [p["precision"] for p in curve], marker=".")
+        ax.plot([chosen["recall"]], [chosen["precision"]], "o", color="tab:red", label="chosen threshold")
+        ax.set(title="filter: removing noisy web captions", xlabel="recall (%)", ylabel="precision (%)")
+        ax.legend()
+        parts.append(f"<p>At the chosen threshold: precision {chosen['precision']:.1f} %, recall "
+                     f"{chosen['recall']:.1f} %.</p>" + figure_html(fig, "precision/recall curve"))
+    path = out / "report.html"
+    path.write_text(f"<!doctype html><meta charset=utf-8><style>{STYLE}</style>{''.join(parts)}")
+    return path

@@ -1,0 +1,106 @@
+"""CapFilt: which captions a known filter keeps, provenance, resume after a kill, and the
+command end to end on tiny models."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from vlp.apps.capfilt import CapFiltOptions, bootstrap, select, summarize
+from vlp.cli import app
+from vlp.data.formats import open_dataset
+
+
+@pytest.fixture(scope="module")
+def noisy_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("noisy")
+    args = ["data", "shapes", "--out", str(out), "--image-size", "32", "--vocab-size", "512", "--noise", "0.4",
+            "--train", "40", "--val", "2", "--test", "8", "--clean", "16", "--classify", "8", "--compositional", "2"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_select_by_threshold_and_by_rank():
+    candidates = [{"score": s} for s in (0.9, 0.2, 0.5, 0.7)]
+    assert select(candidates, CapFiltOptions(threshold=0.5)) == [True, False, True, True]
+    assert select(candidates, CapFiltOptions(mode="rank", keep=2)) == [True, False, False, True]
+    with pytest.raises(ValueError, match="mode"):
+        select(candidates, CapFiltOptions(mode="vote"))
+
+
+def known_models(dataset):
+    """A captioner whose captions carry a number drawn from the part's generator, and a filter
+    that scores exactly the noisy web captions low."""
+    noisy = {c for i in range(len(dataset)) if dataset.meta(i)["noisy"] for c in dataset.captions(i)}
+
+    def captioner(images, generator):
+        return [[f"synthetic {torch.randint(1000, (1,), generator=generator).item()}", "bad synthetic"]
+                for _ in images]
+
+    def scorer(images, candidates):
+        return [[0.1 if text in noisy or text.startswith("bad") else 0.9 for text in group] for group in candidates]
+
+    return captioner, scorer, noisy
+
+
+def test_known_filter_keeps_exactly_the_clean_web_and_good_synthetic_captions(tmp_path, noisy_dir):
+    dataset = open_dataset(noisy_dir, split="train")
+    captioner, scorer, noisy = known_models(dataset)
+    bootstrap(dataset, tmp_path, captioner, scorer, CapFiltOptions(chunk=16, batch_size=8))
+    lines = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert len(lines) == len(dataset) and noisy  # every image keeps its synthetic caption
+    for line in lines:
+        web = dataset.captions(line["source_index"])[0]
+        expected = ([] if web in noisy else [web]) + [c for c in line["caption"] if c.startswith("synthetic")]
+        assert line["caption"] == expected and len(expected) == (1 if web in noisy else 2)
+        assert [c["source"] for c in line["provenance"]] == ["web", "synthetic", "synthetic"]
+        assert [c["kept"] for c in line["provenance"]] == [web not in noisy, True, False]
+        assert all(set(c) == {"text", "source", "score", "kept"} for c in line["provenance"])
+        assert line["noisy"] == (web in noisy) and (tmp_path / line["image"]).is_file()
+    stats = summarize(tmp_path)
+    assert stats["web_removed"] == sum(line["noisy"] for line in lines) and stats["synthetic_added"] == len(lines)
+    assert stats["filter_at_threshold"]["precision"] == 100.0 and stats["filter_at_threshold"]["recall"] == 100.0
+    reread = open_dataset(tmp_path, split="train")  # the output is a data set vlp reads
+    assert len(reread) == len(lines) and reread.captions(0) == lines[0]["caption"]
+
+
+def test_resume_after_a_kill_gives_the_uninterrupted_output(tmp_path, noisy_dir):
+    dataset = open_dataset(noisy_dir, split="train")
+    captioner, scorer, _ = known_models(dataset)
+    options = CapFiltOptions(chunk=16, batch_size=8, seed=3)
+    bootstrap(dataset, tmp_path / "straight", captioner, scorer, options)
+    bootstrap(dataset, tmp_path / "killed", captioner, scorer, options, stop_after=1)
+    assert not (tmp_path / "killed" / "train.jsonl").exists()
+    assert len(list((tmp_path / "killed" / "parts").glob("part_*.jsonl"))) == 1
+    bootstrap(dataset, tmp_path / "killed", captioner, scorer, options)
+    assert (tmp_path / "killed" / "train.jsonl").read_text() == (tmp_path / "straight" / "train.jsonl").read_text()
+    with pytest.raises(ValueError, match="other CapFilt options"):
+        bootstrap(dataset, tmp_path / "killed", captioner, scorer, CapFiltOptions(chunk=8))
+
+
+def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
+    from tests.test_fusion_models import model_config
+
+    model = model_config("blip")
+    model.pop("tokens")
+    model["text"].pop("vocab_size")
+    config = {"recipe": "blip", "model": model, "data": {"path": str(noisy_dir), "batch_size": 8, "workers": 0},
+              "train": {"steps": 2, "warmup": 1, "log_every": 1, "ckpt_every": 2}}
+    (tmp_path / "blip.yaml").write_text(yaml.safe_dump(config))
+    runner = CliRunner()
+    result = runner.invoke(app, ["train", "blip", "--config", str(tmp_path / "blip.yaml"), "--out",
+                                 str(tmp_path / "blip"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    args = ["capfilt", "--init", str(tmp_path / "blip"), "--data", str(noisy_dir), "--clean", str(noisy_dir),
+            "--out", str(tmp_path / "boot"), "--steps", "2", "--limit", "12", "--synthetic", "2", "--no-progress"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "web captions removed" in result.output and "precision" in result.output
+    stats = json.loads((tmp_path / "boot" / "capfilt.json").read_text())
+    assert stats["images"] == 12 and stats["synthetic_generated"] == 24
+    assert (tmp_path / "boot" / "report.html").read_text().count("<img") == 1
+    result = runner.invoke(app, args)  # run again: everything is reused, same output
+    assert result.exit_code == 0 and json.loads((tmp_path / "boot" / "capfilt.json").read_text()) == stats
