@@ -48,6 +48,7 @@ class TransformerConfig:
     # with `cross_attention_first_only` only it cross-attends to the context (Q-Former).
     split_ffn: bool = False
     cross_attention_first_only: bool = False
+    fusion_ffn_layers: int = 0  # the top F blocks also get a third FFN for fused sequences (VLMo's VL-FFN)
 
 
 class MLP(nn.Module):
@@ -66,7 +67,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Self-attention, optional cross-attention, MLP; each with a residual and a LayerNorm."""
 
-    def __init__(self, cfg: TransformerConfig, cross_attention: bool = False):
+    def __init__(self, cfg: TransformerConfig, cross_attention: bool = False, fusion_ffn: bool = False):
         super().__init__()
         self.pre_norm = cfg.pre_norm
         self.norm1 = nn.LayerNorm(cfg.width, eps=cfg.eps)
@@ -83,6 +84,10 @@ class Block(nn.Module):
         if cfg.split_ffn:
             self.norm2_first = nn.LayerNorm(cfg.width, eps=cfg.eps)
             self.mlp_first = MLP(cfg.width, hidden, cfg.act)
+        self.mlp_fusion = self.norm2_fusion = None
+        if fusion_ffn:
+            self.norm2_fusion = nn.LayerNorm(cfg.width, eps=cfg.eps)
+            self.mlp_fusion = MLP(cfg.width, hidden, cfg.act)
 
     def _residual(self, x: torch.Tensor, norm: nn.LayerNorm, fn) -> torch.Tensor:
         if self.pre_norm:
@@ -91,10 +96,12 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, index: int = 0, split: int | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, index: int = 0, split: int | None = None,
+                fused: bool = False) -> torch.Tensor:
         """Without a `context` the cross-attention is skipped (BLIP's unimodal text mode).
         `index` is this block's position in its stack, its key in the `cache`; `split` is where
-        the leading segment ends (two-stream configs)."""
+        the leading segment ends (two-stream configs); `fused` sends every token through the
+        fusion FFN where the block has one."""
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.entry(index, "self"), cache.entry(index, "cross")
@@ -105,6 +112,8 @@ class Block(nn.Module):
                 return self._residual(h, self.norm_cross, lambda g: self.cross_attn(
                     g, context=context, mask=context_mask, cache=cross_cache))
             x = self._on_segments(x, split, cross, lambda h: h) if self.first_only else cross(x)
+        if fused and self.mlp_fusion is not None:
+            return self._residual(x, self.norm2_fusion, self.mlp_fusion)
         if self.mlp_first is None:
             return self._residual(x, self.norm2, self.mlp)
         return self._on_segments(x, split, lambda h: self._residual(h, self.norm2_first, self.mlp_first),
@@ -126,7 +135,8 @@ class Transformer(nn.Module):
         every = cfg.cross_attention_every
         self.blocks = nn.ModuleList(
             Block(cfg, cross_attention=bool(every) and i >= cfg.cross_attention_from
-                  and (i - cfg.cross_attention_from) % every == 0)
+                  and (i - cfg.cross_attention_from) % every == 0,
+                  fusion_ffn=i >= cfg.layers - cfg.fusion_ffn_layers)
             for i in range(cfg.layers)
         )
         self.apply(init_weights)
@@ -139,24 +149,25 @@ class Transformer(nn.Module):
         BERT/ViT is far too small for narrow towers: every image then maps to the same embedding
         at init and contrastive training stalls."""
         attn_std = cfg.width ** -0.5
-        out_std = attn_std * (2 * cfg.layers) ** -0.5
+        out_std = attn_std * (2 * max(cfg.layers, 1)) ** -0.5
         for block in self.blocks:
             for attn in filter(None, (block.attn, block.cross_attn)):
                 for proj in (attn.q, attn.kv) if attn.is_cross else (attn.qkv,):
                     nn.init.normal_(proj.weight, std=attn_std)
                 nn.init.normal_(attn.out.weight, std=out_std)
-            for mlp in filter(None, (block.mlp, block.mlp_first)):
+            for mlp in filter(None, (block.mlp, block.mlp_first, block.mlp_fusion)):
                 nn.init.normal_(mlp.fc1.weight, std=(2 * cfg.width) ** -0.5)
                 nn.init.normal_(mlp.fc2.weight, std=out_std)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layers: slice = slice(None), split: int | None = None) -> torch.Tensor:
+                cache: KVCache | None = None, layers: slice = slice(None), split: int | None = None,
+                fused: bool = False) -> torch.Tensor:
         """Run the blocks in `layers` (ALBEF runs its text half and fusion half separately)."""
         start = layers.indices(len(self.blocks))[0]
         for i, block in enumerate(self.blocks[layers], start=start):
             x = block(x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask,
-                      cache=cache, index=i, split=split)
+                      cache=cache, index=i, split=split, fused=fused)
         return x
 
 

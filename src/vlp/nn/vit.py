@@ -63,14 +63,18 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=cfg.width ** -0.5)
         nn.init.normal_(self.pos_embed, std=cfg.width ** -0.5)
 
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch embeddings, class token and positions (and `ln_pre`): [B, 1 + patches, width]."""
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        return self.norm_pre(x)
+
     def forward(self, images: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> (pooled [B, width], tokens [B, 1 + patches, width]).
 
         `layers` runs only the first blocks, without the final norm (BLIP-2 reads the
         penultimate block of its frozen encoder: `layers=-1`)."""
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        x = self.transformer(self.norm_pre(x), layers=slice(layers))
+        x = self.transformer(self.embed(images), layers=slice(layers))
         if layers is None:
             x = self.norm(x)
         pooled = x[:, 0] if self.cfg.pool == "cls" else x[:, 1:].mean(dim=1)

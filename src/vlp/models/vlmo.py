@@ -1,0 +1,156 @@
+"""VLMo (Bao et al. 2022): one multiway transformer for images, text and image-text pairs.
+
+Sec. 3.1: every block has one self-attention shared by all modalities and a pool of
+feed-forward "modality experts": V-FFN for image tokens, L-FFN for text tokens and, in the top
+F blocks, VL-FFN for the tokens of a fused image-text sequence. The experts are configuration
+of the shared `Block` (`split_ffn`: the leading image segment goes through `mlp_first`, the
+text through `mlp`; `fusion_ffn_layers`: `mlp_fusion` in the top blocks). Three modes:
+
+- image only and text only (a dual encoder: ITC, fast retrieval);
+- fusion: [image tokens; text tokens] in one sequence, V/L experts below, VL on top (ITM, MLM).
+
+Sec. 3.2: ITC in dual-encoder mode, ITM with hard negatives and MLM in fusion mode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlp.losses.itc import itc_loss
+from vlp.losses.mlm import mask_tokens, mlm_loss
+from vlp.models.fusion import itm_inputs
+from vlp.models.registry import register
+from vlp.nn.attention import padding_mask
+from vlp.nn.heads import TokenPredictionHead, itm_head
+from vlp.nn.text import TextConfig, TextTransformer
+from vlp.nn.transformer import Transformer, TransformerConfig
+from vlp.nn.vit import VisionConfig, VisionTransformer
+
+OBJECTIVES = ("itc", "itm", "mlm")
+IMAGE, TEXT = 0, 1
+
+
+@dataclass
+class VLMoConfig:
+    vision: VisionConfig = field(default_factory=VisionConfig)  # image size, patches and the shared stack's sizes
+    text: TextConfig = field(default_factory=lambda: TextConfig(causal=False, pool="cls"))  # vocabulary, length
+    fusion_layers: int = 2  # top blocks with a VL-FFN (VLMo-base: 2 of 12)
+    embed_dim: int = 128
+    init_temperature: float = 0.07
+    hard_negatives: bool = True
+    mlm_probability: float = 0.15
+    objectives: tuple[str, ...] = OBJECTIVES
+    tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
+
+
+@register("vlmo", VLMoConfig)
+class VLMo(nn.Module):
+    tokenizer_style = "bert"
+    eval_tasks = ("zeroshot", "retrieval", "probe")
+
+    def __init__(self, cfg: VLMoConfig):
+        super().__init__()
+        missing = {"pad", "cls", "sep", "mask"} - set(cfg.tokens)
+        if missing:
+            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
+        if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
+            raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}")
+        if not 0 <= cfg.fusion_layers <= cfg.vision.layers:
+            raise ValueError(f"model.fusion_layers must be in [0, {cfg.vision.layers}], got {cfg.fusion_layers}")
+        width = cfg.vision.width
+        cfg.text = replace(cfg.text, width=width, heads=cfg.vision.heads, eps=cfg.vision.eps)
+        self.cfg, self.objectives = cfg, set(cfg.objectives)
+        # The towers' embedding layers only; every block lives in the one shared stack.
+        self.vision_embed = VisionTransformer(replace(cfg.vision, layers=0))
+        self.text_embed = TextTransformer(replace(cfg.text, layers=0))
+        self.vision_embed.norm = self.text_embed.norm = nn.Identity()
+        self.type_embed = nn.Embedding(2, width)  # image / text
+        stack = {f.name: getattr(cfg.vision, f.name) for f in TransformerConfig.__dataclass_fields__.values()}
+        self.transformer = Transformer(TransformerConfig(**{**stack, "pre_norm": True, "split_ffn": True,
+                                                            "fusion_ffn_layers": cfg.fusion_layers}))
+        self.norm = nn.LayerNorm(width, eps=cfg.vision.eps)
+        self.image_proj = nn.Linear(width, cfg.embed_dim)
+        self.text_proj = nn.Linear(width, cfg.embed_dim)
+        self.itm_head = itm_head(width)
+        self.mlm_head = TokenPredictionHead(width, self.text_embed.token_embed, cfg.vision.act, cfg.vision.eps)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.has_unused_parameters = True  # a VL-FFN is idle in dual-encoder steps, experts in others
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.exp().clamp(max=100.0)
+
+    def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vision_embed.embed(images) + self.type_embed.weight[IMAGE]
+
+    def text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.text_embed.embed(input_ids) + self.type_embed.weight[TEXT]
+
+    def image_states(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        """Image-only mode (of `image_embeddings(images)`): every block's V-FFN."""
+        return self.norm(self.transformer(image_embeddings))
+
+    def text_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Text-only mode: every block's L-FFN."""
+        x = self.text_embeddings(input_ids)
+        return self.norm(self.transformer(x, mask=padding_mask(attention_mask), split=0))
+
+    def fused_states(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
+                     attention_mask: torch.Tensor, text_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+        """Fusion mode over [image; text]: V-FFN and L-FFN below the top blocks, VL-FFN in them."""
+        text = self.text_embeddings(input_ids) if text_embeddings is None else text_embeddings
+        images = image_embeddings.shape[1]
+        keys = torch.cat([attention_mask.new_ones(attention_mask.shape[0], images), attention_mask], dim=1)
+        x, mask, split = torch.cat([image_embeddings, text], dim=1), padding_mask(keys), images
+        bottom = slice(0, self.cfg.vision.layers - self.cfg.fusion_layers)
+        x = self.transformer(x, mask=mask, split=split, layers=bottom)
+        x = self.transformer(x, mask=mask, fused=True, layers=slice(bottom.stop, None))
+        return self.norm(x)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return self._image_feature(self.image_embeddings(images))
+
+    def _image_feature(self, image_embeddings: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.image_states(image_embeddings)[:, 0]), dim=-1)
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text_states(input_ids, attention_mask)[:, 0]), dim=-1)
+
+    def itm_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """What `itm_score` takes of an image: its embeddings (the fusion runs the whole stack)."""
+        return self.image_embeddings(images)
+
+    def itm_logits(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor) -> torch.Tensor:
+        """ITM head on the fused sequence's first token (the image [CLS])."""
+        return self.itm_head(self.fused_states(image_embeddings, input_ids, attention_mask)[:, 0])
+
+    def itm_score(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
+                  attention_mask: torch.Tensor) -> torch.Tensor:
+        return self.itm_logits(image_embeddings, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        image_emb = self.image_embeddings(batch["images"])
+        losses = {}
+        if {"itc", "itm"} & self.objectives:
+            image_feat = self._image_feature(image_emb)
+            text_feat = self.encode_text(ids, mask)
+        if "itc" in self.objectives:
+            losses["itc"] = itc_loss(image_feat, text_feat, self.scale())
+        if "itm" in self.objectives:
+            scale = self.scale() if self.cfg.hard_negatives else torch.zeros(())
+            images, texts, masks, labels = itm_inputs(image_emb, ids, mask, ids, image_feat, text_feat, scale)
+            losses["itm"] = F.cross_entropy(self.itm_logits(images, texts, masks), labels)
+        if "mlm" in self.objectives:
+            tokens = self.cfg.tokens
+            masked, labels = mask_tokens(ids, mask, tokens["mask"], self.cfg.text.vocab_size,
+                                         special_ids=[tokens[k] for k in ("pad", "cls", "sep")],
+                                         prob=self.cfg.mlm_probability)
+            states = self.fused_states(image_emb, masked, mask)[:, image_emb.shape[1]:]
+            losses["mlm"] = mlm_loss(self.mlm_head(states), labels)
+        return losses
