@@ -61,6 +61,35 @@ def tokenizer_train(
     typer.echo(f"vocabulary of {tokenizer.vocab_size} tokens written to {out}")
 
 
+@tokenizer_app.command("image")
+def tokenizer_image(
+    data: Annotated[Path, typer.Argument(help="A data set whose images to use.")],
+    out: Annotated[Path, typer.Option(help="Codebook file to write (.safetensors).")],
+    split: Annotated[str, typer.Option(help="Split to read images from.")] = "train",
+    images: Annotated[int, typer.Option(help="Images to fit the codebook on.")] = 2000,
+    codebook: Annotated[int, typer.Option(help="Number of visual tokens.")] = 256,
+    patch_size: Annotated[int, typer.Option(help="Patch side in pixels (the model's).")] = 8,
+    image_size: Annotated[int, typer.Option(help="Image side the model sees.")] = 64,
+) -> None:
+    """Fit the visual-token codebook for masked image modeling (k-means over patches; see
+    vlp.data.image_tokenizer for how it differs from BEiT v2's VQ-KD)."""
+    import torch
+
+    from vlp.data.formats import open_dataset
+    from vlp.data.image_tokenizer import ImageTokenizer
+    from vlp.data.sample import Skipped
+    from vlp.data.transforms import eval_transform
+
+    dataset, transform = open_dataset(data, split=split), eval_transform(image_size)
+    samples = (dataset[i] for i in range(min(images, len(dataset))))
+    batch = torch.stack([transform(s.image) for s in samples if not isinstance(s, Skipped)])
+    tokenizer = ImageTokenizer(codebook, patch_size)
+    error = tokenizer.fit(batch)
+    tokenizer.save(out)
+    typer.echo(f"wrote {out}: {codebook} visual tokens from {len(batch)} images "
+               f"(mean squared patch distance {error:.4f})")
+
+
 @app.command()
 def train(
     recipe: Annotated[str, typer.Argument(help="Recipe name, e.g. clip.")],

@@ -53,6 +53,7 @@ class TrainConfig:
     ckpt_every: int = 250
     keep_checkpoints: int = 2
     loss_weights: dict[str, float] = field(default_factory=dict)
+    freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) kept fixed
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     device: str = "auto"  # auto: cuda when available, else cpu
 

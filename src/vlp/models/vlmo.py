@@ -9,7 +9,10 @@ text through `mlp`; `fusion_ffn_layers`: `mlp_fusion` in the top blocks). Three 
 - image only and text only (a dual encoder: ITC, fast retrieval);
 - fusion: [image tokens; text tokens] in one sequence, V/L experts below, VL on top (ITM, MLM).
 
-Sec. 3.2: ITC in dual-encoder mode, ITM with hard negatives and MLM in fusion mode.
+Sec. 3.2: ITC in dual-encoder mode, ITM with hard negatives and MLM in fusion mode. Sec. 3.3,
+stagewise pretraining: masked image modeling on images (`mim`, image-only mode), then masked
+language modeling on text (`text_mlm`, text-only mode) with the attention and V-FFNs frozen
+(`train.freeze`), then the image-text objectives; configs `vlmo_stage1`, `vlmo_stage2`, `vlmo`.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.data.image_tokenizer import ImageTokenizer
 from vlp.losses.itc import itc_loss
-from vlp.losses.mlm import mask_tokens, mlm_loss
+from vlp.losses.mim import block_mask
+from vlp.losses.mlm import IGNORE, mask_tokens, mlm_loss
 from vlp.models.fusion import itm_inputs
 from vlp.models.registry import register
 from vlp.nn.attention import padding_mask
@@ -31,7 +36,7 @@ from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.transformer import Transformer, TransformerConfig
 from vlp.nn.vit import VisionConfig, VisionTransformer
 
-OBJECTIVES = ("itc", "itm", "mlm")
+OBJECTIVES = ("itc", "itm", "mlm", "mim", "text_mlm")
 IMAGE, TEXT = 0, 1
 
 
@@ -43,8 +48,12 @@ class VLMoConfig:
     embed_dim: int = 128
     init_temperature: float = 0.07
     hard_negatives: bool = True
-    mlm_probability: float = 0.15
-    objectives: tuple[str, ...] = OBJECTIVES
+    mlm_probability: float = 0.15  # text tokens masked in image-text pairs (fusion mode)
+    text_mlm_probability: float = 0.15  # text-only MLM
+    mim_ratio: float = 0.4  # patches hidden, block-wise
+    image_tokenizer: str = ""  # codebook file of `vlp tokenizer image` (the MIM targets)
+    codebook_size: int = 256
+    objectives: tuple[str, ...] = ("itc", "itm", "mlm")
     tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
 
 
@@ -79,6 +88,13 @@ class VLMo(nn.Module):
         self.itm_head = itm_head(width)
         self.mlm_head = TokenPredictionHead(width, self.text_embed.token_embed, cfg.vision.act, cfg.vision.eps)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.mask_token = nn.Parameter(torch.zeros(width))
+        self.mim_head = nn.Linear(width, cfg.codebook_size)
+        self.image_tokenizer = (ImageTokenizer.load(cfg.image_tokenizer) if cfg.image_tokenizer
+                                else ImageTokenizer(cfg.codebook_size, cfg.vision.patch_size))
+        if self.image_tokenizer.centroids.shape[0] != cfg.codebook_size:
+            raise ValueError(f"{cfg.image_tokenizer}: codebook of {self.image_tokenizer.centroids.shape[0]} "
+                             f"tokens, model.codebook_size is {cfg.codebook_size}")
         self.has_unused_parameters = True  # a VL-FFN is idle in dual-encoder steps, experts in others
 
     def scale(self) -> torch.Tensor:
@@ -147,10 +163,25 @@ class VLMo(nn.Module):
             images, texts, masks, labels = itm_inputs(image_emb, ids, mask, ids, image_feat, text_feat, scale)
             losses["itm"] = F.cross_entropy(self.itm_logits(images, texts, masks), labels)
         if "mlm" in self.objectives:
-            tokens = self.cfg.tokens
-            masked, labels = mask_tokens(ids, mask, tokens["mask"], self.cfg.text.vocab_size,
-                                         special_ids=[tokens[k] for k in ("pad", "cls", "sep")],
-                                         prob=self.cfg.mlm_probability)
+            masked, labels = self._masked_text(ids, mask, self.cfg.mlm_probability)
             states = self.fused_states(image_emb, masked, mask)[:, image_emb.shape[1]:]
             losses["mlm"] = mlm_loss(self.mlm_head(states), labels)
+        if "text_mlm" in self.objectives:
+            masked, labels = self._masked_text(ids, mask, self.cfg.text_mlm_probability)
+            losses["text_mlm"] = mlm_loss(self.mlm_head(self.text_states(masked, mask)), labels)
+        if "mim" in self.objectives:
+            losses["mim"] = self._mim(batch["images"])
         return losses
+
+    def _masked_text(self, ids: torch.Tensor, mask: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = self.cfg.tokens
+        return mask_tokens(ids, mask, tokens["mask"], self.cfg.text.vocab_size,
+                           special_ids=[tokens[k] for k in ("pad", "cls", "sep")], prob=prob)
+
+    def _mim(self, images: torch.Tensor) -> torch.Tensor:
+        """Predict the visual tokens of block-masked patches in image-only mode (BEiT Sec. 2.2)."""
+        grid = self.cfg.vision.image_size // self.cfg.vision.patch_size
+        hidden = block_mask(len(images), grid, self.cfg.mim_ratio).to(images.device)
+        labels = torch.where(hidden, self.image_tokenizer.encode(images), IGNORE)
+        x = self.vision_embed.embed(images, hidden, self.mask_token) + self.type_embed.weight[IMAGE]
+        return mlm_loss(self.mim_head(self.image_states(x)[:, 1:]), labels)

@@ -63,9 +63,13 @@ class VisionTransformer(nn.Module):
         nn.init.normal_(self.cls_token, std=cfg.width ** -0.5)
         nn.init.normal_(self.pos_embed, std=cfg.width ** -0.5)
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch embeddings, class token and positions (and `ln_pre`): [B, 1 + patches, width]."""
+    def embed(self, images: torch.Tensor, hidden: torch.Tensor | None = None,
+              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """Patch embeddings, class token and positions (and `ln_pre`): [B, 1 + patches, width].
+        Patches where `hidden` [B, patches] is True are replaced by `mask_token` (BEiT's MIM)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
+        if hidden is not None:
+            x = torch.where(hidden[..., None], mask_token.to(x.dtype), x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
         return self.norm_pre(x)
 

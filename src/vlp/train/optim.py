@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
@@ -23,6 +24,20 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if param.requires_grad:
             (plain if no_decay(name, param) else decay).append(param)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": plain, "weight_decay": 0.0}]
+
+
+def freeze(model: nn.Module, patterns: list[str]) -> int:
+    """Stop the gradient of every parameter whose name matches one of the fnmatch `patterns`
+    (stagewise pretraining); returns how many were frozen. A pattern that matches nothing is
+    an error (a typo would otherwise train what should stay fixed)."""
+    names = [name for name, _ in model.named_parameters()]
+    for pattern in patterns:
+        if not fnmatch.filter(names, pattern):
+            raise ValueError(f"train.freeze: {pattern!r} matches no parameter (e.g. {names[:3]})")
+    frozen = [p for name, p in model.named_parameters() if any(fnmatch.fnmatch(name, pat) for pat in patterns)]
+    for param in frozen:
+        param.requires_grad_(False)
+    return len(frozen)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:

@@ -32,7 +32,7 @@ from vlp.models import create_model
 from vlp.models.registry import recipe_classes, text_config
 from vlp.train import checkpoint as ckpt
 from vlp.train import distributed as dist
-from vlp.train.optim import build_optimizer, build_scheduler
+from vlp.train.optim import build_optimizer, build_scheduler, freeze
 
 console = Console(stderr=True)
 
@@ -111,6 +111,9 @@ class Trainer:
         self.model = build_model(cfg, self.tokenizer).to(self.device)
         if init is not None and not resume:
             self._initialise_from(Path(init))
+        if cfg.train.freeze:
+            self._log({"event": "freeze", "patterns": cfg.train.freeze,
+                       "parameters": freeze(self.model, cfg.train.freeze)})
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         self.step = 0
