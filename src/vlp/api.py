@@ -41,7 +41,7 @@ def save(model: nn.Module, out: str | Path, format: str = "vlp", task: str | Non
     (`task`: which transformers model a BLIP with all three objectives becomes, "retrieval" or
     "captioning")."""
     if format == "hf":
-        return save_hf(model, out, task)
+        return model.save_hf(Path(out)) if hasattr(model, "save_hf") else save_hf(model, out, task)
     if format != "vlp":
         raise ValueError(f"format must be 'vlp' or 'hf', got {format!r}")
     if getattr(model, "tokenizer", None) is None:
@@ -63,6 +63,8 @@ def caption(model: nn.Module, images: torch.Tensor, method: str = "beam", prompt
     `prompt` defaults to the one the model was trained with (`data.prompt`, e.g. "a picture of ");
     decoding options as `vlp.generate.generate` (num_beams, max_new_tokens, top_p, ...).
     """
+    if hasattr(model, "captions"):  # a model that decodes with its own tokenizer (BLIP-2 stage 2)
+        return model.captions(images, prompt, method, **options)
     if not hasattr(model, "generate"):
         raise TypeError(f"recipe {getattr(model, 'recipe', type(model).__name__)!r} has no text decoder")
     if prompt is None:

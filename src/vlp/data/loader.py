@@ -109,7 +109,7 @@ class Collator:
             texts = [item["question"] for item in good]
         else:
             texts = [self.prompt + item["caption"] for item in good]
-            batch["prompt_length"] = self.prompt_length
+            batch.update(prompt_length=self.prompt_length, texts=[item["caption"] for item in good])
         return {**batch, **self._tokenize(texts)}
 
     def _tokenize(self, texts: list[str]) -> dict[str, torch.Tensor]:

@@ -144,6 +144,10 @@ class Tokenizer:
         ids = {name: getattr(self, f"{name}_id") for name in names}
         return {name: i for name, i in ids.items() if i is not None}
 
+    def id_to_token(self, i: int) -> str | None:
+        """The token string of an id (None if out of range)."""
+        return self._tok.id_to_token(i)
+
     @property
     def vocab_size(self) -> int:
         """Number of token ids, special and added tokens included (the embedding table size)."""

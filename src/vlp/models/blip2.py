@@ -45,35 +45,24 @@ class BLIP2Config:
     tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
 
 
-@register("blip2_stage1", BLIP2Config)
-class BLIP2Stage1(nn.Module):
+class QueryingModel(nn.Module):
+    """What both stages share: the frozen image tower, `ln_vision` and the Q-Former."""
+
     tokenizer_style = "bert"
     text_section = "qformer"  # the config section whose vocab_size follows the tokenizer
-    eval_tasks = ("zeroshot", "retrieval", "probe")
-    embedding_similarity = staticmethod(max_query_similarity)  # image embeddings are [B, Q, D]
 
-    def __init__(self, cfg: BLIP2Config):
+    def __init__(self, cfg: BLIP2Config | BLIP2Stage2Config):
         super().__init__()
         missing = {"pad", "cls", "sep", "dec"} - set(cfg.tokens)
         if missing:
             raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
-        if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
-            raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}, "
-                             f"got {list(cfg.objectives)}")
         cfg.qformer = replace(cfg.qformer, context_dim=cfg.vision.width)
-        self.cfg, self.objectives = cfg, set(cfg.objectives)
+        self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision).requires_grad_(False)
         self.ln_vision = nn.LayerNorm(cfg.vision.width)
         self.qformer = QFormer(cfg.qformer)
-        width = cfg.qformer.width
-        self.vision_proj = nn.Linear(width, cfg.embed_dim)
-        self.text_proj = nn.Linear(width, cfg.embed_dim)
-        self.itm_head = itm_head(width)
-        self.lm_head = TokenPredictionHead(width, self.qformer.text.token_embed, cfg.qformer.act, cfg.qformer.eps)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
-        self.has_unused_parameters = self.objectives != set(OBJECTIVES)
 
-    def train(self, mode: bool = True) -> BLIP2Stage1:
+    def train(self, mode: bool = True) -> QueryingModel:
         """The frozen image encoder stays in eval mode."""
         super().train(mode)
         self.visual.eval()
@@ -84,6 +73,26 @@ class BLIP2Stage1(nn.Module):
         with torch.no_grad():
             tokens = self.visual(images, layers=self.cfg.vision_layers)[1]
         return self.ln_vision(tokens)
+
+
+@register("blip2_stage1", BLIP2Config)
+class BLIP2Stage1(QueryingModel):
+    eval_tasks = ("zeroshot", "retrieval", "probe")
+    embedding_similarity = staticmethod(max_query_similarity)  # image embeddings are [B, Q, D]
+
+    def __init__(self, cfg: BLIP2Config):
+        if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
+            raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}, "
+                             f"got {list(cfg.objectives)}")
+        super().__init__(cfg)
+        self.objectives = set(cfg.objectives)
+        width = cfg.qformer.width
+        self.vision_proj = nn.Linear(width, cfg.embed_dim)
+        self.text_proj = nn.Linear(width, cfg.embed_dim)
+        self.itm_head = itm_head(width)
+        self.lm_head = TokenPredictionHead(width, self.qformer.text.token_embed, cfg.qformer.act, cfg.qformer.eps)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.has_unused_parameters = self.objectives != set(OBJECTIVES)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised per-query embeddings [B, Q, D]."""
@@ -131,3 +140,100 @@ class BLIP2Stage1(nn.Module):
             losses["itg"] = lm_loss(self.lm_head(text_states), dec_ids, mask,
                                     label_smoothing=self.cfg.label_smoothing)
         return losses
+
+
+@dataclass
+class BLIP2Stage2Config:
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    vision_layers: int = -1
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
+    lm: str = ""  # directory of a transformers causal LM (OPT, GPT-2 style), kept frozen
+    prompt: str = ""  # text between the visual prompt and the caption, not scored ("a photo of")
+    max_text_length: int = 32
+    tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
+
+
+@register("blip2_stage2", BLIP2Stage2Config)
+class BLIP2Stage2(QueryingModel):
+    """BLIP-2 stage 2 (Sec. 3.3): the query outputs, projected to the LM's width, are a soft
+    visual prompt in front of the text of a frozen decoder-only LM, trained with its LM loss.
+
+    The LM is loaded from `model.lm` and is not part of the model's state dict (checkpoints hold
+    what trains: the Q-Former, `ln_vision` and `language_projection`); it follows the model's
+    device and dtype. Captions are tokenized with the LM's own tokenizer (`batch["texts"]`).
+    """
+
+    eval_tasks = ("caption",)
+
+    def __init__(self, cfg: BLIP2Stage2Config):
+        if not cfg.lm:
+            raise ValueError("model.lm must name a transformers causal LM directory (docs/recipes.md shows "
+                             "how to train a small one on the shapes world)")
+        super().__init__(cfg)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        lm = AutoModelForCausalLM.from_pretrained(cfg.lm).eval().requires_grad_(False)
+        object.__setattr__(self, "lm", lm)  # frozen and loaded from model.lm: not a registered submodule
+        self.lm_tokenizer = AutoTokenizer.from_pretrained(cfg.lm)
+        self.language_projection = nn.Linear(cfg.qformer.width, lm.config.hidden_size)
+
+    def _apply(self, fn, recurse: bool = True) -> BLIP2Stage2:
+        super()._apply(fn, recurse)
+        self.lm._apply(fn)
+        return self
+
+    def visual_prompt(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, Q, LM width]: the projected query outputs."""
+        return self.language_projection(self.qformer(self.image_features(images))[0])
+
+    def _token_ids(self, texts: list[str], eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded LM token ids and mask, with the LM's end token after each text if `eos`."""
+        tok = self.lm_tokenizer
+        rows = [ids[: self.cfg.max_text_length - eos] + [tok.eos_token_id] * eos
+                for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+        width = max(len(r) for r in rows)
+        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], dtype=torch.long)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+        return ids, mask
+
+    def _inputs(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        prompt = self.visual_prompt(images)
+        device = prompt.device
+        embeds = torch.cat([prompt, self.lm.get_input_embeddings()(ids.to(device)).to(prompt.dtype)], dim=1)
+        return embeds, torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype, device=device), mask.to(device)], 1)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """LM loss on the caption tokens after the visual prompt and `prompt` (Sec. 3.3)."""
+        prompt_length = self._token_ids([self.cfg.prompt], eos=False)[0].shape[1] if self.cfg.prompt else 0
+        ids, mask = self._token_ids([self.cfg.prompt + t for t in batch["texts"]], eos=True)
+        embeds, attention = self._inputs(batch["images"], ids, mask)
+        labels = ids.masked_fill(mask == 0, -100)
+        labels[:, :prompt_length] = -100
+        queries = torch.full((len(ids), embeds.shape[1] - ids.shape[1]), -100)
+        labels = torch.cat([queries, labels], dim=1).to(embeds.device)
+        return {"lm": self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss}
+
+    @torch.no_grad()
+    def captions(self, images: torch.Tensor, prompt: str | None = None, method: str = "beam",
+                 max_new_tokens: int = 20, min_new_tokens: int = 0, **options) -> list[str]:
+        """Zero-shot captions (or, with a prompt such as "Question: ... Answer:", answers) from
+        the frozen LM's `generate`, as text after the prompt."""
+        prompt = self.cfg.prompt if prompt is None else prompt
+        ids, mask = self._token_ids([prompt] * len(images), eos=False)
+        embeds, attention = self._inputs(images, ids, mask)
+        tok = self.lm_tokenizer
+        out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens,
+                               min_new_tokens=min_new_tokens, eos_token_id=tok.eos_token_id,
+                               pad_token_id=tok.pad_token_id, **hf_decoding(method, options))
+        return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
+
+
+def hf_decoding(method: str, options: dict) -> dict:
+    """vlp decoding options as transformers `generate` keyword arguments."""
+    if method == "greedy":
+        return {"do_sample": False, "num_beams": 1, **options}
+    if method == "beam":
+        return {"do_sample": False, "num_beams": options.pop("num_beams", 3), **options}
+    if method == "nucleus":
+        return {"do_sample": True, "top_k": 0, **options}
+    raise ValueError(f"unknown decoding method {method!r}; choose from greedy, beam, nucleus")

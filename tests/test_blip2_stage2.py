@@ -1,0 +1,85 @@
+"""BLIP-2 stage 2: a small OPT trained by vlp on captions, frozen under the Q-Former's visual
+prompt; only the Q-Former side learns; cached generation equals the cache-free reference."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+import vlp
+from vlp.cli import app
+
+QFORMER = {"num_queries": 3, "context_length": 32, "width": 32, "layers": 2, "heads": 2, "cross_attention_every": 2}
+VISION = {"image_size": 32, "patch_size": 8, "width": 24, "layers": 2, "heads": 2}
+
+
+def write(path, recipe, model, shapes_dir, steps=3):
+    config = {"recipe": recipe, "model": model, "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
+              "train": {"steps": steps, "lr": 1e-3, "warmup": 1, "log_every": 1, "ckpt_every": steps}}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def stage2(tmp_path_factory, shapes_dir):
+    """(stage-1 run, LM directory, stage-2 run) trained for a few steps."""
+    root, runner = tmp_path_factory.mktemp("blip2"), CliRunner()
+
+    def train(recipe, config, out, *extra):
+        result = runner.invoke(app, ["train", recipe, "--config", str(config), "--out", str(root / out),
+                                     "--no-progress", *extra])
+        assert result.exit_code == 0, result.output
+
+    lm_model = {"text": {"context_length": 40, "width": 32, "layers": 2, "heads": 2}}
+    train("caption_lm", write(root / "lm.yaml", "caption_lm", lm_model, shapes_dir, steps=20), "lm")
+    result = runner.invoke(app, ["convert", str(root / "lm"), str(root / "lm_hf"), "--to", "hf"])
+    assert result.exit_code == 0, result.output
+    train("blip2_stage1", write(root / "s1.yaml", "blip2_stage1", {"vision": VISION, "qformer": QFORMER,
+                                                                   "embed_dim": 16}, shapes_dir), "s1")
+    s2 = write(root / "s2.yaml", "blip2_stage2", {"lm": str(root / "lm_hf")}, shapes_dir, steps=4)
+    train("blip2_stage2", s2, "s2", "--init", str(root / "s1"))
+    return root / "s1", root / "lm_hf", root / "s2"
+
+
+def test_the_frozen_lm_is_an_ordinary_transformers_model(stage2):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, lm_dir, _ = stage2
+    lm, tokenizer = AutoModelForCausalLM.from_pretrained(lm_dir), AutoTokenizer.from_pretrained(lm_dir)
+    ids = tokenizer("a small red circle", return_tensors="pt")["input_ids"]
+    assert lm(ids).logits.shape == (1, ids.shape[1], tokenizer.vocab_size)
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "[PAD]"
+
+
+def test_only_the_qformer_side_learns(stage2):
+    s1_dir, lm_dir, s2_dir = stage2
+    s1, s2 = vlp.load(s1_dir), vlp.load(s2_dir)
+    state = s2.state_dict()
+    assert not any(k.startswith("lm.") for k in state)  # the LM is not checkpointed
+    assert all(torch.equal(s1.state_dict()[k], state[k]) for k in state if k.startswith("visual."))
+    assert not torch.equal(s1.state_dict()["qformer.query_tokens"], state["qformer.query_tokens"])
+    from transformers import AutoModelForCausalLM
+
+    original = AutoModelForCausalLM.from_pretrained(lm_dir).state_dict()
+    assert all(torch.equal(original[k], v) for k, v in s2.lm.state_dict().items())
+    model = s2.train()
+    images = torch.randn(2, 3, 32, 32)
+    loss = model({"images": images, "texts": ["a red circle", "two shapes"]})["lm"]
+    loss.backward()
+    learning = {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None}
+    assert learning == {"ln_vision", "qformer", "language_projection"}
+    assert all(p.grad is None for p in model.lm.parameters())
+
+
+def test_captions_and_prompted_answers_equal_cache_free_generation(stage2):
+    model = vlp.load(stage2[2])
+    images = torch.randn(2, 3, 32, 32)
+    for prompt in ("", "Question: what color is the circle? Answer:"):
+        cached = vlp.caption(model, images, method="greedy", prompt=prompt, max_new_tokens=6)
+        uncached = model.captions(images, prompt, "greedy", max_new_tokens=6, use_cache=False)
+        assert cached == uncached and len(cached) == 2
+    records = [json.loads(line) for line in (stage2[2] / "metrics.jsonl").read_text().splitlines()]
+    init = next(r for r in records if r.get("event") == "init")
+    assert not [k for k in init["missing"] if k.startswith(("visual.", "qformer."))]
