@@ -49,6 +49,8 @@ def save(model: nn.Module, out: str | Path, format: str = "vlp", task: str | Non
                          "the checkpoint from a directory with tokenizer files")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "save_lm"):  # a frozen LM kept outside the state dict (BLIP-2 stage 2)
+        model.cfg.lm = str(model.save_lm(out / "lm"))
     config = RunConfig(recipe=model.recipe, model=to_dict(model.cfg))
     (out / "config.yaml").write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
     model.tokenizer.save(out / "tokenizer.json")

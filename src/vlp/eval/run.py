@@ -40,6 +40,11 @@ def similarity_of(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], to
     return getattr(model, "embedding_similarity", dot_similarity)
 
 
+def has_itm(model: nn.Module) -> bool:
+    """Whether the model has an ITM head that was trained (not one left out of its objectives)."""
+    return hasattr(model, "itm_score") and "itm" in getattr(model, "objectives", {"itm"})
+
+
 def paired(similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
            block: int = 256) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Row i of the images against row i of the texts, for any image-text `similarity`."""
@@ -128,7 +133,7 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
     metrics = recall_at_k(image_emb, text_emb, owner, similarity=similarity_of(model))
     metrics["seconds"] = time.perf_counter() - start
     reranked = None
-    if k_test and hasattr(model, "itm_score"):
+    if k_test and has_itm(model):
         reranked = _itm_reranked(model, dataset, image_emb, texts, owner, text_emb, k_test)
     shown = []
     if examples:
@@ -232,7 +237,7 @@ def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
     true, false = [swap["true"] for _, swap in pairs], [swap["false"] for _, swap in pairs]
     images, pairwise = image_emb[owner], paired(similarity_of(model))
     scores = {"": (pairwise(images, embed_texts(model, true)), pairwise(images, embed_texts(model, false)))}
-    if hasattr(model, "itm_score"):
+    if has_itm(model):
         itm, rows = _itm_scorer(model, dataset, true + false), torch.arange(len(pairs))
         scores["itm_"] = (itm(owner, rows), itm(owner, rows + len(pairs)))
     kinds = [swap["kind"] for _, swap in pairs]

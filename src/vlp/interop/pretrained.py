@@ -20,9 +20,10 @@ import torch
 from torch import nn
 
 from vlp.data.tokenizer import Tokenizer
-from vlp.interop import blip, clip
+from vlp.config import from_dict
+from vlp.interop import blip, blip2, clip
 from vlp.interop.mapping import CheckpointMismatch, Entry, from_vlp, to_vlp
-from vlp.models.registry import create_model
+from vlp.models.registry import create_model, recipe_classes
 
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 
@@ -44,6 +45,8 @@ class Format:
     config_class: str | None = None  # transformers config class, for saving
     config_to: Callable[[nn.Module, str], dict[str, Any]] | None = None
     architecture_for: Callable[[nn.Module, str | None], str] | None = None  # (model, task) -> class
+    build: Callable[..., nn.Module] | None = None  # (model class, config, hf config, path, tensors) -> model
+    vlp_tokenizer: bool = True  # False: the checkpoint's tokenizer is its LM's, which the model holds
 
 
 HF_FORMATS = {
@@ -52,6 +55,8 @@ HF_FORMATS = {
     "blip": Format(blip.config_from_hf, blip.hf_entries, blip.architecture_of, absent=blip.absent,
                    ignore=("position_ids", "predictions.decoder.weight", "predictions.decoder.bias"),
                    config_class="BlipConfig", config_to=blip.config_to_hf, architecture_for=blip.architecture_for),
+    "blip-2": Format(blip2.config_from_hf, blip2.hf_entries, blip2.architecture, absent=blip2.absent,
+                     ignore=("position_ids",), build=blip2.build, vlp_tokenizer=False),
 }
 OPEN_CLIP = Format(clip.config_from_open_clip, clip.open_clip_entries, clip.architecture, ignore=("attn_mask",))
 SAVABLE = {"clip": HF_FORMATS["clip"], "blip": HF_FORMATS["blip"], "blip_vqa": HF_FORMATS["blip"]}
@@ -135,11 +140,16 @@ def load_pretrained(source: str | Path, strict: bool = True) -> nn.Module:
     """
     path = resolve(source)
     fmt, config = detect(path)
-    tokenizer = load_tokenizer(path)
+    tokenizer = load_tokenizer(path) if fmt.vlp_tokenizer else None
     recipe, model_cfg = fmt.config_from(config, tokenizer.special_ids() if tokenizer else {})
-    model, architecture = create_model(recipe, model_cfg), fmt.architecture_of(config)
+    source, architecture = read_state_dict(path), fmt.architecture_of(config)
+    if fmt.build is None:
+        model = create_model(recipe, model_cfg)
+    else:
+        model_cls, config_cls = recipe_classes(recipe)
+        model = fmt.build(model_cls, from_dict(config_cls, model_cfg, where="model."), config, path, source)
     target = model.state_dict()
-    state, report = to_vlp(read_state_dict(path), fmt.entries(model, architecture), target, ignore=fmt.ignore)
+    state, report = to_vlp(source, fmt.entries(model, architecture), target, ignore=fmt.ignore)
     report.missing = [k for k in report.missing if not k.startswith(fmt.absent(model, architecture))]
     report.check(str(path), strict)
     model.load_state_dict(state, strict=False)

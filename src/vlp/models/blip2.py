@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -53,9 +55,6 @@ class QueryingModel(nn.Module):
 
     def __init__(self, cfg: BLIP2Config | BLIP2Stage2Config):
         super().__init__()
-        missing = {"pad", "cls", "sep", "dec"} - set(cfg.tokens)
-        if missing:
-            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
         cfg.qformer = replace(cfg.qformer, context_dim=cfg.vision.width)
         self.cfg = cfg
         self.visual = VisionTransformer(cfg.vision).requires_grad_(False)
@@ -81,6 +80,9 @@ class BLIP2Stage1(QueryingModel):
     embedding_similarity = staticmethod(max_query_similarity)  # image embeddings are [B, Q, D]
 
     def __init__(self, cfg: BLIP2Config):
+        missing = {"pad", "cls", "sep", "dec"} - set(cfg.tokens)
+        if missing:
+            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
         if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
             raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}, "
                              f"got {list(cfg.objectives)}")
@@ -165,17 +167,27 @@ class BLIP2Stage2(QueryingModel):
 
     eval_tasks = ("caption",)
 
-    def __init__(self, cfg: BLIP2Stage2Config):
-        if not cfg.lm:
+    def __init__(self, cfg: BLIP2Stage2Config, lm: nn.Module | None = None, lm_tokenizer: Any = None):
+        """`lm` and `lm_tokenizer` replace loading `model.lm` (a checkpoint that holds its LM)."""
+        if lm is None and not cfg.lm:
             raise ValueError("model.lm must name a transformers causal LM directory (docs/recipes.md shows "
                              "how to train a small one on the shapes world)")
         super().__init__(cfg)
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        lm = AutoModelForCausalLM.from_pretrained(cfg.lm).eval().requires_grad_(False)
-        object.__setattr__(self, "lm", lm)  # frozen and loaded from model.lm: not a registered submodule
-        self.lm_tokenizer = AutoTokenizer.from_pretrained(cfg.lm)
+        if lm is None:
+            lm, lm_tokenizer = AutoModelForCausalLM.from_pretrained(cfg.lm), AutoTokenizer.from_pretrained(cfg.lm)
+        object.__setattr__(self, "lm", lm.eval().requires_grad_(False))  # frozen, not a registered submodule
+        self.lm_tokenizer = lm_tokenizer
         self.language_projection = nn.Linear(cfg.qformer.width, lm.config.hidden_size)
+
+    def save_lm(self, out: Path) -> Path:
+        """Write the frozen LM and its tokenizer as a transformers directory (a vlp run of this
+        model points `model.lm` there)."""
+        self.lm.save_pretrained(out)
+        if self.lm_tokenizer is not None:
+            self.lm_tokenizer.save_pretrained(out)
+        return out
 
     def _apply(self, fn, recurse: bool = True) -> BLIP2Stage2:
         super()._apply(fn, recurse)
@@ -190,7 +202,7 @@ class BLIP2Stage2(QueryingModel):
         """Right-padded LM token ids and mask, with the LM's end token after each text if `eos`."""
         tok = self.lm_tokenizer
         rows = [ids[: self.cfg.max_text_length - eos] + [tok.eos_token_id] * eos
-                for ids in tok(texts, add_special_tokens=False)["input_ids"]]
+                for ids in tok(texts)["input_ids"]]  # with the LM's own start token, if it adds one
         width = max(len(r) for r in rows)
         ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], dtype=torch.long)
         mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
