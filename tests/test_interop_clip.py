@@ -189,3 +189,12 @@ def test_tokenizer_from_vocab_files_only(tmp_path, tokenizer):
     loaded = load_tokenizer(tmp_path)
     text = ["a red circle left of a blue square"]
     assert torch.equal(loaded(text, style="bert")["input_ids"], tokenizer(text, style="bert")["input_ids"])
+
+
+def test_sharded_checkpoint_loads_like_a_single_file(tmp_path, tokenizer):
+    hf = hf_clip(HF_SHAPES[0], tokenizer.vocab_size, tokenizer.eot_id)
+    hf.save_pretrained(tmp_path / "single")
+    hf.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    a, b = vlp.load(tmp_path / "single").state_dict(), vlp.load(tmp_path / "sharded").state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
