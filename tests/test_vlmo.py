@@ -81,8 +81,8 @@ def test_objectives_and_gradients():
     out = model({"images": torch.randn(4, 3, 32, 32), "input_ids": ids, "attention_mask": mask})
     assert set(out) == {"itc", "itm", "mlm"} and all(torch.isfinite(v) for v in out.values())
     sum(out.values()).backward()
-    assert all(p.grad is not None for p in model.parameters()), \
-        [n for n, p in model.named_parameters() if p.grad is None]
+    idle = {n for n, p in model.named_parameters() if p.grad is None}
+    assert idle == {"mask_token", "mim_head.weight", "mim_head.bias"}  # masked image modeling is off
 
 
 def test_trains_and_evaluates(tmp_path, shapes_dir):
