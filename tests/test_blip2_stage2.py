@@ -83,3 +83,17 @@ def test_captions_and_prompted_answers_equal_cache_free_generation(stage2):
     records = [json.loads(line) for line in (stage2[2] / "metrics.jsonl").read_text().splitlines()]
     init = next(r for r in records if r.get("event") == "init")
     assert not [k for k in init["missing"] if k.startswith(("visual.", "qformer."))]
+
+
+def test_zero_shot_vqa_one_prompt_per_image(stage2, shapes_dir):
+    """Questions of different lengths in one batch: each answer equals the one generated alone."""
+    from vlp.eval.run import evaluate
+
+    model = vlp.load(stage2[2])
+    images = torch.randn(2, 3, 32, 32)
+    questions = ["what color is the circle?", "how many shapes are there in this picture?"]
+    together = model.answer_texts(images, questions)
+    alone = [model.answer_texts(images[i:i + 1], [q])[0] for i, q in enumerate(questions)]
+    assert together == alone
+    results = evaluate(model, shapes_dir, tasks=["vqa"])
+    assert {"accuracy", "accuracy_color"} <= set(results["vqa"])

@@ -213,11 +213,7 @@ def vqa(model: nn.Module, dataset: CaptionDataset, batch_size: int = 64) -> dict
         if not pairs:
             continue
         rows = torch.tensor([row for row, _ in pairs], device=images.device)
-        questions = model.tokenizer([qa["question"] for _, qa in pairs], max_length=text_config(model).context_length,
-                                    style=model.tokenizer_style)
-        ids = model.answer(images[rows], questions["input_ids"].to(images.device),
-                           questions["attention_mask"].to(images.device))
-        predictions += model.tokenizer.batch_decode(ids[:, 1:])
+        predictions += model.answer_texts(images[rows], [qa["question"] for _, qa in pairs])
         answers += [qa["answer"] for _, qa in pairs]
         types += [qa["type"] for _, qa in pairs]
     if not answers:

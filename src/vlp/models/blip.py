@@ -181,6 +181,12 @@ class BLIPVQA(BLIP):
         return {"vqa": lm_loss(self.lm_head(states), answer_ids, batch["answer_mask"],
                                label_smoothing=self.cfg.label_smoothing)}
 
+    def answer_texts(self, images: torch.Tensor, questions: list[str]) -> list[str]:
+        """Greedy answers, as text, to one question per image."""
+        encoded = self.tokenizer(questions, max_length=self.cfg.text.context_length, style=self.tokenizer_style)
+        ids = self.answer(images, encoded["input_ids"].to(images.device), encoded["attention_mask"].to(images.device))
+        return self.tokenizer.batch_decode(ids[:, 1:])
+
     @torch.no_grad()
     def answer(self, images: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
                method: str = "greedy", **options) -> torch.Tensor:

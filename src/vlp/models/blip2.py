@@ -165,7 +165,8 @@ class BLIP2Stage2(QueryingModel):
     device and dtype. Captions are tokenized with the LM's own tokenizer (`batch["texts"]`).
     """
 
-    eval_tasks = ("caption",)
+    eval_tasks = ("caption", "vqa")
+    vqa_prompt = "Question: {} Answer:"  # zero-shot VQA (Sec. 4.2)
 
     def __init__(self, cfg: BLIP2Stage2Config, lm: nn.Module | None = None, lm_tokenizer: Any = None):
         """`lm` and `lm_tokenizer` replace loading `model.lm` (a checkpoint that holds its LM)."""
@@ -198,14 +199,21 @@ class BLIP2Stage2(QueryingModel):
         """[B, Q, LM width]: the projected query outputs."""
         return self.language_projection(self.qformer(self.image_features(images))[0])
 
-    def _token_ids(self, texts: list[str], eos: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Right-padded LM token ids and mask, with the LM's end token after each text if `eos`."""
+    def _token_ids(self, texts: list[str], eos: bool, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Padded LM token ids and mask, with the LM's end token after each text if `eos`; padded
+        on the left for generation (the pads then sit between the visual prompt and the text,
+        masked, and the LM's positions follow the mask)."""
         tok = self.lm_tokenizer
         rows = [ids[: self.cfg.max_text_length - eos] + [tok.eos_token_id] * eos
                 for ids in tok(texts)["input_ids"]]  # with the LM's own start token, if it adds one
         width = max(len(r) for r in rows)
-        ids = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows], dtype=torch.long)
-        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], dtype=torch.long)
+
+        def pad(row: list[int], value: int) -> list[int]:
+            fill = [value] * (width - len(row))
+            return fill + row if left else row + fill
+
+        ids = torch.tensor([pad(r, tok.pad_token_id) for r in rows], dtype=torch.long)
+        mask = torch.tensor([pad([1] * len(r), 0) for r in rows], dtype=torch.long)
         return ids, mask
 
     def _inputs(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,18 +234,23 @@ class BLIP2Stage2(QueryingModel):
         return {"lm": self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss}
 
     @torch.no_grad()
-    def captions(self, images: torch.Tensor, prompt: str | None = None, method: str = "beam",
+    def captions(self, images: torch.Tensor, prompt: str | list[str] | None = None, method: str = "beam",
                  max_new_tokens: int = 20, min_new_tokens: int = 0, **options) -> list[str]:
         """Zero-shot captions (or, with a prompt such as "Question: ... Answer:", answers) from
-        the frozen LM's `generate`, as text after the prompt."""
+        the frozen LM's `generate`, as text after the prompt (one prompt, or one per image)."""
         prompt = self.cfg.prompt if prompt is None else prompt
-        ids, mask = self._token_ids([prompt] * len(images), eos=False)
+        prompts = [prompt] * len(images) if isinstance(prompt, str) else prompt
+        ids, mask = self._token_ids(prompts, eos=False, left=True)
         embeds, attention = self._inputs(images, ids, mask)
         tok = self.lm_tokenizer
         out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens,
                                min_new_tokens=min_new_tokens, eos_token_id=tok.eos_token_id,
                                pad_token_id=tok.pad_token_id, **hf_decoding(method, options))
         return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
+
+    def answer_texts(self, images: torch.Tensor, questions: list[str]) -> list[str]:
+        """Zero-shot answers: greedy generation after "Question: ... Answer:"."""
+        return self.captions(images, [self.vqa_prompt.format(q) for q in questions], "greedy", max_new_tokens=5)
 
 
 def hf_decoding(method: str, options: dict) -> dict:
