@@ -17,7 +17,6 @@ seeded per part).
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch
 
 from vlp.data.formats import CaptionDataset
 from vlp.data.sample import Skipped
+from vlp.train.checkpoint import write_text_atomic
 
 Captioner = Callable[[list[Any], torch.Generator], list[list[str]]]  # images -> captions per image
 Scorer = Callable[[list[Any], list[list[str]]], list[list[float]]]  # images, candidates -> scores
@@ -75,12 +75,12 @@ def bootstrap(dataset: CaptionDataset, out: Path, captioner: Captioner, scorer: 
                 return out
             records = _process(dataset, indices, images_dir, captioner, scorer, options,
                                torch.Generator().manual_seed(options.seed * 100_003 + number))
-            _write_atomic(part, "".join(json.dumps(record) + "\n" for record in records))
+            write_text_atomic(part, "".join(json.dumps(record) + "\n" for record in records))
         if progress is not None:
             progress(len(indices))
     kept = [line for p in sorted(parts_dir.glob("part_*.jsonl")) for line in p.read_text().splitlines()
             if json.loads(line)["caption"]]
-    _write_atomic(out / "train.jsonl", "".join(line + "\n" for line in kept))
+    write_text_atomic(out / "train.jsonl", "".join(line + "\n" for line in kept))
     return out
 
 
@@ -90,7 +90,7 @@ def _check_options(path: Path, options: CapFiltOptions) -> None:
     if path.is_file() and json.loads(path.read_text()) != current:
         raise ValueError(f"{path.parent} was started with other CapFilt options ({path}); "
                          "use a new --out or the same options to resume")
-    _write_atomic(path, json.dumps(current, indent=2))
+    write_text_atomic(path, json.dumps(current, indent=2))
 
 
 def _process(dataset: CaptionDataset, indices: range, images_dir: Path, captioner: Captioner, scorer: Scorer,
@@ -120,12 +120,6 @@ def _process(dataset: CaptionDataset, indices: range, images_dir: Path, captione
                 sample.image.save(images_dir / f"{index:08d}.png")
             records.append(record)
     return records
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def summarize(out: Path, thresholds: Sequence[float] = tuple(i / 20 for i in range(21))) -> dict[str, Any]:
@@ -215,11 +209,11 @@ def embedding_scorer(model: Any) -> Scorer:
     """BLIP-2's ranking: the image-text similarity of a contrastive model (CLIP)."""
     @torch.no_grad()
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
-        from vlp.eval.run import embed_texts
+        from vlp.eval.run import embed_texts, paired, similarity_of
 
         image_emb = model.encode_image(_image_batch(model, images)).cpu()
         texts, rows = _flatten(candidates)
-        return _regroup((image_emb[rows] * embed_texts(model, texts)).sum(dim=1), candidates)
+        return _regroup(paired(similarity_of(model))(image_emb[rows], embed_texts(model, texts)), candidates)
 
     return score
 
