@@ -39,6 +39,7 @@ test-slow: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/clip_tiny.py --precision fp32
 	$(BIN)/python bench/clip_tiny.py --precision bf16
+	$(BIN)/python bench/blip_tiny.py --precision fp32
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache
