@@ -13,7 +13,7 @@ from vlp.data.tokenizer import Tokenizer
 transformers = pytest.importorskip("transformers")
 
 
-def save_tiny_blip2(path, tokenizer: Tokenizer, image_token: int):
+def save_tiny_blip2(path, tokenizer: Tokenizer, image_token: int, frequency: int = 2):
     lm = transformers.OPTConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                 num_attention_heads=2, max_position_embeddings=40, word_embed_proj_dim=32,
                                 bos_token_id=tokenizer.sot_id, eos_token_id=tokenizer.eot_id,
@@ -22,7 +22,7 @@ def save_tiny_blip2(path, tokenizer: Tokenizer, image_token: int):
         vision_config=dict(hidden_size=24, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
                            image_size=32, patch_size=8),
         qformer_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2,
-                            cross_attention_frequency=2, encoder_hidden_size=24),
+                            cross_attention_frequency=frequency, encoder_hidden_size=24),
         text_config=lm.to_dict(), num_query_tokens=3, image_token_index=image_token)
     torch.manual_seed(0)
     model = transformers.Blip2ForConditionalGeneration(config).eval()
@@ -38,11 +38,14 @@ def save_tiny_blip2(path, tokenizer: Tokenizer, image_token: int):
     return model
 
 
-def test_blip2_opt_checkpoint_gives_equal_visual_prompt_and_captions(tmp_path, shapes_dir):
+@pytest.mark.parametrize("frequency", [1, 2])
+def test_blip2_opt_checkpoint_gives_equal_visual_prompt_and_captions(tmp_path, shapes_dir, frequency):
     tokenizer = Tokenizer.load(shapes_dir)
-    hf = save_tiny_blip2(tmp_path, tokenizer, image_token=tokenizer.mask_id)
+    hf = save_tiny_blip2(tmp_path, tokenizer, image_token=tokenizer.mask_id, frequency=frequency)
     model = vlp.load(tmp_path)
     assert model.recipe == "blip2_stage2" and model.cfg.qformer.num_queries == 3
+    crossing = [b.cross_attn is not None for b in model.qformer.text.transformer.blocks]
+    assert crossing == [True, frequency == 1, True]
     images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         image_embeds = hf.vision_model(images).last_hidden_state
