@@ -97,3 +97,42 @@ def test_zero_shot_vqa_one_prompt_per_image(stage2, shapes_dir):
     assert together == alone
     results = evaluate(model, shapes_dir, tasks=["vqa"])
     assert {"accuracy", "accuracy_color"} <= set(results["vqa"])
+
+
+def test_encoder_decoder_lm_trains_with_the_prefix_lm_loss(tmp_path, stage2, shapes_dir):
+    """A T5 (built offline) behind the Q-Former: the caption is split, the prefix goes to the
+    encoder with the visual prompt, the decoder learns the suffix; only the Q-Former side learns."""
+    from tokenizers import processors
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    from vlp.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.load(shapes_dir)
+    torch.manual_seed(0)
+    t5 = T5ForConditionalGeneration(T5Config(
+        vocab_size=tokenizer.vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
+        num_heads=2, decoder_start_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eot_id,
+        pad_token_id=tokenizer.pad_id))
+    t5.save_pretrained(tmp_path / "t5")
+    library = tokenizer._tok  # T5 style: the end token after every text
+    library.post_processor = processors.TemplateProcessing(
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", tokenizer.eot_id)])
+    library.save(str(tmp_path / "t5" / "tokenizer.json"))
+    (tmp_path / "t5" / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "[PAD]"}))
+    config = write(tmp_path / "t5.yaml", "blip2_stage2", {"lm": str(tmp_path / "t5")}, shapes_dir, steps=3)
+    result = CliRunner().invoke(app, ["train", "blip2_stage2", "--config", str(config), "--init", str(stage2[0]),
+                                      "--out", str(tmp_path / "run"), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    model = vlp.load(tmp_path / "run")
+    assert model.lm.config.is_encoder_decoder
+    torch.manual_seed(1)
+    loss = model.train()({"images": torch.randn(2, 3, 32, 32), "texts": ["a small red circle", "two shapes"]})["lm"]
+    loss.backward()
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None} == \
+        {"ln_vision", "qformer", "language_projection"}
+    model.eval()
+    images = torch.randn(2, 3, 32, 32)
+    cached = model.captions(images, "Question: what color is the circle? Answer:", "greedy", max_new_tokens=5)
+    assert cached == model.captions(images, "Question: what color is the circle? Answer:", "greedy",
+                                    max_new_tokens=5, use_cache=False)

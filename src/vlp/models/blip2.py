@@ -149,7 +149,7 @@ class BLIP2Stage2Config:
     vision: VisionConfig = field(default_factory=VisionConfig)
     vision_layers: int = -1
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
-    lm: str = ""  # directory of a transformers causal LM (OPT, GPT-2 style), kept frozen
+    lm: str = ""  # directory of a transformers causal (OPT, GPT-2) or seq2seq (T5) LM, kept frozen
     prompt: str = ""  # text between the visual prompt and the caption, not scored ("a photo of")
     max_text_length: int = 32
     tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
@@ -158,7 +158,8 @@ class BLIP2Stage2Config:
 @register("blip2_stage2", BLIP2Stage2Config)
 class BLIP2Stage2(QueryingModel):
     """BLIP-2 stage 2 (Sec. 3.3): the query outputs, projected to the LM's width, are a soft
-    visual prompt in front of the text of a frozen decoder-only LM, trained with its LM loss.
+    visual prompt in front of the text of a frozen LM: a decoder-only LM trained with its LM
+    loss, or an encoder-decoder LM (T5) with the prefix LM loss.
 
     The LM is loaded from `model.lm` and is not part of the model's state dict (checkpoints hold
     what trains: the Q-Former, `ln_vision` and `language_projection`); it follows the model's
@@ -174,10 +175,12 @@ class BLIP2Stage2(QueryingModel):
             raise ValueError("model.lm must name a transformers causal LM directory (docs/recipes.md shows "
                              "how to train a small one on the shapes world)")
         super().__init__(cfg)
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         if lm is None:
-            lm, lm_tokenizer = AutoModelForCausalLM.from_pretrained(cfg.lm), AutoTokenizer.from_pretrained(cfg.lm)
+            seq2seq = AutoConfig.from_pretrained(cfg.lm).is_encoder_decoder
+            lm = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(cfg.lm)
+            lm_tokenizer = AutoTokenizer.from_pretrained(cfg.lm)
         object.__setattr__(self, "lm", lm.eval().requires_grad_(False))  # frozen, not a registered submodule
         self.lm_tokenizer = lm_tokenizer
         self.language_projection = nn.Linear(cfg.qformer.width, lm.config.hidden_size)
@@ -204,8 +207,9 @@ class BLIP2Stage2(QueryingModel):
         on the left for generation (the pads then sit between the visual prompt and the text,
         masked, and the LM's positions follow the mask)."""
         tok = self.lm_tokenizer
-        rows = [ids[: self.cfg.max_text_length - eos] + [tok.eos_token_id] * eos
-                for ids in tok(texts)["input_ids"]]  # with the LM's own start token, if it adds one
+        rows = [ids[: self.cfg.max_text_length - eos] for ids in tok(texts)["input_ids"]]  # the LM's own framing
+        if eos:  # an end token, unless the tokenizer already ends texts with one (T5 does)
+            rows = [r if r[-1:] == [tok.eos_token_id] else r + [tok.eos_token_id] for r in rows]
         width = max(len(r) for r in rows)
 
         def pad(row: list[int], value: int) -> list[int]:
@@ -223,7 +227,10 @@ class BLIP2Stage2(QueryingModel):
         return embeds, torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype, device=device), mask.to(device)], 1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """LM loss on the caption tokens after the visual prompt and `prompt` (Sec. 3.3)."""
+        """LM loss on the caption tokens after the visual prompt and `prompt`; for an
+        encoder-decoder LM, the prefix LM loss (Sec. 3.3)."""
+        if self.lm.config.is_encoder_decoder:
+            return {"lm": self._prefix_lm_loss(batch["images"], batch["texts"])}
         prompt_length = self._token_ids([self.cfg.prompt], eos=False)[0].shape[1] if self.cfg.prompt else 0
         ids, mask = self._token_ids([self.cfg.prompt + t for t in batch["texts"]], eos=True)
         embeds, attention = self._inputs(batch["images"], ids, mask)
@@ -232,6 +239,18 @@ class BLIP2Stage2(QueryingModel):
         queries = torch.full((len(ids), embeds.shape[1] - ids.shape[1]), -100)
         labels = torch.cat([queries, labels], dim=1).to(embeds.device)
         return {"lm": self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss}
+
+    def _prefix_lm_loss(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
+        """Each caption split at a random word: the visual prompt and the prefix go to the
+        encoder, the decoder is scored on generating the suffix (Sec. 3.3, Fig. 4)."""
+        words = [text.split() for text in texts]
+        cuts = [int(torch.randint(1, len(w), ())) if len(w) > 1 else len(w) for w in words]
+        prefixes = [self.cfg.prompt + " ".join(w[:c]) for w, c in zip(words, cuts)]
+        suffixes = [" ".join(w[c:]) for w, c in zip(words, cuts)]
+        embeds, attention = self._inputs(images, *self._token_ids(prefixes, eos=False))
+        ids, mask = self._token_ids(suffixes, eos=True)
+        labels = ids.masked_fill(mask == 0, -100).to(embeds.device)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
 
     @torch.no_grad()
     def captions(self, images: torch.Tensor, prompt: str | list[str] | None = None, method: str = "beam",
