@@ -1,4 +1,5 @@
-"""Tiny-CLIP throughput, vlp side by side with open_clip in one process.
+"""Tiny-CLIP throughput, vlp side by side with open_clip (and, for the encoders, transformers'
+CLIPModel holding the same weights) in one process.
 
 Same architecture sizes (configs/clip/tiny.yaml), same batch, same optimizer; repetitions
 alternate between the two libraries and the medians are compared, so machine noise hits both.
@@ -38,6 +39,17 @@ def open_clip_model(cfg):
     text = CLIPTextCfg(context_length=t["context_length"], vocab_size=VOCAB, width=t["width"],
                        heads=t["heads"], layers=t["layers"])
     return open_clip.model.CLIP(cfg.model["embed_dim"], vision, text)
+
+
+def transformers_twin(model):
+    """transformers' CLIPModel holding the same weights (written and read through vlp.save)."""
+    import tempfile
+
+    from transformers import CLIPModel
+
+    with tempfile.TemporaryDirectory() as tmp:
+        vlp.save(model, tmp, format="hf")
+        return CLIPModel.from_pretrained(tmp).eval()
 
 
 def vocab_batch(cfg, size, vocab=VOCAB, length=None):
@@ -112,11 +124,27 @@ def main() -> None:
     steps = {"vlp": lambda: vlp_step(models["vlp"], optimizers["vlp"], b),
              "open_clip": lambda: open_clip_step(models["open_clip"], optimizers["open_clip"], b)}
     rows = [compare("train step (samples/s)", steps, args.reps, args.warmup, args.precision, args.batch)]
-    images = vocab_batch(cfg, 256)["images"]
+    inputs = vocab_batch(cfg, 256)
+    images, ids, mask = inputs["images"], inputs["input_ids"], inputs["attention_mask"]
+    hf = transformers_twin(models["vlp"])
     with torch.no_grad():
-        encode = {"vlp": lambda: models["vlp"].encode_image(images),
-                  "open_clip": lambda: models["open_clip"].encode_image(images, normalize=True)}
-        rows.append(compare("image encoder (images/s)", encode, args.reps, args.warmup, args.precision, 256))
+        hf_features = hf.get_image_features(pixel_values=images)  # transformers 5: an output object
+        hf_features = getattr(hf_features, "pooler_output", hf_features)
+        torch.testing.assert_close(hf_features, models["vlp"].encode_image(images, normalize=False),
+                                   atol=1e-4, rtol=0)  # the competitor runs the same weights
+        for name, fns, items in (
+                ("image encoder (images/s)", {"vlp": lambda: models["vlp"].encode_image(images),
+                                              "open_clip": lambda: models["open_clip"].encode_image(images)}, 256),
+                ("image encoder vs transformers CLIPModel (images/s)",
+                 {"vlp": lambda: models["vlp"].encode_image(images),
+                  "transformers": lambda: hf.get_image_features(pixel_values=images)}, 256),
+                ("text encoder (texts/s)", {"vlp": lambda: models["vlp"].encode_text(ids, mask),
+                                            "open_clip": lambda: models["open_clip"].encode_text(ids)}, 256),
+                ("text encoder vs transformers CLIPModel (texts/s)",
+                 {"vlp": lambda: models["vlp"].encode_text(ids, mask),
+                  "transformers": lambda: hf.get_text_features(input_ids=ids, attention_mask=mask)}, 256)):
+            baseline = next(lib for lib in fns if lib != "vlp")
+            rows.append(compare(name, fns, args.reps, args.warmup, args.precision, items, baseline=baseline))
     meta = {"torch": torch.__version__, "open_clip": open_clip.__version__, "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "batch": args.batch,
             "params_vlp": sum(p.numel() for p in models["vlp"].parameters()),
