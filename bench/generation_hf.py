@@ -1,0 +1,69 @@
+"""Caption generation: vlp's BLIP decoder against transformers' `BlipForConditionalGeneration`
+`generate`, holding the same weights (written by `vlp.save(..., format="hf", task="captioning")`),
+greedy and beam search (3 beams), batch 1 and 16, 20 new tokens. The tokens are compared first
+(identical, or the row says how many sequences differ); then tokens/s, alternating repetitions.
+
+    .venv/bin/python bench/generation_hf.py [--reps 5] [--out rows.json]
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+
+import torch
+from transformers import BlipForConditionalGeneration
+
+import vlp
+from blip_tiny import TOKENS  # noqa: E402  (bench/ is the script's folder)
+from clip_tiny import bench_arguments, compare
+from vlp.config import load_run_config
+from vlp.data.tokenizer import Tokenizer
+
+VOCAB = 512
+NEW_TOKENS = 20
+
+
+def models():
+    cfg = load_run_config("blip")
+    torch.manual_seed(0)
+    vision = {**cfg.model["vision"], "ln_pre": False, "patch_bias": True}  # BLIP's ViT, as transformers has it
+    model = vlp.create_model("blip", {**cfg.model, "vision": vision, "tokens": TOKENS,
+                                      "text": {**cfg.model["text"], "vocab_size": VOCAB}}).eval()
+    model.tokenizer = Tokenizer.train([f"word{i}" for i in range(VOCAB)], vocab_size=VOCAB)  # ids only
+    with tempfile.TemporaryDirectory() as tmp:
+        vlp.save(model, tmp, format="hf", task="captioning")
+        hf = BlipForConditionalGeneration.from_pretrained(tmp).eval()
+    return model, hf, cfg
+
+
+def main() -> None:
+    args = bench_arguments(__doc__, batch=16, reps=5, warmup=1)
+    model, hf, cfg = models()
+    size = cfg.model["vision"]["image_size"]
+    rows = []
+    for batch in (1, 16):
+        images = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch))
+        for method, beams in (("greedy", 1), ("beam", 3)):
+            options = {"max_new_tokens": NEW_TOKENS} | ({"num_beams": beams} if method == "beam" else {})
+            with torch.no_grad():
+                ours = model.generate(images, method=method, **options)
+                theirs = hf.generate(pixel_values=images, do_sample=False, num_beams=beams,
+                                     max_new_tokens=NEW_TOKENS)
+            length = min(ours.shape[1], theirs.shape[1])
+            differ = int((ours[:, :length] != theirs[:, :length]).any(dim=1).sum())
+            fns = {"vlp": lambda: model.generate(images, method=method, **options),
+                   "transformers": lambda: hf.generate(pixel_values=images, do_sample=False, num_beams=beams,
+                                                       max_new_tokens=NEW_TOKENS)}
+            with torch.no_grad():
+                row = compare(f"{method} (beams {beams}), batch {batch} (tokens/s)", fns, args.reps, args.warmup,
+                              args.precision, batch * NEW_TOKENS, baseline="transformers")
+            rows.append({**row, "sequences_differing": differ})
+    for row in rows:
+        print(json.dumps(row))
+    if args.out:
+        args.out.write_text(json.dumps({"rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
