@@ -92,3 +92,11 @@ def test_recall_with_a_max_over_queries_similarity_matches_brute_force():
     metrics = recall_at_k(images, texts, owner, ks=(1,), block=2, similarity=max_query_similarity)
     assert metrics["i2t_R@1"] == pytest.approx(100 * i2t_hit.float().mean().item())
     assert metrics["t2i_R@1"] == pytest.approx(100 * t2i_hit.float().mean().item())
+
+
+def test_gallery_tiles_give_the_same_top_k_as_one_pass():
+    gen = torch.Generator().manual_seed(0)
+    queries, gallery = torch.randn(37, 8, generator=gen), torch.randn(503, 8, generator=gen)
+    reference = (queries @ gallery.T).topk(10, dim=1).indices
+    for gallery_block in (7, 64, 1000):
+        assert torch.equal(blockwise_topk(queries, gallery, 10, block=16, gallery_block=gallery_block), reference)

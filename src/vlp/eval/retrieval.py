@@ -1,7 +1,8 @@
 """Image-text retrieval Recall@K in both directions (DESIGN.md "Evaluation protocols").
 
-Similarities are computed one block of queries at a time, keeping only each query's top-K, so
-memory is O(block x gallery) rather than O(N x M): 100k+ items fit. Recipes with an ITM head
+Similarities are computed one tile (a block of queries x a block of the gallery) at a time,
+keeping only each query's running top-K, so memory is O(block x gallery block) beyond the
+embeddings, never O(N x M): millions of items fit. Recipes with an ITM head
 re-rank each query's ITC shortlist by their match score (`reranked_recall_at_k`).
 """
 
@@ -18,12 +19,28 @@ Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def blockwise_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, block: int = 1024,
-                   similarity: Similarity = dot_similarity) -> torch.Tensor:
+                   similarity: Similarity = dot_similarity, gallery_block: int = 65536) -> torch.Tensor:
     """Indices [Q, k] of each query's k most similar gallery items, best first;
-    `similarity(query_block, gallery) -> [q, G]` (default: dot product)."""
+    `similarity(query_block, gallery_block) -> [q, g]` (default: dot product). Scores exist one
+    (block x gallery_block) tile at a time, each query keeping a running top-k, so memory does
+    not grow with the gallery beyond the embeddings themselves."""
     k = min(k, gallery.shape[0])
-    return torch.cat([similarity(queries[i:i + block], gallery).topk(k, dim=1).indices
+    return torch.cat([_tile_topk(queries[i:i + block], gallery, k, similarity, gallery_block)
                       for i in range(0, queries.shape[0], block)])
+
+
+def _tile_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, similarity: Similarity,
+               gallery_block: int) -> torch.Tensor:
+    values = indices = None
+    for start in range(0, gallery.shape[0], gallery_block):
+        scores = similarity(queries, gallery[start:start + gallery_block])
+        top = scores.topk(min(k, scores.shape[1]), dim=1)
+        tile_values, tile_indices = top.values, top.indices + start
+        if values is not None:  # merge with the best so far
+            tile_values, tile_indices = torch.cat([values, tile_values], 1), torch.cat([indices, tile_indices], 1)
+        best = tile_values.topk(min(k, tile_values.shape[1]), dim=1)
+        values, indices = best.values, tile_indices.gather(1, best.indices)
+    return indices
 
 
 def directed(similarity: Similarity) -> tuple[Similarity, Similarity]:
