@@ -184,6 +184,7 @@ class BLIP2Stage2(QueryingModel):
         object.__setattr__(self, "lm", lm.eval().requires_grad_(False))  # frozen, not a registered submodule
         self.lm_tokenizer = lm_tokenizer
         self.language_projection = nn.Linear(cfg.qformer.width, lm.config.hidden_size)
+        self.has_unused_parameters = True  # the Q-Former's text stream has no part in stage 2
 
     def save_lm(self, out: Path) -> Path:
         """Write the frozen LM and its tokenizer as a transformers directory (a vlp run of this
