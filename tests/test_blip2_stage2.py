@@ -38,8 +38,8 @@ def stage2(tmp_path_factory, shapes_dir):
     assert result.exit_code == 0, result.output
     train("blip2_stage1", write(root / "s1.yaml", "blip2_stage1", {"vision": VISION, "qformer": QFORMER,
                                                                    "embed_dim": 16}, shapes_dir), "s1")
-    s2 = write(root / "s2.yaml", "blip2_stage2", {"lm": str(root / "lm_hf")}, shapes_dir, steps=4)
-    train("blip2_stage2", s2, "s2", "--init", str(root / "s1"))
+    s2 = write(root / "s2.yaml", "blip2_stage2", {"prompt": ""}, shapes_dir, steps=4)
+    train("blip2_stage2", s2, "s2", "--init", str(root / "s1"), "--lm", str(root / "lm_hf"))
     return root / "s1", root / "lm_hf", root / "s2"
 
 

@@ -107,13 +107,15 @@ def train(
              "(fine-tuning); weights the new recipe lacks or adds are listed.")] = None,
     strict: Annotated[bool, typer.Option(
         help="Stop at the first unreadable sample (naming its file) instead of skipping it.")] = False,
+    lm: Annotated[Optional[Path], typer.Option(
+        help="blip2_stage2: the frozen language model, a transformers directory (overrides model.lm).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a recipe. Works alone or under `torchrun --nproc_per_node N` (DDP)."""
     from vlp.train.trainer import train_run
 
     flags = {"data.path": data, "train.steps": steps, "data.batch_size": batch_size, "train.seed": seed,
-             "data.strict": strict or None}
+             "data.strict": strict or None, "model.lm": lm}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
     values = train_run(recipe, out, config, extra + list(overrides or []), init, resume, progress)
     if values:
