@@ -198,3 +198,14 @@ def test_sharded_checkpoint_loads_like_a_single_file(tmp_path, tokenizer):
     assert (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
     a, b = vlp.load(tmp_path / "single").state_dict(), vlp.load(tmp_path / "sharded").state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hub_id_without_network_names_what_to_download(monkeypatch):
+    import huggingface_hub
+
+    def offline(*args, **kwargs):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match=r"openai/clip-vit-base-patch32.*huggingface-cli download"):
+        vlp.load("openai/clip-vit-base-patch32")
