@@ -4,7 +4,7 @@ CLIPModel holding the same weights) in one process.
 Same architecture sizes (configs/clip/tiny.yaml), same batch, same optimizer; repetitions
 alternate between the two libraries and the medians are compared, so machine noise hits both.
 
-    .venv/bin/python bench/clip_tiny.py [--batch 128] [--reps 7] [--precision fp32|bf16]
+    .venv/bin/python bench/clip_tiny.py [--batch 128] [--reps 7] [--precision fp32|bf16] [--size tiny|small]
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from open_clip.loss import ClipLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 import vlp
-from vlp.config import load_run_config
+from vlp.config import load_run_config, recipe_config_path
 
 VOCAB = 512
 
@@ -110,13 +110,14 @@ def bench_arguments(doc: str, batch: int, reps: int, warmup: int) -> argparse.Na
     parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
+    parser.add_argument("--size", default="tiny", help="config size of the recipe (configs/RECIPE/SIZE.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     return parser.parse_args()
 
 
 def main() -> None:
     args = bench_arguments(__doc__, batch=128, reps=7, warmup=2)
-    cfg = load_run_config("clip")
+    cfg = load_run_config("clip", recipe_config_path("clip", args.size))
     torch.manual_seed(0)
     models = {"vlp": vlp_model(cfg), "open_clip": open_clip_model(cfg)}
     optimizers = {lib: torch.optim.AdamW(m.parameters(), lr=1e-4) for lib, m in models.items()}
