@@ -18,7 +18,7 @@ language modeling on text (`text_mlm`, text-only mode) with the attention and V-
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +79,7 @@ class VLMo(nn.Module):
         self.text_embed = TextTransformer(replace(cfg.text, layers=0))
         self.vision_embed.norm = self.text_embed.norm = nn.Identity()
         self.type_embed = nn.Embedding(2, width)  # image / text
-        stack = {f.name: getattr(cfg.vision, f.name) for f in TransformerConfig.__dataclass_fields__.values()}
+        stack = {f.name: getattr(cfg.vision, f.name) for f in fields(TransformerConfig)}  # the shared stack's sizes
         self.transformer = Transformer(TransformerConfig(**{**stack, "pre_norm": True, "split_ffn": True,
                                                             "fusion_ffn_layers": cfg.fusion_layers}))
         self.norm = nn.LayerNorm(width, eps=cfg.vision.eps)
