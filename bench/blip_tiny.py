@@ -12,12 +12,10 @@ without the KV cache, in one process with alternating repetitions (medians, rati
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 import vlp
-from clip_tiny import bench_arguments, compare, vocab_batch  # noqa: E402  (bench/ is the script's folder)
+from clip_tiny import bench_arguments, compare, report, vocab_batch  # noqa: E402  (bench/ is the script's folder)
 from vlp.config import load_run_config
 from vlp.data.tokenizer import SPECIAL_TOKENS
 from vlp.generate import Recomputing, greedy
@@ -79,10 +77,7 @@ def main() -> None:
               "naive": lambda: greedy(Recomputing(recomputed_logits(model)), start, (None, image_tokens), **options)}
     rows.append(compare("greedy generation, batch 16 (tokens/s)", decode, args.reps, args.warmup,
                         args.precision, 16 * 20, baseline="naive"))
-    for row in rows:
-        print(json.dumps(row))
-    if args.out:
-        args.out.write_text(json.dumps({"rows": rows}, indent=2))
+    report(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,14 @@ def compare(name, fns, reps, warmup, precision, items, baseline="open_clip"):
             f"ratio_vlp_over_{baseline}": round(rates["vlp"] / rates[baseline], 3)}
 
 
+def report(rows: list[dict], out: Path | None, meta: dict | None = None) -> None:
+    """Print the rows (and meta) as JSON lines; also write them to `out` if given."""
+    for line in ([meta] if meta else []) + rows:
+        print(json.dumps(line))
+    if out:
+        out.write_text(json.dumps({"meta": meta or {}, "rows": rows}, indent=2))
+
+
 def bench_arguments(doc: str, batch: int, reps: int, warmup: int) -> argparse.Namespace:
     """The options every benchmark script takes."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -150,11 +158,7 @@ def main() -> None:
             "cpu": platform.processor() or platform.machine(), "batch": args.batch,
             "params_vlp": sum(p.numel() for p in models["vlp"].parameters()),
             "params_open_clip": sum(p.numel() for p in models["open_clip"].parameters())}
-    print(json.dumps(meta))
-    for row in rows:
-        print(json.dumps(row))
-    if args.out:
-        args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    report(rows, args.out, meta)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,13 @@ BLIP's three passes, in one process with alternating repetitions (medians, ratio
 
 from __future__ import annotations
 
-import json
-
 import torch
 from open_clip.coca_model import CoCa, MultimodalCfg
 from open_clip.loss import CoCaLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 import vlp
-from clip_tiny import bench_arguments, compare, vocab_batch  # noqa: E402  (bench/ is the script's folder)
+from clip_tiny import bench_arguments, compare, report, vocab_batch  # noqa: E402  (bench/ is the script's folder)
 from vlp.config import load_run_config
 from vlp.data.tokenizer import SPECIAL_TOKENS
 
@@ -88,10 +86,7 @@ def main() -> None:
                     {"vlp": step(vlp_loss, coca, optimizers["vlp"]),
                      "blip": step(lambda: sum(blip(b).values()), blip, optimizers["blip"])},
                     args.reps, args.warmup, args.precision, args.batch, baseline="blip")]
-    for row in rows:
-        print(json.dumps(row))
-    if args.out:
-        args.out.write_text(json.dumps({"rows": rows}, indent=2))
+    report(rows, args.out)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ greedy and beam search (3 beams), batch 1 and 16, 20 new tokens. The tokens are 
 
 from __future__ import annotations
 
-import json
 import tempfile
 
 import torch
@@ -16,7 +15,7 @@ from transformers import BlipForConditionalGeneration
 
 import vlp
 from blip_tiny import TOKENS  # noqa: E402  (bench/ is the script's folder)
-from clip_tiny import bench_arguments, compare
+from clip_tiny import bench_arguments, compare, report
 from vlp.config import load_run_config
 from vlp.data.tokenizer import Tokenizer
 
@@ -59,10 +58,7 @@ def main() -> None:
                 row = compare(f"{method} (beams {beams}), batch {batch} (tokens/s)", fns, args.reps, args.warmup,
                               args.precision, batch * NEW_TOKENS, baseline="transformers")
             rows.append({**row, "sequences_differing": differ})
-    for row in rows:
-        print(json.dumps(row))
-    if args.out:
-        args.out.write_text(json.dumps({"rows": rows}, indent=2))
+    report(rows, args.out)
 
 
 if __name__ == "__main__":
