@@ -41,6 +41,8 @@ bench: $(DEV_STAMP)
 	$(BIN)/python bench/clip_tiny.py --precision bf16
 	$(BIN)/python bench/blip_tiny.py --precision fp32
 	$(BIN)/python bench/coca_tiny.py --precision fp32
+	$(BIN)/python bench/generation_hf.py
+	$(BIN)/python bench/retrieval_scale.py
 
 clean:
 	rm -rf $(VENV) data runs .pytest_cache
