@@ -34,6 +34,14 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: 
     return masked, labels
 
 
+def mask_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: dict[str, int],
+                 vocab_size: int, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`mask_tokens` for BERT-framed captions: `tokens` holds the tokenizer's special ids; [PAD],
+    [CLS] and [SEP] are never chosen, chosen tokens become `tokens["mask"]`."""
+    return mask_tokens(input_ids, attention_mask, tokens["mask"], vocab_size,
+                       special_ids=[tokens[k] for k in ("pad", "cls", "sep")], prob=prob)
+
+
 def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_targets: torch.Tensor | None = None,
              alpha: float = 0.0) -> torch.Tensor:
     """Cross-entropy on the labelled positions; with `soft_targets` (probabilities from the

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field, replace
 import torch
 import torch.nn.functional as F
 
-from vlp.losses.mlm import mask_tokens, mlm_loss
+from vlp.losses.mlm import mask_caption, mlm_loss
 from vlp.models.fusion import ContrastiveConfig, FusionModel
 from vlp.models.registry import register
 from vlp.nn.heads import TokenPredictionHead
@@ -78,10 +78,9 @@ class ALBEF(FusionModel):
 
     def _mlm(self, batch: dict[str, torch.Tensor], aligned: dict[str, torch.Tensor]) -> torch.Tensor:
         """MLM conditioned on the image; soft targets from the momentum model (Sec. 3.3)."""
-        ids, mask, tokens = batch["input_ids"], batch["attention_mask"], self.cfg.tokens
-        masked, labels = mask_tokens(ids, mask, tokens["mask"], self.cfg.text.vocab_size,
-                                     special_ids=[tokens[k] for k in ("pad", "cls", "sep")],
-                                     prob=self.cfg.mlm_probability)
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size,
+                                      self.cfg.mlm_probability)
         states = self.text(masked, mask, layers=self.text_layers)[1]
         logits = self.mlm_head(self.fuse(states, mask, aligned["image_tokens"]))
         if self.momentum is None:

@@ -27,7 +27,7 @@ from torch import nn
 from vlp.data.image_tokenizer import ImageTokenizer
 from vlp.losses.itc import itc_loss
 from vlp.losses.mim import block_mask
-from vlp.losses.mlm import IGNORE, mask_tokens, mlm_loss
+from vlp.losses.mlm import IGNORE, mask_caption, mlm_loss
 from vlp.models.fusion import itm_inputs
 from vlp.models.registry import register
 from vlp.nn.attention import padding_mask
@@ -163,20 +163,17 @@ class VLMo(nn.Module):
             images, texts, masks, labels = itm_inputs(image_emb, ids, mask, ids, image_feat, text_feat, scale)
             losses["itm"] = F.cross_entropy(self.itm_logits(images, texts, masks), labels)
         if "mlm" in self.objectives:
-            masked, labels = self._masked_text(ids, mask, self.cfg.mlm_probability)
+            masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size,
+                                          self.cfg.mlm_probability)
             states = self.fused_states(image_emb, masked, mask)[:, image_emb.shape[1]:]
             losses["mlm"] = mlm_loss(self.mlm_head(states), labels)
         if "text_mlm" in self.objectives:
-            masked, labels = self._masked_text(ids, mask, self.cfg.text_mlm_probability)
+            masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size,
+                                          self.cfg.text_mlm_probability)
             losses["text_mlm"] = mlm_loss(self.mlm_head(self.text_states(masked, mask)), labels)
         if "mim" in self.objectives:
             losses["mim"] = self._mim(batch["images"])
         return losses
-
-    def _masked_text(self, ids: torch.Tensor, mask: torch.Tensor, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
-        tokens = self.cfg.tokens
-        return mask_tokens(ids, mask, tokens["mask"], self.cfg.text.vocab_size,
-                           special_ids=[tokens[k] for k in ("pad", "cls", "sep")], prob=prob)
 
     def _mim(self, images: torch.Tensor) -> torch.Tensor:
         """Predict the visual tokens of block-masked patches in image-only mode (BEiT Sec. 2.2)."""
