@@ -1,7 +1,8 @@
 """Tiny-CLIP throughput, vlp side by side with open_clip (and, for the encoders, transformers'
 CLIPModel holding the same weights) in one process.
 
-Same architecture sizes (configs/clip/tiny.yaml), same batch, same optimizer; repetitions
+Same architecture sizes (configs/clip/tiny.yaml), same batch; each library steps AdamW as its
+training code builds it (vlp: the fused kernel; open_clip: torch's default); repetitions
 alternate between the two libraries and the medians are compared, so machine noise hits both.
 
     .venv/bin/python bench/clip_tiny.py [--batch 128] [--reps 7] [--precision fp32|bf16] [--size tiny|small]
@@ -23,6 +24,7 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 import vlp
 from vlp.config import load_run_config, recipe_config_path
+from vlp.train.optim import build_optimizer
 
 VOCAB = 512
 
@@ -111,14 +113,14 @@ def report(rows: list[dict], out: Path | None, meta: dict | None = None) -> None
         out.write_text(json.dumps({"meta": meta or {}, "rows": rows}, indent=2))
 
 
-def bench_arguments(doc: str, batch: int, reps: int, warmup: int) -> argparse.Namespace:
+def bench_arguments(doc: str, batch: int, reps: int, warmup: int, size: str = "tiny") -> argparse.Namespace:
     """The options every benchmark script takes."""
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=batch)
     parser.add_argument("--reps", type=int, default=reps)
     parser.add_argument("--warmup", type=int, default=warmup)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"])
-    parser.add_argument("--size", default="tiny", help="config size of the recipe (configs/RECIPE/SIZE.yaml)")
+    parser.add_argument("--size", default=size, help="config size of the recipe (configs/RECIPE/SIZE.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="also write the rows as JSON here")
     return parser.parse_args()
 
@@ -128,7 +130,8 @@ def main() -> None:
     cfg = load_run_config("clip", recipe_config_path("clip", args.size))
     torch.manual_seed(0)
     models = {"vlp": vlp_model(cfg), "open_clip": open_clip_model(cfg)}
-    optimizers = {lib: torch.optim.AdamW(m.parameters(), lr=1e-4) for lib, m in models.items()}
+    optimizers = {"vlp": build_optimizer(models["vlp"], cfg.train),  # each library's own training optimizer
+                  "open_clip": torch.optim.AdamW(models["open_clip"].parameters(), lr=1e-4)}
     b = vocab_batch(cfg, args.batch)
     steps = {"vlp": lambda: vlp_step(models["vlp"], optimizers["vlp"], b),
              "open_clip": lambda: open_clip_step(models["open_clip"], optimizers["open_clip"], b)}

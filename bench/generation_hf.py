@@ -23,22 +23,32 @@ VOCAB = 512
 NEW_TOKENS = 20
 
 
-def models():
+def hf_compatible_blip(contrastive: dict | None = None) -> tuple[torch.nn.Module, object]:
+    """vlp's tiny BLIP with the ViT flavour transformers has (no ln_pre, a patch bias), and its
+    run config; `contrastive` overrides that section (momentum 0: no momentum encoders)."""
     cfg = load_run_config("blip")
     torch.manual_seed(0)
-    vision = {**cfg.model["vision"], "ln_pre": False, "patch_bias": True}  # BLIP's ViT, as transformers has it
+    vision = {**cfg.model["vision"], "ln_pre": False, "patch_bias": True}
     model = vlp.create_model("blip", {**cfg.model, "vision": vision, "tokens": TOKENS,
-                                      "text": {**cfg.model["text"], "vocab_size": VOCAB}}).eval()
+                                      "contrastive": {**cfg.model["contrastive"], **(contrastive or {})},
+                                      "text": {**cfg.model["text"], "vocab_size": VOCAB}})
     model.tokenizer = Tokenizer.train([f"word{i}" for i in range(VOCAB)], vocab_size=VOCAB)  # ids only
+    return model, cfg
+
+
+def transformers_twin(model: torch.nn.Module, cls: type) -> torch.nn.Module:
+    """transformers' `cls` (a BLIP task model) holding `model`'s weights, via `vlp.save`."""
+    task = "captioning" if cls is BlipForConditionalGeneration else "retrieval"
     with tempfile.TemporaryDirectory() as tmp:
-        vlp.save(model, tmp, format="hf", task="captioning")
-        hf = BlipForConditionalGeneration.from_pretrained(tmp).eval()
-    return model, hf, cfg
+        vlp.save(model, tmp, format="hf", task=task)
+        return cls.from_pretrained(tmp)
 
 
 def main() -> None:
     args = bench_arguments(__doc__, batch=16, reps=5, warmup=1)
-    model, hf, cfg = models()
+    model, cfg = hf_compatible_blip()
+    model.eval()
+    hf = transformers_twin(model, BlipForConditionalGeneration).eval()
     size = cfg.model["vision"]["image_size"]
     rows = []
     for batch in (1, 16):

@@ -200,9 +200,11 @@ def test_itm_batch_layout_and_uniform_negatives_when_not_hard():
     feat = torch.eye(4)  # image i is most similar to text i, equally far from the others
     draws = torch.zeros(4, 4)
     for _ in range(400):
-        images, texts, masks, labels = itm_inputs(tokens, b["input_ids"], b["attention_mask"], b["input_ids"],
-                                                  feat, feat, torch.zeros(()))
-        assert labels.tolist() == [1] * 4 + [0] * 8 and torch.equal(texts[:4], b["input_ids"])
+        itm = itm_inputs(tokens, b["input_ids"], b["attention_mask"], b["input_ids"], feat, feat, torch.zeros(()))
+        assert itm.labels.tolist() == [1] * 4 + [0] * 8 and torch.equal(itm.texts[:4], b["input_ids"])
+        assert torch.equal(itm.images, tokens)  # each image once; the pairs index it
+        images = itm.paired_images()
+        assert torch.equal(images[:8, 0, 0].long(), torch.arange(4).repeat(2))
         negative_images = images[8:, 0, 0].long()
         assert (negative_images != torch.arange(4)).all()
         draws[torch.arange(4), negative_images] += 1

@@ -96,6 +96,26 @@ def test_cross_attention_layout(start, every, expected):
     assert [i for i, b in enumerate(model.transformer.blocks) if b.cross_attn is not None] == expected
 
 
+def test_context_rows_equal_repeated_context_in_values_and_gradients():
+    """Cross-attending through `context_rows` (each image projected once, as the ITM batch does)
+    gives the outputs and gradients of materialising the repeated context."""
+    torch.manual_seed(0)
+    model = _decoder(causal=False, pool="cls")
+    ids, rows = torch.randint(0, 30, (5, 6)), torch.tensor([0, 1, 1, 2, 0])
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    results = []
+    for by_rows in (True, False):
+        context = torch.randn(3, 4, 24, generator=torch.Generator().manual_seed(1)).requires_grad_()
+        kwargs = {"context": context, "context_rows": rows} if by_rows else {"context": context[rows]}
+        out = model(ids, mask, **kwargs)[1]
+        out.square().sum().backward()
+        results.append((out.detach(), context.grad, model.transformer.blocks[0].cross_attn.kv.weight.grad.clone()))
+        model.zero_grad()
+    for ours, reference in zip(*results):
+        torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+
+
 def test_layer_slices_compose():
     """ALBEF runs the text half, then the fusion half on its output: same as one full run."""
     torch.manual_seed(0)

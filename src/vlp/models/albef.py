@@ -51,10 +51,12 @@ class ALBEF(FusionModel):
         self._add_momentum(mlm_head=self.mlm_head)
 
     def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
-             image_tokens: torch.Tensor, text: TextTransformer | None = None) -> torch.Tensor:
-        """The fusion layers on the text encoder's states, cross-attending to image tokens."""
+             image_tokens: torch.Tensor, text: TextTransformer | None = None,
+             image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The fusion layers on the text encoder's states, cross-attending to image tokens
+        (text i to `image_tokens[image_rows[i]]` where rows are given)."""
         return (text or self.text)(None, attention_mask, context=image_tokens, hidden=text_states,
-                                   layers=self.fusion_layers)[1]
+                                   layers=self.fusion_layers, context_rows=image_rows)[1]
 
     def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor) -> torch.Tensor:
@@ -70,8 +72,9 @@ class ALBEF(FusionModel):
         if "itc" in self.objectives:
             losses["itc"] = aligned["itc"]
         if "itm" in self.objectives:
-            images, texts, masks, labels = self.itm_batch(aligned, aligned["text_states"], batch)
-            losses["itm"] = F.cross_entropy(self.itm_head(self.fuse(texts, masks, images)[:, 0]), labels)
+            itm = self.itm_batch(aligned, aligned["text_states"], batch)
+            fused = self.fuse(itm.texts, itm.masks, itm.images, image_rows=itm.image_rows)
+            losses["itm"] = F.cross_entropy(self.itm_head(fused[:, 0]), itm.labels)
         if "mlm" in self.objectives:
             losses["mlm"] = self._mlm(batch, aligned)
         return losses

@@ -71,10 +71,12 @@ class BLIP(FusionModel):
         return self.cfg.vision.width
 
     def itm_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-        """The image-grounded encoder ([ENC], cross-attention) and the ITM head."""
+                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """The image-grounded encoder ([ENC], cross-attention) and the ITM head; text i sees
+        `image_tokens[image_rows[i]]` where rows are given."""
         ids = with_first_token(input_ids, self.cfg.tokens["enc"])
-        return self.itm_head(self.text(ids, attention_mask, context=image_tokens)[1][:, 0])
+        states = self.text(ids, attention_mask, context=image_tokens, context_rows=image_rows)[1]
+        return self.itm_head(states[:, 0])
 
     def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor) -> torch.Tensor:
@@ -119,8 +121,9 @@ class BLIP(FusionModel):
         if "itc" in objectives:
             losses["itc"] = aligned["itc"]
         if "itm" in objectives:
-            images, ids, masks, labels = self.itm_batch(aligned, batch["input_ids"], batch)
-            losses["itm"] = F.cross_entropy(self.itm_logits(images, ids, masks), labels)
+            itm = self.itm_batch(aligned, batch["input_ids"], batch)
+            losses["itm"] = F.cross_entropy(self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows),
+                                            itm.labels)
         if "lm" in objectives:
             logits = self.caption_logits(image_tokens, batch["input_ids"], batch["attention_mask"])
             losses["lm"] = lm_loss(logits, batch["input_ids"], batch["attention_mask"],

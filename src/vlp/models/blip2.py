@@ -117,9 +117,11 @@ class BLIP2Stage1(QueryingModel):
         return self.itm_logits(image_feats, input_ids, attention_mask).softmax(dim=-1)[:, 1]
 
     def itm_logits(self, image_feats: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-        """Match logits [B, 2]: the ITM head on every query output, averaged (Sec. 3.2)."""
-        queries = self.qformer(image_feats, input_ids, attention_mask, mode="bidirectional")[0]
+                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Match logits [B, 2]: the ITM head on every query output, averaged (Sec. 3.2); text i
+        is paired with `image_feats[image_rows[i]]` where rows are given."""
+        queries = self.qformer(image_feats, input_ids, attention_mask, mode="bidirectional",
+                               image_rows=image_rows)[0]
         return self.itm_head(queries).mean(dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -133,9 +135,9 @@ class BLIP2Stage1(QueryingModel):
             losses["itc"] = itc_loss(image_emb, text_emb, self.scale(), similarity=max_query_similarity)
         if "itm" in self.objectives:
             scale = self.scale() if self.cfg.hard_negatives else torch.zeros(())
-            images, texts, masks, labels = itm_inputs(feats, ids, mask, ids, image_emb, text_emb, scale,
-                                                      similarity=max_query_similarity)
-            losses["itm"] = F.cross_entropy(self.itm_logits(images, texts, masks), labels)
+            itm = itm_inputs(feats, ids, mask, ids, image_emb, text_emb, scale, similarity=max_query_similarity)
+            losses["itm"] = F.cross_entropy(self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows),
+                                            itm.labels)
         if "itg" in self.objectives:
             dec_ids = with_first_token(ids, self.cfg.tokens["dec"])
             text_states = self.qformer(feats, dec_ids, mask, mode="causal")[1]

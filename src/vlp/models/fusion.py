@@ -7,8 +7,8 @@
   plain in-batch loss, gathered across ranks.
 - `FusionModel`: the body ALBEF and BLIP share: ViT, text encoder, projections, `Contrast`,
   ITM head, momentum copies, and the align step (unimodal features and ITC).
-- `itm_inputs`: the ITM batch of ALBEF Sec. 3.2: every positive pair, plus one hard-negative text
-  per image and one hard-negative image per text drawn from the gathered batch.
+- `itm_inputs` -> `ITMBatch`: the ITM batch of ALBEF Sec. 3.2: every positive pair, plus one
+  hard-negative text per image and one hard-negative image per text drawn from the gathered batch.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -190,12 +191,29 @@ def project(proj: nn.Linear, pooled: torch.Tensor) -> torch.Tensor:
     return F.normalize(proj(pooled), dim=-1)
 
 
+class ITMBatch(NamedTuple):
+    """Pair i of the ITM batch is image `images[image_rows[i]]` with text `texts[i]`.
+
+    `images` holds each image of the gathered batch once; cross-attention given the rows
+    (`context_rows`) projects each image once instead of three times."""
+
+    images: torch.Tensor
+    image_rows: torch.Tensor
+    texts: torch.Tensor
+    masks: torch.Tensor
+    labels: torch.Tensor
+
+    def paired_images(self) -> torch.Tensor:
+        """The image of every pair, materialised (for fusion by self-attention, as VLMo's)."""
+        return self.images[self.image_rows]
+
+
 def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
                input_ids: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tensor,
                logit_scale: torch.Tensor, similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-               = dot_similarity) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Image tokens, texts, masks and labels of the ITM batch: B positives, then B images with
-    a hard-negative text, then B texts with a hard-negative image (ALBEF Sec. 3.2).
+               = dot_similarity) -> ITMBatch:
+    """The ITM batch: B positives, then B images with a hard-negative text, then B texts with
+    a hard-negative image (ALBEF Sec. 3.2).
 
     `text` is what the fusion encoder takes (BLIP: token ids; ALBEF: the text encoder's states);
     negatives come from all ranks, sampled without gradient by ITC similarity (a zero
@@ -214,12 +232,13 @@ def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.
     all_text, all_mask = all_gather_padded(text), all_gather_padded(text_mask)
     length = all_text.shape[1]
     text, text_mask = _pad_to(text, length), _pad_to(text_mask, length)
-    images = torch.cat([image_tokens, image_tokens, all_images[neg_image]])
-    texts = torch.cat([text, all_text[neg_text], text])
-    masks = torch.cat([text_mask, all_mask[neg_text], text_mask])
     batch = image_tokens.shape[0]
+    own = torch.arange(batch, device=image_tokens.device) + sum(sizes[: rank()])
     labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
-    return images, texts, masks, labels.to(image_tokens.device)
+    return ITMBatch(images=all_images, image_rows=torch.cat([own, own, neg_image]),
+                    texts=torch.cat([text, all_text[neg_text], text]),
+                    masks=torch.cat([text_mask, all_mask[neg_text], text_mask]),
+                    labels=labels.to(image_tokens.device))
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -160,8 +160,8 @@ class VLMo(nn.Module):
             losses["itc"] = itc_loss(image_feat, text_feat, self.scale())
         if "itm" in self.objectives:
             scale = self.scale() if self.cfg.hard_negatives else torch.zeros(())
-            images, texts, masks, labels = itm_inputs(image_emb, ids, mask, ids, image_feat, text_feat, scale)
-            losses["itm"] = F.cross_entropy(self.itm_logits(images, texts, masks), labels)
+            itm = itm_inputs(image_emb, ids, mask, ids, image_feat, text_feat, scale)
+            losses["itm"] = F.cross_entropy(self.itm_logits(itm.paired_images(), itm.texts, itm.masks), itm.labels)
         if "mlm" in self.objectives:
             masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size,
                                           self.cfg.mlm_probability)

@@ -68,15 +68,22 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
                 mask: torch.Tensor | None = None, is_causal: bool = False,
-                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                cache: dict[str, torch.Tensor] | None = None,
+                context_rows: torch.Tensor | None = None) -> torch.Tensor:
         """`cache` (one layer of a `KVCache`) makes self-attention see earlier steps' keys and
-        cross-attention reuse the context's keys/values."""
+        cross-attention reuse the context's keys/values. `context_rows` [B] pairs row i of `x`
+        with row `context_rows[i]` of `context` (and of a cross-attention `mask`): each distinct
+        context row is projected once, however often it repeats (the ITM batch of 3B pairs
+        holds B images)."""
         if self.is_cross:
             q = self._split_heads(self.q(x))
             if cache is not None and "k" in cache:
                 k, v = cache["k"], cache["v"]
             else:
                 k, v = map(self._split_heads, self.kv(context).chunk(2, dim=-1))
+                if context_rows is not None:
+                    k, v = k.index_select(0, context_rows), v.index_select(0, context_rows)
+                    mask = None if mask is None else mask.index_select(0, context_rows)
         else:
             q, k, v = map(self._split_heads, self.qkv(x).chunk(3, dim=-1))
             if cache is not None and "k" in cache:

@@ -67,21 +67,23 @@ class QFormer(nn.Module):
 
     def forward(self, image_feats: torch.Tensor | None, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None,
-                mode: str = "unimodal") -> tuple[torch.Tensor | None, torch.Tensor | None]:
+                mode: str = "unimodal",
+                image_rows: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(query outputs [B, Q, W] or None, text outputs [B, T, W] or None).
 
         Without `input_ids` only the queries run (reading `image_feats`); without `image_feats`
         only the text runs, which under the unimodal mask is the same as running both.
+        `image_rows` [B]: sequence i reads `image_feats[image_rows[i]]` (the ITM batch).
         """
         parts, queries = [], 0
         if image_feats is not None:
-            batch = image_feats.shape[0]
+            batch = image_feats.shape[0] if image_rows is None else image_rows.shape[0]
             parts.append(self.text.embed_norm(self.query_tokens.expand(batch, -1, -1)))
             queries = self.cfg.num_queries
         if input_ids is not None:
             parts.append(self.text.embed(input_ids))
         x = torch.cat(parts, dim=1)
         mask = None if input_ids is None else qformer_mask(queries, attention_mask, mode)
-        x = self.text.transformer(x, mask=mask, context=image_feats, split=queries)
+        x = self.text.transformer(x, mask=mask, context=image_feats, split=queries, context_rows=image_rows)
         query_out = x[:, :queries] if queries else None
         return query_out, (x[:, queries:] if input_ids is not None else None)

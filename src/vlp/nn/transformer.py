@@ -97,8 +97,9 @@ class Block(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, index: int = 0, split: int | None = None,
-                fused: bool = False) -> torch.Tensor:
-        """Without a `context` the cross-attention is skipped (BLIP's unimodal text mode).
+                fused: bool = False, context_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Without a `context` the cross-attention is skipped (BLIP's unimodal text mode);
+        `context_rows` as in `Attention`.
         `index` is this block's position in its stack, its key in the `cache`; `split` is where
         the leading segment ends (two-stream configs); `fused` sends every token through the
         fusion FFN where the block has one."""
@@ -110,7 +111,7 @@ class Block(nn.Module):
         if self.cross_attn is not None and context is not None:
             def cross(h: torch.Tensor) -> torch.Tensor:
                 return self._residual(h, self.norm_cross, lambda g: self.cross_attn(
-                    g, context=context, mask=context_mask, cache=cross_cache))
+                    g, context=context, mask=context_mask, cache=cross_cache, context_rows=context_rows))
             x = self._on_segments(x, split, cross, lambda h: h) if self.first_only else cross(x)
         if fused and self.mlp_fusion is not None:
             return self._residual(x, self.norm2_fusion, self.mlp_fusion)
@@ -162,12 +163,12 @@ class Transformer(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
                 context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
                 cache: KVCache | None = None, layers: slice = slice(None), split: int | None = None,
-                fused: bool = False) -> torch.Tensor:
+                fused: bool = False, context_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Run the blocks in `layers` (ALBEF runs its text half and fusion half separately)."""
         start = layers.indices(len(self.blocks))[0]
         for i, block in enumerate(self.blocks[layers], start=start):
             x = block(x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask,
-                      cache=cache, index=i, split=split, fused=fused)
+                      cache=cache, index=i, split=split, fused=fused, context_rows=context_rows)
         return x
 
 
