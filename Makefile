@@ -39,7 +39,11 @@ test-slow: $(DEV_STAMP)
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/clip_tiny.py --precision fp32
 	$(BIN)/python bench/clip_tiny.py --precision bf16
+	$(BIN)/python bench/clip_tiny.py --size small
+	$(BIN)/python bench/mfu.py
 	$(BIN)/python bench/blip_tiny.py --precision fp32
+	$(BIN)/python bench/blip_hf.py
+	$(BIN)/python bench/qformer_hf.py
 	$(BIN)/python bench/coca_tiny.py --precision fp32
 	$(BIN)/python bench/generation_hf.py
 	$(BIN)/python bench/retrieval_scale.py

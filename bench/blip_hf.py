@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
 from blip_tiny import TOKENS  # noqa: E402  (bench/ is the script's folder)
+from mfu import add_mfu, matmul_peak  # noqa: E402
 from clip_tiny import bench_arguments, compare, report, vocab_batch
 from generation_hf import hf_compatible_blip, transformers_twin
 from vlp.losses.itc import itc_loss
@@ -83,8 +84,9 @@ def main() -> None:
         return step
 
     steps = {"vlp": train(model), "transformers": train(baseline)}
-    rows = [compare("BLIP train step vs transformers modules (samples/s)", steps, args.reps, args.warmup,
-                    args.precision, args.batch, baseline="transformers")]
+    row = compare("BLIP train step vs transformers modules (samples/s)", steps, args.reps, args.warmup,
+                  args.precision, args.batch, baseline="transformers")
+    rows = [add_mfu(row, steps, args.batch, matmul_peak(args.precision))]
     meta = {"params_vlp": sum(p.numel() for p in model.parameters() if p.requires_grad),
             "params_transformers": sum(p.numel() for p in baseline.parameters() if p.requires_grad),
             "losses": losses["vlp"]}
