@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# VLMo and BEiT-3 at tiny scale, 3 seeds (the VLMo/BEiT-3 issue's comparisons):
+#   vlmo_scratch    VLMo (ITC + ITM + MLM) on image-text pairs only, STEPS steps;
+#   vlmo_stagewise  stage 1 masked image modeling on images, stage 2 text MLM with attention and
+#                   V-FFN frozen (their configs' steps), then the same STEPS image-text steps;
+#   beit3           BEiT-3's one masked-data-modeling objective for the FLOPs of STEPS VLMo steps
+#                   (experiments/equal_compute.py), then `beit3_retrieval` (ITC on the V and L
+#                   paths, its config's steps: extra compute in BEiT-3's favour, said in results).
+# Evaluation: zero-shot, retrieval with the dual encoder (ITC) and re-ranked by fusion-mode ITM
+# over the top 16 (each eval.json has both recalls and both timings), swap probe. Runs go to
+# runs/vlmo_beit3/<variant>/seed<k>/; eval.json files to experiments/results/vlmo_beit3/.
+# Usage: bash experiments/vlmo_beit3.sh [DATA] [STEPS]   (defaults: data/shapes 300; OUT, RESULTS
+# and SEEDS="0 1 2" can be set in the environment, e.g. for a smoke run)
+set -euo pipefail
+DATA=${1:-data/shapes}
+STEPS=${2:-300}
+VLP=${VLP:-.venv/bin/vlp}
+PYTHON=${PYTHON:-.venv/bin/python}
+OUT=${OUT:-runs/vlmo_beit3}
+RESULTS=${RESULTS:-experiments/results/vlmo_beit3}
+TOKENIZER=$DATA/image_tokenizer.safetensors
+resume() {  # --resume where RUN has a checkpoint (a finished run then returns at once)
+  [ -e "$1/checkpoints/latest" ] && echo --resume || true
+}
+train() {  # RECIPE RUN [ARGS...]: train (or finish) a run
+  local recipe=$1 run=$2
+  shift 2
+  # shellcheck disable=SC2046
+  $VLP train "$recipe" --data "$DATA" --out "$run" --no-progress $(resume "$run") "$@" \
+    model.image_tokenizer="$TOKENIZER"
+}
+evaluate() {  # RUN VARIANT SEED: evaluate RUN and keep its eval.json
+  $VLP eval "$1" --data "$DATA" --tasks zeroshot,retrieval,probe --k-test 16 --no-report
+  mkdir -p "$RESULTS/$2/seed$3"
+  cp "$1/eval.json" "$RESULTS/$2/seed$3/eval.json"
+}
+[ -f "$TOKENIZER" ] || $VLP tokenizer image "$DATA" --out "$TOKENIZER"
+mkdir -p "$RESULTS"
+[ -f "$RESULTS/beit3_steps.txt" ] || $PYTHON experiments/equal_compute.py --data "$DATA" \
+  --budget "vlmo:$STEPS" --set "model.image_tokenizer=$TOKENIZER" beit3 > "$RESULTS/beit3_steps.txt"
+beit3_steps=$(awk '{print $2}' "$RESULTS/beit3_steps.txt")
+for seed in ${SEEDS:-0 1 2}; do
+  run=$OUT/vlmo_scratch/seed$seed
+  if [ ! -f "$RESULTS/vlmo_scratch/seed$seed/eval.json" ]; then
+    train vlmo "$run" --steps "$STEPS" "model.objectives=[itc,itm,mlm]" train.seed="$seed" train.ckpt_every="$STEPS"
+    evaluate "$run" vlmo_scratch "$seed"
+  fi
+  run=$OUT/vlmo_stagewise/seed$seed
+  if [ ! -f "$RESULTS/vlmo_stagewise/seed$seed/eval.json" ]; then
+    train vlmo_stage1 "$run-stage1" train.seed="$seed"
+    train vlmo_stage2 "$run-stage2" --init "$run-stage1" train.seed="$seed"
+    train vlmo "$run" --init "$run-stage2" --steps "$STEPS" "model.objectives=[itc,itm,mlm]" train.seed="$seed" \
+      train.ckpt_every="$STEPS"
+    evaluate "$run" vlmo_stagewise "$seed"
+  fi
+  run=$OUT/beit3/seed$seed
+  if [ ! -f "$RESULTS/beit3/seed$seed/eval.json" ]; then
+    train beit3 "$run-pretrain" --steps "$beit3_steps" train.seed="$seed" train.ckpt_every="$beit3_steps"
+    train beit3_retrieval "$run" --init "$run-pretrain" train.seed="$seed"
+    evaluate "$run" beit3 "$seed"
+  fi
+done
