@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from transformers import BlipForConditionalGeneration, BlipForImageTextRetrieval
 
-from blip_tiny import TOKENS  # noqa: E402  (bench/ is the script's folder)
+from blip_tiny import TOKENS, bert_batch, checked_steps  # noqa: E402  (bench/ is the script's folder)
 from mfu import add_mfu, matmul_peak  # noqa: E402
-from clip_tiny import bench_arguments, compare, report, vocab_batch
+from clip_tiny import bench_arguments, compare, report
 from generation_hf import hf_compatible_blip, transformers_twin
 from vlp.losses.itc import itc_loss
 from vlp.losses.lm import lm_loss
@@ -65,25 +65,7 @@ def main() -> None:
     baseline = TransformersBLIP(transformers_twin(model, BlipForImageTextRetrieval),
                                 transformers_twin(model, BlipForConditionalGeneration),
                                 math.log(model.contrast.scale().item()), model.cfg.label_smoothing)
-    batch = vocab_batch(cfg, args.batch, vocab=512, length=16)
-    batch["input_ids"][:, 0], batch["input_ids"][:, -1] = TOKENS["cls"], TOKENS["sep"]
-    losses = {}
-    for name, m in (("vlp", model), ("transformers", baseline)):
-        torch.manual_seed(1)  # the same hard negatives on both sides
-        losses[name] = {k: v.item() for k, v in m(batch).items()}
-    for key, value in losses["vlp"].items():
-        assert math.isclose(value, losses["transformers"][key], abs_tol=1e-4), (key, losses)
-
-    def train(m: torch.nn.Module):
-        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():
-            sum(m(batch).values()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
-    steps = {"vlp": train(model), "transformers": train(baseline)}
+    steps, losses = checked_steps({"vlp": model, "transformers": baseline}, bert_batch(cfg, args.batch))
     row = compare("BLIP train step vs transformers modules (samples/s)", steps, args.reps, args.warmup,
                   args.precision, args.batch, baseline="transformers")
     rows = [add_mfu(row, steps, args.batch, matmul_peak(args.precision))]

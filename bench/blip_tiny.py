@@ -12,6 +12,8 @@ without the KV cache, in one process with alternating repetitions (medians, rati
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import vlp
@@ -24,6 +26,37 @@ from vlp.nn.attention import KVCache
 
 TOKENS = {name: SPECIAL_TOKENS.index(token) for name, token in
           zip(("pad", "unk", "cls", "sep", "mask", "enc", "dec"), SPECIAL_TOKENS)}
+
+
+def bert_batch(cfg, size: int) -> dict[str, torch.Tensor]:
+    """Random images and 16-token texts framed by [CLS] ... [SEP] (512-token vocabulary)."""
+    batch = vocab_batch(cfg, size, vocab=512, length=16)
+    batch["input_ids"][:, 0], batch["input_ids"][:, -1] = TOKENS["cls"], TOKENS["sep"]
+    return batch
+
+
+def checked_steps(models: dict[str, torch.nn.Module], batch: dict) -> tuple[dict, dict]:
+    """A training step (forward, backward, AdamW) per model on `batch`, and each model's losses,
+    asserted equal (to 1e-4) across the models with the same random draws (hard negatives)."""
+    losses = {}
+    for name, model in models.items():
+        torch.manual_seed(1)
+        losses[name] = {k: v.item() for k, v in model(batch).items()}
+    first, *others = losses.values()
+    for other in others:
+        for key, value in first.items():
+            assert math.isclose(value, other[key], abs_tol=1e-4), (key, losses)
+
+    def train(model: torch.nn.Module):
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+
+        def step():
+            sum(model(batch).values()).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return step
+
+    return {name: train(model) for name, model in models.items()}, losses
 
 
 def naive_step(model, batch):
@@ -50,8 +83,7 @@ def main() -> None:
     model_cfg = {**cfg.model, "text": {**cfg.model["text"], "vocab_size": 512}, "tokens": TOKENS}
     model = vlp.create_model("blip", model_cfg)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    batch = vocab_batch(cfg, args.batch, vocab=512, length=16)
-    batch["input_ids"][:, 0], batch["input_ids"][:, -1] = TOKENS["cls"], TOKENS["sep"]
+    batch = bert_batch(cfg, args.batch)
 
     def train(loss_fn):
         def step():

@@ -13,16 +13,15 @@ tower is frozen on both sides (BLIP-2 Sec. 3.1); its last LayerNorm (`ln_vision`
 
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from transformers import Blip2Config, Blip2ForImageTextRetrieval
 
 import vlp
-from blip_tiny import TOKENS  # noqa: E402  (bench/ is the script's folder)
+from blip_tiny import TOKENS, bert_batch, checked_steps  # noqa: E402  (bench/ is the script's folder)
 from mfu import add_mfu, matmul_peak  # noqa: E402
-from clip_tiny import VOCAB, bench_arguments, compare, report, vocab_batch
+from clip_tiny import VOCAB, bench_arguments, compare, report
 from vlp.config import load_run_config, recipe_config_path
 from vlp.interop import blip2 as blip2_interop
 from vlp.interop.mapping import Entry, block_entries, from_vlp, pairs, tower_to_hf
@@ -100,25 +99,8 @@ def main() -> None:
     args = bench_arguments(__doc__, batch=64, reps=5, warmup=1)
     model, hf, cfg = models(args.size)
     baseline = TransformersStage1(hf, model.logit_scale.item())
-    batch = vocab_batch(cfg, args.batch, vocab=VOCAB, length=16)
-    batch["input_ids"][:, 0], batch["input_ids"][:, -1] = TOKENS["cls"], TOKENS["sep"]
-    losses = {}
-    for name, m in (("vlp", model.train()), ("transformers", baseline.train())):
-        torch.manual_seed(1)  # the same hard negatives on both sides
-        losses[name] = {k: v.item() for k, v in m(batch).items()}
-    for key, value in losses["vlp"].items():
-        assert math.isclose(value, losses["transformers"][key], abs_tol=1e-4), (key, losses)
-
-    def train(m: torch.nn.Module):
-        optimizer = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
-
-        def step():
-            sum(m(batch).values()).backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return step
-
-    steps = {"vlp": train(model), "transformers": train(baseline)}
+    steps, losses = checked_steps({"vlp": model.train(), "transformers": baseline.train()},
+                                  bert_batch(cfg, args.batch))
     row = compare("BLIP-2 stage 1 step (ITC + ITM) vs transformers' Q-Former (samples/s)", steps, args.reps,
                   args.warmup, args.precision, args.batch, baseline="transformers")
     rows = [add_mfu(row, steps, args.batch, matmul_peak(args.precision))]
