@@ -104,12 +104,19 @@ def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
     assert (tmp_path / "boot" / "report.html").read_text().count("<img") == 1
     result = runner.invoke(app, args)  # run again: everything is reused, same output
     assert result.exit_code == 0 and json.loads((tmp_path / "boot" / "capfilt.json").read_text()) == stats
+    filter_only = args[:args.index("--out") + 1] + [str(tmp_path / "filtered")] + args[args.index("--out") + 2:]
+    filter_only[filter_only.index("--synthetic") + 1] = "0"  # the paper's "filter only" ablation,
+    assert runner.invoke(app, filter_only + ["--threshold", "0"]).exit_code == 0  # here keeping all
+    lines = [json.loads(line) for line in (tmp_path / "filtered" / "train.jsonl").read_text().splitlines()]
+    assert len(lines) == 12 and all(c["source"] == "web" and c["kept"] for line in lines for c in line["provenance"])
+    assert json.loads((tmp_path / "filtered" / "capfilt.json").read_text())["synthetic_generated"] == 0
 
 
 def test_rank_mode_scores_candidates_with_a_clip_model(shapes_dir):
     """BLIP-2's variant: candidates scored by CLIP similarity, the best `keep` kept."""
     import vlp
-    from vlp.apps.capfilt import _image_batch, embedding_scorer
+    from vlp.apps.capfilt import embedding_scorer
+    from vlp.data.transforms import model_images
     from vlp.data.tokenizer import Tokenizer
 
     tokenizer = Tokenizer.load(shapes_dir)
@@ -124,7 +131,7 @@ def test_rank_mode_scores_candidates_with_a_clip_model(shapes_dir):
     candidates = [["a red circle", "a blue square", "two shapes"], ["a green triangle"]]
     scores = embedding_scorer(model)(images, candidates)
     with torch.no_grad():
-        image_emb = model.encode_image(_image_batch(model, images))
+        image_emb = model.encode_image(model_images(model, images))
         tokens = tokenizer(candidates[0], style="clip")
         expected = image_emb[0] @ model.encode_text(tokens["input_ids"], tokens["attention_mask"]).T
     assert [len(s) for s in scores] == [3, 1]

@@ -176,18 +176,16 @@ def caption(
     prompt: Annotated[Optional[str], typer.Option(help="Text the caption starts with (default: the run's).")] = None,
 ) -> None:
     """Print a caption for each image."""
-    import torch
     from PIL import Image
 
     import vlp
-    from vlp.data.transforms import eval_transform
+    from vlp.data.transforms import model_images
 
     model = vlp.load(run)
-    transform = eval_transform(model.cfg.vision.image_size)
     missing = [str(p) for p in images if not p.is_file()]
     if missing:
         raise typer.BadParameter(f"no such image file: {', '.join(missing)}")
-    batch = torch.stack([transform(Image.open(p).convert("RGB")) for p in images])
+    batch = model_images(model, [Image.open(p) for p in images])
     for path, text in zip(images, vlp.caption(model, batch, prompt=prompt, **decoding_options(decoding))):
         typer.echo(f"{path}\t{text}")
 

@@ -26,6 +26,7 @@ import torch
 
 from vlp.data.formats import CaptionDataset
 from vlp.data.sample import Skipped
+from vlp.data.transforms import model_images
 from vlp.train.checkpoint import write_text_atomic
 
 Captioner = Callable[[list[Any], torch.Generator], list[list[str]]]  # images -> captions per image
@@ -151,17 +152,9 @@ def _precision_recall(removed: list[bool], noisy: list[bool]) -> dict[str, float
             "removed": sum(removed)}
 
 
-def _image_batch(model: Any, images: list[Any]) -> torch.Tensor:
-    from vlp.data.transforms import eval_transform
-
-    transform = eval_transform(model.cfg.vision.image_size)
-    device = next(model.parameters()).device
-    return torch.stack([transform(image.convert("RGB")) for image in images]).to(device)
-
-
 def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
     """`options.synthetic` captions per image from a vlp captioner (nucleus sampling with the
-    part's generator, or beam search: then one caption, repeated)."""
+    part's generator, or beam search: then one caption, repeated); none with `synthetic` 0."""
     import vlp
 
     decoding = ({"method": "nucleus", "top_p": options.top_p} if options.method == "nucleus"
@@ -169,7 +162,9 @@ def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
 
     @torch.no_grad()
     def caption(images: list[Any], generator: torch.Generator) -> list[list[str]]:
-        batch = _image_batch(model, images).repeat_interleave(options.synthetic, dim=0)
+        if options.synthetic == 0:  # filter only (the paper's ablation)
+            return [[] for _ in images]
+        batch = model_images(model, images).repeat_interleave(options.synthetic, dim=0)
         extra = {"generator": generator} if options.method == "nucleus" else {}
         texts = vlp.caption(model, batch, max_new_tokens=20, min_new_tokens=3, **decoding, **extra)
         k = options.synthetic
@@ -194,7 +189,7 @@ def itm_scorer(model: Any) -> Scorer:
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
         from vlp.models.registry import text_config
 
-        tokens = model.itm_image_tokens(_image_batch(model, images))
+        tokens = model.itm_image_tokens(model_images(model, images))
         texts, rows = _flatten(candidates)
         encoded = model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
         device = tokens.device
@@ -211,7 +206,7 @@ def embedding_scorer(model: Any) -> Scorer:
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
         from vlp.eval.run import embed_texts, paired, similarity_of
 
-        image_emb = model.encode_image(_image_batch(model, images)).cpu()
+        image_emb = model.encode_image(model_images(model, images)).cpu()
         texts, rows = _flatten(candidates)
         return _regroup(paired(similarity_of(model))(image_emb[rows], embed_texts(model, texts)), candidates)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -107,3 +108,10 @@ def eval_transform(
 ) -> EvalTransform:
     """`transform(image) -> float32 [3, size, size]`: shorter side to `size`, centre crop."""
     return EvalTransform(size, tuple(mean), tuple(std))
+
+
+def model_images(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
+    """PIL `images` as a batch for `model`: its eval transform, stacked on its device."""
+    transform = eval_transform(model.cfg.vision.image_size)
+    device = next(model.parameters()).device
+    return torch.stack([transform(image.convert("RGB")) for image in images]).to(device)

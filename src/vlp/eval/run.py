@@ -23,7 +23,7 @@ from torch import nn
 
 from vlp.data.formats import CaptionDataset, format_skips, open_dataset
 from vlp.data.sample import Skipped
-from vlp.data.transforms import eval_transform
+from vlp.data.transforms import model_images
 from vlp.eval.probe import swap_probe_accuracy
 from vlp.eval.retrieval import blockwise_topk, recall_at_k, reranked_recall_at_k
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
@@ -74,8 +74,6 @@ def image_batches(model: nn.Module, dataset: CaptionDataset, skipped: list[Skipp
                   batch_size: int = 256) -> Iterable[tuple[list[int], torch.Tensor]]:
     """(indices, eval-transformed images on the model's device) of the readable samples;
     unreadable ones are appended to `skipped`."""
-    device = next(model.parameters()).device
-    transform = eval_transform(model.cfg.vision.image_size)
     for chunk in _batches(list(range(len(dataset))), batch_size):
         kept, images = [], []
         for index in chunk:
@@ -84,9 +82,9 @@ def image_batches(model: nn.Module, dataset: CaptionDataset, skipped: list[Skipp
                 skipped.append(item)
                 continue
             kept.append(index)
-            images.append(transform(item.image))
+            images.append(item.image)
         if images:
-            yield kept, torch.stack(images).to(device)
+            yield kept, model_images(model, images)
 
 
 @torch.no_grad()

@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# CapFilt on the shapes world with 40 % caption noise, 3 seeds (the CapFilt issue's experiment,
+# BLIP's Table 1 ablation at tiny scale): BLIP pretrained on the noisy set ("noisy"), then CapFilt
+# from that run in four variants, each followed by a new BLIP pretrained on the bootstrapped set:
+#   filter        web captions filtered by ITM (threshold 0.5), no synthetic ones;
+#   captioner     one nucleus-sampled synthetic caption added per image, nothing filtered;
+#   both_nucleus  both (the paper's CapFilt);
+#   both_beam     both, the synthetic caption by beam search (the paper: nucleus is better).
+# Every model is evaluated on the source's test splits (zero-shot, ITC retrieval, probe, beam
+# captioning). The captioner and filter are fine-tuned once per seed and shared by the variants.
+# Runs go to runs/capfilt/; bootstrapped sets to runs/capfilt/data/; each eval.json and
+# capfilt.json to experiments/results/capfilt/<variant>/seed<k>/ (a result there is skipped).
+# Usage: bash experiments/capfilt.sh [DATA] [STEPS]   (defaults: data/noisy 300; a missing DATA is
+# generated with TRAIN=10000 training images; OUT, RESULTS, SEEDS="0 1 2" and CAPFILT_ARGS, extra
+# options of every `vlp capfilt` such as "--steps 100", can be set in the environment)
+set -euo pipefail
+DATA=${1:-data/noisy}
+STEPS=${2:-300}
+VLP=${VLP:-.venv/bin/vlp}
+OUT=${OUT:-runs/capfilt}
+RESULTS=${RESULTS:-experiments/results/capfilt}
+declare -A VARIANTS=(
+  [both_beam]="--synthetic 1 --method beam --threshold 0.5"
+  [both_nucleus]="--synthetic 1 --method nucleus --threshold 0.5"
+  [captioner]="--synthetic 1 --method nucleus --threshold 0"
+  [filter]="--synthetic 0 --threshold 0.5"
+)
+pretrain() {  # DATA RUN SEED: BLIP pretraining (finishes an interrupted run)
+  resume=$([ -e "$2/checkpoints/latest" ] && echo --resume || true)
+  # shellcheck disable=SC2086
+  $VLP train blip --data "$1" --out "$2" --steps "$STEPS" --no-progress $resume train.seed="$3" \
+    train.ckpt_every="$STEPS"
+  $VLP eval "$2" --data "$DATA" --tasks zeroshot,retrieval,probe,caption --k-test 0 --no-report
+}
+keep() {  # FILE VARIANT SEED
+  mkdir -p "$RESULTS/$2/seed$3"
+  cp "$1" "$RESULTS/$2/seed$3/"
+}
+[ -f "$DATA/info.json" ] || $VLP data shapes --out "$DATA" --train "${TRAIN:-10000}" --noise 0.4
+for seed in ${SEEDS:-0 1 2}; do
+  noisy=$OUT/noisy/seed$seed
+  if [ ! -f "$RESULTS/noisy/seed$seed/eval.json" ]; then
+    pretrain "$DATA" "$noisy" "$seed"
+    keep "$noisy/eval.json" noisy "$seed"
+  fi
+  shared=""  # the out dir of the seed's first CapFilt: its fine-tuned captioner and filter
+  for variant in $(printf '%s\n' "${!VARIANTS[@]}" | sort); do
+    boot=$OUT/data/$variant/seed$seed
+    run=$OUT/$variant/seed$seed
+    [ -f "$RESULTS/$variant/seed$seed/eval.json" ] && { shared=${shared:-$boot}; continue; }
+    if [ -n "$shared" ] && [ ! -d "$boot/captioner" ]; then
+      mkdir -p "$boot" && cp -r "$shared/captioner" "$shared/filter" "$boot/"
+    fi
+    # shellcheck disable=SC2086
+    $VLP capfilt --init "$noisy" --data "$DATA" --clean "$DATA" --out "$boot" --seed "$seed" --no-progress \
+      ${VARIANTS[$variant]} ${CAPFILT_ARGS:-}
+    shared=${shared:-$boot}
+    pretrain "$boot" "$run" "$seed"
+    keep "$boot/capfilt.json" "$variant" "$seed"
+    keep "$run/eval.json" "$variant" "$seed"
+  done
+done
