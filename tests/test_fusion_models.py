@@ -120,6 +120,25 @@ def test_albef_fusion_layers_see_the_image_text_layers_do_not():
     assert [i for i, blk in enumerate(model.text.transformer.blocks) if blk.cross_attn is not None] == [2, 3]
 
 
+@pytest.mark.parametrize("recipe", ["albef", "blip", "blip2_stage1", "vlmo"])
+def test_itm_score_with_image_rows_equals_materialised_images(recipe):
+    """Scoring pairs as rows into distinct images (what ITM re-ranking and the ITM loss do, each
+    image projected once) gives the scores of the materialised per-pair images."""
+    from tests import test_blip2, test_vlmo
+
+    config = {"blip2_stage1": test_blip2.MODEL, "vlmo": test_vlmo.MODEL}.get(recipe) or model_config(recipe)
+    torch.manual_seed(0)
+    model = vlp.create_model(recipe, config).eval()
+    b = batch(size=5)
+    images = model.itm_image_tokens(b["images"][:2])
+    rows = torch.tensor([0, 1, 1, 0, 1])
+    with torch.no_grad():
+        by_rows = model.itm_score(images, b["input_ids"], b["attention_mask"], image_rows=rows)
+        materialised = model.itm_score(images[rows], b["input_ids"], b["attention_mask"])
+    torch.testing.assert_close(by_rows, materialised, atol=1e-6, rtol=0)
+    assert not torch.allclose(by_rows, model.itm_score(images[1 - rows], b["input_ids"], b["attention_mask"]))
+
+
 def test_missing_special_tokens_are_named():
     with pytest.raises(ValueError, match="mask"):
         vlp.create_model("albef", model_config("albef", tokens={"pad": 0, "cls": 2, "sep": 3}))

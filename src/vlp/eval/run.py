@@ -155,10 +155,13 @@ def _itm_scorer(model: nn.Module, dataset: CaptionDataset, texts: list[str],
     device = next(model.parameters()).device
 
     @torch.no_grad()
+    def pairs(images: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+        unique, rows = images.unique(return_inverse=True)  # each image's tokens projected once
+        return model.itm_score(tokens[unique].to(device), encoded["input_ids"][text_rows].to(device),
+                               encoded["attention_mask"][text_rows].to(device), image_rows=rows.to(device)).cpu()
+
     def score(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model.itm_score(tokens[i].to(device), encoded["input_ids"][t].to(device),
-                                          encoded["attention_mask"][t].to(device)).cpu()
-                          for i, t in zip(image_rows.split(batch_size), text_rows.split(batch_size))])
+        return torch.cat([pairs(i, t) for i, t in zip(image_rows.split(batch_size), text_rows.split(batch_size))])
 
     return score
 

@@ -59,10 +59,11 @@ class ALBEF(FusionModel):
                                    layers=self.fusion_layers, context_rows=image_rows)[1]
 
     def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
-        """Match probability of each (image tokens, text) pair: the ITM head on the fused [CLS]."""
+                  attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Match probability of each (image tokens, text) pair: the ITM head on the fused [CLS]
+        (text i with `image_tokens[image_rows[i]]` where rows are given)."""
         states = self.text(input_ids, attention_mask, layers=self.text_layers)[1]
-        logits = self.itm_head(self.fuse(states, attention_mask, image_tokens)[:, 0])
+        logits = self.itm_head(self.fuse(states, attention_mask, image_tokens, image_rows=image_rows)[:, 0])
         return logits.softmax(dim=-1)[:, 1]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -79,9 +79,9 @@ class BLIP(FusionModel):
         return self.itm_head(states[:, 0])
 
     def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
-        """Match probability of each (image tokens, text) pair."""
-        return self.itm_logits(image_tokens, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+                  attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Match probability of each (image tokens, text) pair (rows as in `itm_logits`)."""
+        return self.itm_logits(image_tokens, input_ids, attention_mask, image_rows).softmax(dim=-1)[:, 1]
 
     def caption_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
                        attention_mask: torch.Tensor) -> torch.Tensor:

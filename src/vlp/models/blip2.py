@@ -112,9 +112,9 @@ class BLIP2Stage1(QueryingModel):
         return self.image_features(images)
 
     def itm_score(self, image_feats: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
-        """Match probability of each (image, text) pair."""
-        return self.itm_logits(image_feats, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+                  attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Match probability of each (image, text) pair (rows as in `itm_logits`)."""
+        return self.itm_logits(image_feats, input_ids, attention_mask, image_rows).softmax(dim=-1)[:, 1]
 
     def itm_logits(self, image_feats: torch.Tensor, input_ids: torch.Tensor,
                    attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:

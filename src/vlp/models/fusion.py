@@ -204,7 +204,7 @@ class ITMBatch(NamedTuple):
     labels: torch.Tensor
 
     def paired_images(self) -> torch.Tensor:
-        """The image of every pair, materialised (for fusion by self-attention, as VLMo's)."""
+        """The image of every pair, materialised (for modules that take one image per text)."""
         return self.images[self.image_rows]
 
 

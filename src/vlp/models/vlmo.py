@@ -141,13 +141,17 @@ class VLMo(nn.Module):
         return self.image_embeddings(images)
 
     def itm_logits(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor) -> torch.Tensor:
-        """ITM head on the fused sequence's first token (the image [CLS])."""
+                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """ITM head on the fused sequence's first token (the image [CLS]); text i is fused with
+        `image_embeddings[image_rows[i]]` where rows are given (one sequence per pair: the
+        image's tokens are in it, so each pair runs them)."""
+        if image_rows is not None:
+            image_embeddings = image_embeddings[image_rows]
         return self.itm_head(self.fused_states(image_embeddings, input_ids, attention_mask)[:, 0])
 
     def itm_score(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.itm_logits(image_embeddings, input_ids, attention_mask).softmax(dim=-1)[:, 1]
+                  attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+        return self.itm_logits(image_embeddings, input_ids, attention_mask, image_rows).softmax(dim=-1)[:, 1]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
@@ -161,7 +165,8 @@ class VLMo(nn.Module):
         if "itm" in self.objectives:
             scale = self.scale() if self.cfg.hard_negatives else torch.zeros(())
             itm = itm_inputs(image_emb, ids, mask, ids, image_feat, text_feat, scale)
-            losses["itm"] = F.cross_entropy(self.itm_logits(itm.paired_images(), itm.texts, itm.masks), itm.labels)
+            losses["itm"] = F.cross_entropy(self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows),
+                                            itm.labels)
         if "mlm" in self.objectives:
             masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size,
                                           self.cfg.mlm_probability)
