@@ -139,6 +139,32 @@ def test_itm_score_with_image_rows_equals_materialised_images(recipe):
     assert not torch.allclose(by_rows, model.itm_score(images[1 - rows], b["input_ids"], b["attention_mask"]))
 
 
+def test_itm_scorer_reads_images_per_block_and_equals_direct_scores(shapes_dir):
+    """The evaluation's ITM scorer (pairs sorted by image, each block's images read and encoded
+    when it runs) gives the scores of encoding every image up front, whatever the block size."""
+    from vlp.data.formats import open_dataset
+    from vlp.data.tokenizer import Tokenizer
+    from vlp.data.transforms import model_images
+    from vlp.eval.run import _itm_scorer
+
+    tokenizer = Tokenizer.load(shapes_dir)
+    torch.manual_seed(0)
+    model = vlp.create_model("blip", model_config("blip", text={**TEXT, "vocab_size": tokenizer.vocab_size},
+                                                  tokens=tokenizer.special_ids())).eval()
+    model.tokenizer = tokenizer
+    dataset = open_dataset(shapes_dir, split="test")
+    kept = [0, 2, 3, 5]
+    texts = [dataset.captions(i)[0] for i in range(6)]
+    image_rows, text_rows = torch.tensor([3, 0, 3, 1, 2, 0, 3]), torch.tensor([0, 1, 2, 3, 4, 5, 0])
+    with torch.no_grad():
+        tokens = model.itm_image_tokens(model_images(model, [dataset[i].image for i in kept]))
+        ids = tokenizer(texts, max_length=16, style="bert")
+        expected = model.itm_score(tokens[image_rows], ids["input_ids"][text_rows], ids["attention_mask"][text_rows])
+    for block in (2, 3, 128):
+        scores = _itm_scorer(model, dataset, kept, texts, batch_size=block)(image_rows, text_rows)
+        torch.testing.assert_close(scores, expected, atol=1e-6, rtol=0)
+
+
 def test_missing_special_tokens_are_named():
     with pytest.raises(ValueError, match="mask"):
         vlp.create_model("albef", model_config("albef", tokens={"pad": 0, "cls": 2, "sep": 3}))

@@ -132,7 +132,7 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
     metrics["seconds"] = time.perf_counter() - start
     reranked = None
     if k_test and has_itm(model):
-        reranked = _itm_reranked(model, dataset, image_emb, texts, owner, text_emb, k_test)
+        reranked = _itm_reranked(model, dataset, kept, image_emb, texts, owner, text_emb, k_test)
     shown = []
     if examples:
         top = blockwise_topk(image_emb[:examples], text_emb, 5, similarity=similarity_of(model))
@@ -142,36 +142,40 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
     return metrics, reranked, shown
 
 
-@torch.no_grad()
-def _itm_scorer(model: nn.Module, dataset: CaptionDataset, texts: list[str],
+def _itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts: list[str],
                 batch_size: int = 128) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """score(image_rows, text_rows): the model's ITM match probability of each (image, text) pair,
-    rows indexing the readable images of `dataset` and `texts`.
+    rows indexing `kept` (the readable images of `dataset`) and `texts`.
 
-    Keeps every image's tokens in memory (fine for evaluation splits of a few thousand images).
+    Pairs are scored in blocks sorted by image, and each block's images are read and encoded when
+    it runs: memory is bounded by the block whatever the gallery size, and an image shortlisted by
+    many queries is encoded about once (once per block it spans).
     """
-    tokens = torch.cat([model.itm_image_tokens(images).cpu() for _, images in image_batches(model, dataset, [])])
     encoded = model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
     device = next(model.parameters()).device
 
     @torch.no_grad()
-    def pairs(images: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
-        unique, rows = images.unique(return_inverse=True)  # each image's tokens projected once
-        return model.itm_score(tokens[unique].to(device), encoded["input_ids"][text_rows].to(device),
+    def block_scores(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
+        unique, rows = image_rows.unique(return_inverse=True)  # each image encoded and projected once
+        tokens = model.itm_image_tokens(model_images(model, [dataset[kept[i]].image for i in unique.tolist()]))
+        return model.itm_score(tokens, encoded["input_ids"][text_rows].to(device),
                                encoded["attention_mask"][text_rows].to(device), image_rows=rows.to(device)).cpu()
 
     def score(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
-        return torch.cat([pairs(i, t) for i, t in zip(image_rows.split(batch_size), text_rows.split(batch_size))])
+        scores = torch.empty(len(image_rows))
+        for block in image_rows.argsort(stable=True).split(batch_size):
+            scores[block] = block_scores(image_rows[block], text_rows[block])
+        return scores
 
     return score
 
 
-def _itm_reranked(model: nn.Module, dataset: CaptionDataset, image_emb: torch.Tensor, texts: list[str],
-                  owner: torch.Tensor, text_emb: torch.Tensor, k_test: int) -> dict[str, float]:
+def _itm_reranked(model: nn.Module, dataset: CaptionDataset, kept: list[int], image_emb: torch.Tensor,
+                  texts: list[str], owner: torch.Tensor, text_emb: torch.Tensor, k_test: int) -> dict[str, float]:
     """Recall@K with each query's ITC top-`k_test` re-ranked by the model's ITM score; reports
     the extra seconds and the number of ITM (fusion) passes it cost."""
     start = time.perf_counter()
-    itm = _itm_scorer(model, dataset, texts)
+    itm = _itm_scorer(model, dataset, kept, texts)
     pairs = 0
 
     def score(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
@@ -235,8 +239,8 @@ def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
     images, pairwise = image_emb[owner], paired(similarity_of(model))
     scores = {"": (pairwise(images, embed_texts(model, true)), pairwise(images, embed_texts(model, false)))}
     if has_itm(model):
-        itm, rows = _itm_scorer(model, dataset, true + false), torch.arange(len(pairs))
-        scores["itm_"] = (itm(owner, rows), itm(owner, rows + len(pairs)))
+        itm = _itm_scorer(model, dataset, kept, true + false)
+        scores["itm_"] = itm(owner.repeat(2), torch.arange(2 * len(pairs))).chunk(2)  # true, then false
     kinds = [swap["kind"] for _, swap in pairs]
     results = {}
     for prefix, (true_score, false_score) in scores.items():
