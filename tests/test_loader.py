@@ -86,3 +86,17 @@ def test_model_output_independent_of_padding(tmp_path):
     padded = model.encode_text(torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
                                torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], 1).long())
     torch.testing.assert_close(short, padded)
+
+
+def test_text_only_recipes_get_no_images(shapes_dir):
+    """Without an image transform (text-only recipes such as caption_lm) items and batches carry
+    no image: nothing is decoded for them."""
+    from vlp.data.formats import open_dataset
+    from vlp.data.loader import Collator, TrainSet
+    from vlp.data.tokenizer import Tokenizer
+
+    base = open_dataset(shapes_dir, split="train")
+    items = [TrainSet(base, None, seed=0)[(0, i)] for i in range(4)]
+    assert all("image" not in item and item["caption"] in base.captions(i) for i, item in enumerate(items))
+    batch = Collator(Tokenizer.load(shapes_dir), 32, "clip")(items)
+    assert "images" not in batch and batch["input_ids"].shape[0] == 4

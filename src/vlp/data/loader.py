@@ -29,9 +29,10 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
 
 class TrainSet(Dataset):
     """Item (epoch, index) -> {"image": augmented tensor, "caption": one of its captions}, or
-    with `text="qa"` {"image", "question", "answer"}: one of the sample's `meta["qa"]` pairs."""
+    with `text="qa"` {"image", "question", "answer"}: one of the sample's `meta["qa"]` pairs.
+    Without a `transform` (text-only recipes) the image is never decoded and not in the item."""
 
-    def __init__(self, base: CaptionDataset, transform: Callable[[Image.Image, random.Random], torch.Tensor],
+    def __init__(self, base: CaptionDataset, transform: Callable[[Image.Image, random.Random], torch.Tensor] | None,
                  seed: int, text: str = "caption"):
         if text not in ("caption", "qa"):
             raise ValueError(f"data.text must be 'caption' or 'qa', got {text!r}")
@@ -45,15 +46,16 @@ class TrainSet(Dataset):
         item = self.base[index]
         if isinstance(item, Skipped):
             return item
-        rng = sample_rng(self.seed, epoch, index)
-        if self.text == "caption":
-            return {"image": self.transform(item.image, rng), "caption": rng.choice(item.captions),
-                    "epoch": epoch}
-        if not item.meta.get("qa"):
+        if self.text == "qa" and not item.meta.get("qa"):
             return Skipped(item.source, "no question-answer pairs (meta.qa) for data.text=qa")
+        rng = sample_rng(self.seed, epoch, index)
+        sample: dict[str, Any] = {"epoch": epoch}
+        if self.transform is not None:  # the crop draws from `rng` first
+            sample["image"] = self.transform(item.image, rng)
+        if self.text == "caption":
+            return {**sample, "caption": rng.choice(item.captions)}
         qa = rng.choice(item.meta["qa"])
-        return {"image": self.transform(item.image, rng), "question": qa["question"],
-                "answer": qa["answer"], "epoch": epoch}
+        return {**sample, "question": qa["question"], "answer": qa["answer"]}
 
 
 class StreamSampler(Sampler[list[tuple[int, int]]]):
@@ -101,8 +103,9 @@ class Collator:
         if not good:
             raise DataError(f"every sample of a batch was unreadable, e.g. {skipped[0].source}: "
                             f"{skipped[0].reason}")
-        batch = {"images": torch.stack([item["image"] for item in good]),
-                 "epoch": max(item["epoch"] for item in good), "skipped": skipped}
+        batch = {"epoch": max(item["epoch"] for item in good), "skipped": skipped}
+        if "image" in good[0]:
+            batch["images"] = torch.stack([item["image"] for item in good])
         if "question" in good[0]:  # question -> input_ids/attention_mask, answer -> answer_*
             answers = self._tokenize([item["answer"] for item in good])
             batch.update(answer_ids=answers["input_ids"], answer_mask=answers["attention_mask"])

@@ -232,8 +232,8 @@ class Trainer:
         cfg = self.cfg.train
         last = min(cfg.steps, stop_at or cfg.steps)
         self.model.train()
-        vision = getattr(self.model.cfg, "vision", None)  # text-only recipes get small unused images
-        transform = train_transform(vision.image_size if vision else 16, scale=self.cfg.data.crop_scale)
+        vision = getattr(self.model.cfg, "vision", None)  # text-only recipes: no images decoded
+        transform = train_transform(vision.image_size, scale=self.cfg.data.crop_scale) if vision else None
         collator = Collator(self.tokenizer, text_config(self.model).context_length, self.model.tokenizer_style,
                             self.cfg.data.prompt)
         loader = train_loader(TrainSet(self.dataset, transform, cfg.seed, self.cfg.data.text), collator,
