@@ -16,8 +16,10 @@ OUT=${OUT:-runs/coca_clip_blip}
 RESULTS=${RESULTS:-experiments/results/coca_clip_blip}
 mkdir -p "$RESULTS"
 budget=$RESULTS/steps.txt  # "recipe steps gflop_per_step", kept with the results
-[ -f "$budget" ] || $PYTHON experiments/equal_compute.py --data "$DATA" --budget "blip:$BLIP_STEPS" \
-  clip coca blip > "$budget"
+if [ ! -s "$budget" ]; then  # written whole or not at all: an interrupted count leaves no file
+  $PYTHON experiments/equal_compute.py --data "$DATA" --budget "blip:$BLIP_STEPS" clip coca blip > "$budget.tmp"
+  mv "$budget.tmp" "$budget"
+fi
 declare -A TASKS=([clip]=zeroshot,retrieval,probe [coca]=zeroshot,retrieval,probe,caption
                   [blip]=zeroshot,retrieval,probe,caption)
 for seed in ${SEEDS:-0 1 2}; do

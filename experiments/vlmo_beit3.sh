@@ -36,8 +36,11 @@ evaluate() {  # RUN VARIANT SEED: evaluate RUN and keep its eval.json
 }
 [ -f "$TOKENIZER" ] || $VLP tokenizer image "$DATA" --out "$TOKENIZER"
 mkdir -p "$RESULTS"
-[ -f "$RESULTS/beit3_steps.txt" ] || $PYTHON experiments/equal_compute.py --data "$DATA" \
-  --budget "vlmo:$STEPS" --set "model.image_tokenizer=$TOKENIZER" beit3 > "$RESULTS/beit3_steps.txt"
+if [ ! -s "$RESULTS/beit3_steps.txt" ]; then  # written whole or not at all
+  $PYTHON experiments/equal_compute.py --data "$DATA" --budget "vlmo:$STEPS" \
+    --set "model.image_tokenizer=$TOKENIZER" beit3 > "$RESULTS/beit3_steps.txt.tmp"
+  mv "$RESULTS/beit3_steps.txt.tmp" "$RESULTS/beit3_steps.txt"
+fi
 beit3_steps=$(awk '{print $2}' "$RESULTS/beit3_steps.txt")
 for seed in ${SEEDS:-0 1 2}; do
   run=$OUT/vlmo_scratch/seed$seed
