@@ -9,7 +9,7 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 STEPS=${2:-300}
-VLP=${VLP:-.venv/bin/vlp}
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
 OUT=runs/albef_ablation
 RESULTS=experiments/results/albef_ablation
 declare -A VARIANTS=(
@@ -21,17 +21,14 @@ declare -A VARIANTS=(
 for seed in 0 1 2; do
   for variant in $(printf '%s\n' "${!VARIANTS[@]}" | sort); do
     run=$OUT/$variant/seed$seed
-    result=$RESULTS/$variant/seed$seed/eval.json
-    [ -f "$result" ] && continue
+    [ -f "$RESULTS/$variant/seed$seed/eval.json" ] && continue
     if [ ! -f "$run/eval.json" ]; then
-      resume=$([ -e "$run/checkpoints/latest" ] && echo --resume || true)
-      # shellcheck disable=SC2086
-      $VLP train albef --data "$DATA" --out "$run" --steps "$STEPS" --no-progress $resume \
+      # shellcheck disable=SC2046,SC2086
+      $VLP train albef --data "$DATA" --out "$run" --steps "$STEPS" --no-progress $(resume_flag "$run") \
         train.seed=$seed train.ckpt_every=$STEPS ${VARIANTS[$variant]}
       k_test=$([ "$variant" = 1_itc ] && echo 0 || echo 16)  # no trained ITM head to re-rank with
       $VLP eval "$run" --data "$DATA" --tasks retrieval,probe --k-test "$k_test" --no-report
     fi
-    mkdir -p "$(dirname "$result")"
-    cp "$run/eval.json" "$result"
+    keep "$run/eval.json" "$variant" "$seed"
   done
 done

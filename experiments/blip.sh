@@ -7,31 +7,26 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 STEPS=${2:-300}
-VLP=${VLP:-.venv/bin/vlp}
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
 OUT=runs/blip_exp
 RESULTS=experiments/results/blip
-keep() {  # keep RUN's eval.json as result WHAT
-  mkdir -p "$RESULTS/$2/seed$3"
-  cp "$1/eval.json" "$RESULTS/$2/seed$3/eval.json"
-}
 for seed in 0 1 2; do
   run=$OUT/blip/seed$seed
   if [ ! -f "$RESULTS/nucleus/seed$seed/eval.json" ]; then
-    resume=$([ -e "$run/checkpoints/latest" ] && echo --resume || true)  # a finished run returns at once
-    # shellcheck disable=SC2086
-    $VLP train blip --data "$DATA" --out "$run" --steps "$STEPS" --no-progress $resume \
+    # shellcheck disable=SC2046
+    $VLP train blip --data "$DATA" --out "$run" --steps "$STEPS" --no-progress $(resume_flag "$run") \
       train.seed=$seed train.ckpt_every=$STEPS
     $VLP eval "$run" --data "$DATA" --tasks retrieval,probe,caption --decoding beam --k-test 16 --no-report
-    keep "$run" beam "$seed"
+    keep "$run/eval.json" beam "$seed"
     $VLP eval "$run" --data "$DATA" --tasks caption --decoding greedy --no-report
-    keep "$run" greedy "$seed"
+    keep "$run/eval.json" greedy "$seed"
     $VLP eval "$run" --data "$DATA" --tasks caption --decoding nucleus --no-report
-    keep "$run" nucleus "$seed"
+    keep "$run/eval.json" nucleus "$seed"
   fi
   vqa=$OUT/blip_vqa/seed$seed
   if [ ! -f "$RESULTS/vqa/seed$seed/eval.json" ]; then
     $VLP train blip_vqa --init "$run" --data "$DATA" --out "$vqa" --no-progress train.seed=$seed
     $VLP eval "$vqa" --data "$DATA" --no-report
-    keep "$vqa" vqa "$seed"
+    keep "$vqa/eval.json" vqa "$seed"
   fi
 done

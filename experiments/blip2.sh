@@ -12,40 +12,33 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 CLIP_STEPS=${2:-600}
-VLP=${VLP:-.venv/bin/vlp}
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
 STEPS_ARG=${STEPS:+--steps $STEPS}
 OUT=${OUT:-runs/blip2_exp}
 RESULTS=${RESULTS:-experiments/results/blip2}
-resume() {  # --resume where RUN has a checkpoint (a finished run then returns at once)
-  [ -e "$1/checkpoints/latest" ] && echo --resume || true
-}
-keep() {  # keep RUN's eval.json as result WHAT of seed SEED
-  mkdir -p "$RESULTS/$2/seed$3"
-  cp "$1/eval.json" "$RESULTS/$2/seed$3/eval.json"
-}
 clip=$OUT/clip
 lm=$OUT/caption_lm
 # shellcheck disable=SC2046
-$VLP train clip --data "$DATA" --out "$clip" --steps "$CLIP_STEPS" --no-progress $(resume "$clip") \
+$VLP train clip --data "$DATA" --out "$clip" --steps "$CLIP_STEPS" --no-progress $(resume_flag "$clip") \
   train.ckpt_every="$CLIP_STEPS"
 # shellcheck disable=SC2046
-$VLP train caption_lm --data "$DATA" --out "$lm" --no-progress $(resume "$lm") $STEPS_ARG
+$VLP train caption_lm --data "$DATA" --out "$lm" --no-progress $(resume_flag "$lm") $STEPS_ARG
 [ -f "$lm/hf/config.json" ] || $VLP convert "$lm" "$lm/hf" --to hf
 for seed in ${SEEDS:-0 1 2}; do
   stage1=$OUT/stage1/seed$seed
   if [ ! -f "$RESULTS/stage1/seed$seed/eval.json" ]; then
     # shellcheck disable=SC2046
-    $VLP train blip2_stage1 --init "$clip" --data "$DATA" --out "$stage1" --no-progress $(resume "$stage1") \
+    $VLP train blip2_stage1 --init "$clip" --data "$DATA" --out "$stage1" --no-progress $(resume_flag "$stage1") \
       $STEPS_ARG train.seed=$seed
     $VLP eval "$stage1" --data "$DATA" --tasks zeroshot,retrieval,probe --k-test 16 --no-report
-    keep "$stage1" stage1 "$seed"
+    keep "$stage1/eval.json" stage1 "$seed"
   fi
   stage2=$OUT/stage2/seed$seed
   if [ ! -f "$RESULTS/stage2/seed$seed/eval.json" ]; then
     # shellcheck disable=SC2046
     $VLP train blip2_stage2 --init "$stage1" --lm "$lm/hf" --data "$DATA" --out "$stage2" --no-progress \
-      $(resume "$stage2") $STEPS_ARG train.seed=$seed
+      $(resume_flag "$stage2") $STEPS_ARG train.seed=$seed
     $VLP eval "$stage2" --data "$DATA" --no-report
-    keep "$stage2" stage2 "$seed"
+    keep "$stage2/eval.json" stage2 "$seed"
   fi
 done

@@ -16,7 +16,7 @@
 set -euo pipefail
 DATA=${1:-data/noisy}
 STEPS=${2:-300}
-VLP=${VLP:-.venv/bin/vlp}
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
 OUT=${OUT:-runs/capfilt}
 RESULTS=${RESULTS:-experiments/results/capfilt}
 declare -A VARIANTS=(
@@ -26,15 +26,10 @@ declare -A VARIANTS=(
   [filter]="--synthetic 0 --threshold 0.5"
 )
 pretrain() {  # DATA RUN SEED: BLIP pretraining (finishes an interrupted run)
-  resume=$([ -e "$2/checkpoints/latest" ] && echo --resume || true)
-  # shellcheck disable=SC2086
-  $VLP train blip --data "$1" --out "$2" --steps "$STEPS" --no-progress $resume train.seed="$3" \
+  # shellcheck disable=SC2046
+  $VLP train blip --data "$1" --out "$2" --steps "$STEPS" --no-progress $(resume_flag "$2") train.seed="$3" \
     train.ckpt_every="$STEPS"
   $VLP eval "$2" --data "$DATA" --tasks zeroshot,retrieval,probe,caption --k-test 0 --no-report
-}
-keep() {  # FILE VARIANT SEED
-  mkdir -p "$RESULTS/$2/seed$3"
-  cp "$1" "$RESULTS/$2/seed$3/"
 }
 [ -f "$DATA/info.json" ] || $VLP data shapes --out "$DATA" --train "${TRAIN:-10000}" --noise 0.4
 for seed in ${SEEDS:-0 1 2}; do

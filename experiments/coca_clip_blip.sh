@@ -10,8 +10,7 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 BLIP_STEPS=${2:-300}
-VLP=${VLP:-.venv/bin/vlp}
-PYTHON=${PYTHON:-.venv/bin/python}
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
 OUT=${OUT:-runs/coca_clip_blip}
 RESULTS=${RESULTS:-experiments/results/coca_clip_blip}
 mkdir -p "$RESULTS"
@@ -25,14 +24,11 @@ declare -A TASKS=([clip]=zeroshot,retrieval,probe [coca]=zeroshot,retrieval,prob
 for seed in ${SEEDS:-0 1 2}; do
   while read -r recipe steps _; do
     run=$OUT/$recipe/seed$seed
-    result=$RESULTS/$recipe/seed$seed/eval.json
-    [ -f "$result" ] && continue
-    resume=$([ -e "$run/checkpoints/latest" ] && echo --resume || true)  # a finished run returns at once
-    # shellcheck disable=SC2086
-    $VLP train "$recipe" --data "$DATA" --out "$run" --steps "$steps" --no-progress $resume \
+    [ -f "$RESULTS/$recipe/seed$seed/eval.json" ] && continue
+    # shellcheck disable=SC2046
+    $VLP train "$recipe" --data "$DATA" --out "$run" --steps "$steps" --no-progress $(resume_flag "$run") \
       train.seed=$seed train.ckpt_every=$steps
     $VLP eval "$run" --data "$DATA" --tasks "${TASKS[$recipe]}" --k-test 0 --no-report
-    mkdir -p "$(dirname "$result")"
-    cp "$run/eval.json" "$result"
+    keep "$run/eval.json" "$recipe" "$seed"
   done < "$budget"
 done

@@ -14,25 +14,20 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 STEPS=${2:-300}
-VLP=${VLP:-.venv/bin/vlp}
-PYTHON=${PYTHON:-.venv/bin/python}
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
 OUT=${OUT:-runs/vlmo_beit3}
 RESULTS=${RESULTS:-experiments/results/vlmo_beit3}
 TOKENIZER=$DATA/image_tokenizer.safetensors
-resume() {  # --resume where RUN has a checkpoint (a finished run then returns at once)
-  [ -e "$1/checkpoints/latest" ] && echo --resume || true
-}
 train() {  # RECIPE RUN [ARGS...]: train (or finish) a run
   local recipe=$1 run=$2
   shift 2
   # shellcheck disable=SC2046
-  $VLP train "$recipe" --data "$DATA" --out "$run" --no-progress $(resume "$run") "$@" \
+  $VLP train "$recipe" --data "$DATA" --out "$run" --no-progress $(resume_flag "$run") "$@" \
     model.image_tokenizer="$TOKENIZER"
 }
 evaluate() {  # RUN VARIANT SEED: evaluate RUN and keep its eval.json
   $VLP eval "$1" --data "$DATA" --tasks zeroshot,retrieval,probe --k-test 16 --no-report
-  mkdir -p "$RESULTS/$2/seed$3"
-  cp "$1/eval.json" "$RESULTS/$2/seed$3/eval.json"
+  keep "$1/eval.json" "$2" "$3"
 }
 [ -f "$TOKENIZER" ] || $VLP tokenizer image "$DATA" --out "$TOKENIZER"
 mkdir -p "$RESULTS"
