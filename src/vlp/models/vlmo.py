@@ -155,7 +155,8 @@ class VLMo(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        image_emb = self.image_embeddings(batch["images"])
+        if {"itc", "itm", "mlm"} & self.objectives:  # stage 1 (MIM) embeds its masked images itself
+            image_emb = self.image_embeddings(batch["images"])
         losses = {}
         if {"itc", "itm"} & self.objectives:
             image_feat = self._image_feature(image_emb)
