@@ -1,5 +1,6 @@
 """ALBEF and BLIP: losses, momentum encoders, masks, decoder sharing, training and resume."""
 
+import copy
 import json
 
 import pytest
@@ -106,6 +107,31 @@ def test_blip_decoder_is_causal_and_shares_all_but_self_attention():
     encoder = {id(p) for p in model.text.parameters()}
     own = [n for n, p in model.decoder.named_parameters() if id(p) not in encoder]
     assert own and all(".attn." in n or ".norm1." in n for n in own)
+
+
+def test_blip_itm_and_lm_share_the_image_keys_values():
+    """The MED's tied cross-attention projects the images once per step for ITM and LM (a
+    context-only cache), with the losses and gradients of projecting them in each pass."""
+    torch.manual_seed(0)
+    shared = vlp.create_model("blip", model_config("blip"))
+    separate = copy.deepcopy(shared)
+    separate.cfg.share_decoder = False  # weights stay tied; only the cache is left out
+    projections = {}
+    for name, model in (("shared", shared), ("separate", separate)):
+        kv = model.text.transformer.blocks[0].cross_attn.kv
+        calls = []
+        kv.register_forward_hook(lambda *_: calls.append(1))
+        torch.manual_seed(1)
+        out = model(batch())
+        sum(out.values()).backward()
+        projections[name] = (len(calls), out)
+    assert projections["shared"][0] == 1 and projections["separate"][0] == 2
+    for key, loss in projections["shared"][1].items():
+        torch.testing.assert_close(loss, projections["separate"][1][key], atol=1e-6, rtol=0)
+    grads = dict(separate.named_parameters())
+    for name, param in shared.named_parameters():
+        if param.grad is not None:
+            torch.testing.assert_close(param.grad, grads[name].grad, atol=1e-5, rtol=1e-5)
 
 
 def test_albef_fusion_layers_see_the_image_text_layers_do_not():

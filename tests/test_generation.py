@@ -36,8 +36,8 @@ class Cached:
         cache, context = state
         return self.lm.logits(tokens, context, cache), state
 
-    def reorder(self, state, index):
-        return state[0].reorder(index), state[1][index]
+    def reorder(self, state, index, same_context=False):
+        return state[0].reorder(index, context=not same_context), state[1] if same_context else state[1][index]
 
 
 def inputs(batch=3):
@@ -78,7 +78,7 @@ class Table:
     def step(self, tokens, state):
         return self.table[tokens[:, -1]], state
 
-    def reorder(self, state, index):
+    def reorder(self, state, index, same_context=False):
         return state
 
 
@@ -152,3 +152,22 @@ def test_blip_generation_matches_its_full_forward():
         logits = model.caption_logits(image_tokens, out[:, :t], torch.ones_like(out[:, :t]))[:, -1]
         logits[:, model.cfg.tokens["sep"]] = float("-inf")
         assert torch.equal(logits.argmax(-1), out[:, t])
+
+
+def test_blip_beam_search_equals_recomputing():
+    """Beams decode the prompt once per image and never move the image's keys/values (they only
+    move among the beams of one image): same captions as a cache-free search."""
+    from tests.test_fusion_models import model_config
+
+    torch.manual_seed(0)
+    model = vlp.create_model("blip", model_config("blip")).eval()
+    images = torch.randn(3, 3, 32, 32)
+    tokens = model.cfg.tokens
+    cached = model.generate(images, method="beam", num_beams=3, max_new_tokens=8)
+    with torch.no_grad():
+        decoder = Recomputing(lambda prefix, context: model.caption_logits(
+            context, prefix, torch.ones_like(prefix))[:, -1])
+        start = torch.full((3, 1), tokens["dec"])
+        reference = beam_search(decoder, start, (None, model.visual(images)[1]), num_beams=3,
+                                max_new_tokens=8, eos_id=tokens["sep"], pad_id=tokens["pad"])
+    assert torch.equal(cached, reference)

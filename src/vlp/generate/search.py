@@ -14,8 +14,10 @@ class Decoder(Protocol):
     def step(self, tokens: torch.Tensor, state: Any) -> tuple[torch.Tensor, Any]:
         """New tokens [N, t] -> (logits [N, V] for the last position, new state)."""
 
-    def reorder(self, state: Any, index: torch.Tensor) -> Any:
-        """The state of batch rows `index` (rows may repeat)."""
+    def reorder(self, state: Any, index: torch.Tensor, same_context: bool = False) -> Any:
+        """The state of batch rows `index` (rows may repeat). `same_context`: every row moves
+        among rows with the same context (the beams of one caption), so the context and its
+        cross-attention keys/values stay where they are."""
 
 
 class Recomputing:
@@ -30,9 +32,9 @@ class Recomputing:
         prefix = tokens if prefix is None else torch.cat([prefix, tokens], dim=1)
         return self.logits(prefix, context), (prefix, context)
 
-    def reorder(self, state: tuple, index: torch.Tensor) -> tuple:
-        prefix, context = state  # beam search may expand the rows before the first step
-        return None if prefix is None else prefix.index_select(0, index), context.index_select(0, index)
+    def reorder(self, state: tuple, index: torch.Tensor, same_context: bool = False) -> tuple:
+        prefix, context = state
+        return prefix.index_select(0, index), context if same_context else context.index_select(0, index)
 
 
 def adjust_logits(logits: torch.Tensor, tokens: torch.Tensor, generated: int, min_new_tokens: int,
@@ -109,16 +111,16 @@ def beam_search(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, max_new_
     length ** length_penalty (length counts generated tokens, end-of-sequence included).
 
     A row stops once it holds `num_beams` finished hypotheses; at `max_new_tokens` the live
-    beams are finished as they are.
+    beams are finished as they are. The prompt is decoded once per row, then its state is
+    repeated for the beams, which from then on only move among the beams of their row.
     """
     batch, beams, device = prompt_ids.shape[0], num_beams, prompt_ids.device
+    logits, state = decoder.step(prompt_ids, state)
     rows = torch.arange(batch, device=device).repeat_interleave(beams)
-    tokens = prompt_ids[rows]
-    state = decoder.reorder(state, rows)
+    tokens, logits, state = prompt_ids[rows], logits[rows], decoder.reorder(state, rows)
     scores = torch.zeros(batch, beams, device=device)
     scores[:, 1:] = float("-inf")  # all beams start identical: keep one
     finished: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(batch)]
-    logits, state = decoder.step(tokens, state)
     for generated in range(max_new_tokens):
         logp = adjust_logits(logits, tokens, generated, min_new_tokens, eos_id, repetition_penalty)
         logp = logp.log_softmax(dim=-1)
@@ -136,7 +138,7 @@ def beam_search(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, max_new_
         tokens = torch.cat([tokens[chosen], token.gather(1, live).view(-1, 1)], dim=1)
         if all(len(f) >= beams for f in finished) or generated == max_new_tokens - 1:
             break
-        state = decoder.reorder(state, chosen)
+        state = decoder.reorder(state, chosen, same_context=True)
         logits, state = decoder.step(tokens[:, -1:], state)
     for b in range(batch):
         if len(finished[b]) < beams:

@@ -71,11 +71,14 @@ class BLIP(FusionModel):
         return self.cfg.vision.width
 
     def itm_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None,
+                   image_cache: KVCache | None = None) -> torch.Tensor:
         """The image-grounded encoder ([ENC], cross-attention) and the ITM head; text i sees
-        `image_tokens[image_rows[i]]` where rows are given."""
+        `image_tokens[image_rows[i]]` where rows are given. `image_cache` (context-only) holds
+        or receives the images' cross-attention keys/values."""
         ids = with_first_token(input_ids, self.cfg.tokens["enc"])
-        states = self.text(ids, attention_mask, context=image_tokens, context_rows=image_rows)[1]
+        states = self.text(ids, attention_mask, context=image_tokens, context_rows=image_rows,
+                           cache=image_cache)[1]
         return self.itm_head(states[:, 0])
 
     def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
@@ -84,10 +87,14 @@ class BLIP(FusionModel):
         return self.itm_logits(image_tokens, input_ids, attention_mask, image_rows).softmax(dim=-1)[:, 1]
 
     def caption_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor) -> torch.Tensor:
-        """Next-token logits [B, L, V] of the image-grounded decoder ([DEC], causal)."""
+                       attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None,
+                       image_cache: KVCache | None = None) -> torch.Tensor:
+        """Next-token logits [B, L, V] of the image-grounded decoder ([DEC], causal); rows and
+        cache as in `itm_logits`."""
         ids = with_first_token(input_ids, self.cfg.tokens["dec"])
-        return self.lm_head(self.decoder(ids, attention_mask, context=image_tokens)[1])
+        states = self.decoder(ids, attention_mask, context=image_tokens, context_rows=image_rows,
+                              cache=image_cache)[1]
+        return self.lm_head(states)
 
     @torch.no_grad()
     def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor | None = None,
@@ -110,22 +117,27 @@ class BLIP(FusionModel):
                         eos_id=self.cfg.tokens["sep"], pad_id=self.cfg.tokens["pad"], **options)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One ViT pass, three text passes (Sec. 3.2): ITC, ITM, LM (those in `objectives`)."""
+        """One ViT pass, three text passes (Sec. 3.2): ITC, ITM, LM (those in `objectives`).
+        With the MED's tied cross-attention, ITM and LM share the images' keys/values."""
         objectives = self.objectives
         if {"itc", "itm"} & objectives:
             aligned = self.align(batch)
             image_tokens = aligned["image_tokens"]
         else:
             image_tokens = self.visual(batch["images"])[1]
-        losses = {}
+        losses, image_rows = {}, None
+        image_cache = KVCache(context_only=True) if self.cfg.share_decoder else None
         if "itc" in objectives:
             losses["itc"] = aligned["itc"]
         if "itm" in objectives:
             itm = self.itm_batch(aligned, batch["input_ids"], batch)
-            losses["itm"] = F.cross_entropy(self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows),
-                                            itm.labels)
+            logits = self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows, image_cache)
+            losses["itm"] = F.cross_entropy(logits, itm.labels)
+            # the first B pairs are the positives: this rank's images among the gathered ones
+            image_tokens, image_rows = itm.images, itm.image_rows[: len(batch["input_ids"])]
         if "lm" in objectives:
-            logits = self.caption_logits(image_tokens, batch["input_ids"], batch["attention_mask"])
+            logits = self.caption_logits(image_tokens, batch["input_ids"], batch["attention_mask"],
+                                         image_rows, image_cache)
             losses["lm"] = lm_loss(logits, batch["input_ids"], batch["attention_mask"],
                                    prompt_length=batch.get("prompt_length", 0),
                                    label_smoothing=self.cfg.label_smoothing)
@@ -146,8 +158,10 @@ class GroundedDecoder:
                                     context_mask=context_mask, cache=cache)[1]
         return self.model.lm_head(states[:, -1]), state
 
-    def reorder(self, state: tuple, index: torch.Tensor) -> tuple:
+    def reorder(self, state: tuple, index: torch.Tensor, same_context: bool = False) -> tuple:
         cache, context, context_mask = state
+        if same_context:
+            return cache.reorder(index, context=False), context, context_mask
         return (cache.reorder(index), context.index_select(0, index),
                 None if context_mask is None else context_mask.index_select(0, index))
 

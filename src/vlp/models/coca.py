@@ -143,6 +143,8 @@ class CaptionDecoder:
         states = self.model.text(tokens, torch.ones_like(tokens), cache=unimodal_cache)[1]
         return self.model.caption_logits(states, context, multimodal_cache)[:, -1], state
 
-    def reorder(self, state: tuple, index: torch.Tensor) -> tuple:
+    def reorder(self, state: tuple, index: torch.Tensor, same_context: bool = False) -> tuple:
         unimodal_cache, multimodal_cache, context = state
+        if same_context:
+            return unimodal_cache.reorder(index), multimodal_cache.reorder(index, context=False), context
         return unimodal_cache.reorder(index), multimodal_cache.reorder(index), context.index_select(0, index)

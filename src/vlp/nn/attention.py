@@ -29,20 +29,36 @@ class KVCache:
 
     `length` is the number of tokens already decoded; `reorder` selects or repeats batch rows
     (beam search). Everything generation needs of a decoder's state, in one object.
+
+    `context_only=True` keeps only the cross-attention keys/values of the context: passes over
+    the same context through the same (tied) cross-attention weights then project it once
+    (BLIP's ITM encoder and LM decoder, Sec. 3.1); their self-attention and positions are
+    untouched.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, context_only: bool = False) -> None:
         self.entries: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
         self.length = 0
+        self.context_only = context_only
 
-    def entry(self, layer: int, kind: str) -> dict[str, torch.Tensor]:
+    def entry(self, layer: int, kind: str) -> dict[str, torch.Tensor] | None:
         """The keys/values of one attention ("self" or "cross") of one layer."""
+        if kind == "self" and self.context_only:
+            return None
         return self.entries.setdefault((layer, kind), {})
 
-    def reorder(self, index: torch.Tensor) -> KVCache:
-        for entry in self.entries.values():
-            for key, tensor in entry.items():
-                entry[key] = tensor.index_select(0, index)
+    def advance(self, tokens: int) -> None:
+        """Count `tokens` more decoded tokens (a context-only cache decodes nothing)."""
+        if not self.context_only:
+            self.length += tokens
+
+    def reorder(self, index: torch.Tensor, context: bool = True) -> KVCache:
+        """Rows `index` of every entry; `context=False` leaves the cross-attention ("cross")
+        entries as they are (right when each row moves among rows with the same context)."""
+        for (_, kind), entry in self.entries.items():
+            if context or kind != "cross":
+                for key, tensor in entry.items():
+                    entry[key] = tensor.index_select(0, index)
         return self
 
 
@@ -81,9 +97,11 @@ class Attention(nn.Module):
                 k, v = cache["k"], cache["v"]
             else:
                 k, v = map(self._split_heads, self.kv(context).chunk(2, dim=-1))
-                if context_rows is not None:
-                    k, v = k.index_select(0, context_rows), v.index_select(0, context_rows)
-                    mask = None if mask is None else mask.index_select(0, context_rows)
+                if cache is not None:  # one row per context row, whatever `context_rows` picks
+                    cache["k"], cache["v"] = k, v
+            if context_rows is not None:
+                k, v = k.index_select(0, context_rows), v.index_select(0, context_rows)
+                mask = None if mask is None else mask.index_select(0, context_rows)
         else:
             q, k, v = map(self._split_heads, self.qkv(x).chunk(3, dim=-1))
             if cache is not None and "k" in cache:
@@ -92,7 +110,7 @@ class Attention(nn.Module):
                 if is_causal:  # new query i sits at position past + i
                     mask = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=x.device).tril(past)
                     is_causal = False
-        if cache is not None:
-            cache["k"], cache["v"] = k, v
+            if cache is not None:
+                cache["k"], cache["v"] = k, v
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return self.out(y.transpose(1, 2).flatten(2))

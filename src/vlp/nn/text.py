@@ -85,7 +85,7 @@ class TextTransformer(nn.Module):
                                  context_mask=context_mask, cache=cache, layers=layers,
                                  context_rows=context_rows)
         if cache is not None:
-            cache.length += input_ids.shape[1]
+            cache.advance(input_ids.shape[1])
         if layers.indices(self.cfg.layers)[1] == self.cfg.layers:
             x = self.norm(x)
         if self.cfg.pool == "cls":
