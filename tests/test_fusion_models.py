@@ -171,7 +171,7 @@ def test_itm_scorer_reads_images_per_block_and_equals_direct_scores(shapes_dir):
     from vlp.data.formats import open_dataset
     from vlp.data.tokenizer import Tokenizer
     from vlp.data.transforms import model_images
-    from vlp.eval.run import _itm_scorer
+    from vlp.eval.run import itm_scorer
 
     tokenizer = Tokenizer.load(shapes_dir)
     torch.manual_seed(0)
@@ -187,7 +187,7 @@ def test_itm_scorer_reads_images_per_block_and_equals_direct_scores(shapes_dir):
         ids = tokenizer(texts, max_length=16, style="bert")
         expected = model.itm_score(tokens[image_rows], ids["input_ids"][text_rows], ids["attention_mask"][text_rows])
     for block in (2, 3, 128):
-        scores = _itm_scorer(model, dataset, kept, texts, batch_size=block)(image_rows, text_rows)
+        scores = itm_scorer(model, dataset, kept, texts, batch_size=block)(image_rows, text_rows)
         torch.testing.assert_close(scores, expected, atol=1e-6, rtol=0)
 
 

@@ -142,7 +142,7 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
     return metrics, reranked, shown
 
 
-def _itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts: list[str],
+def itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts: list[str],
                 batch_size: int = 128) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """score(image_rows, text_rows): the model's ITM match probability of each (image, text) pair,
     rows indexing `kept` (the readable images of `dataset`) and `texts`.
@@ -175,7 +175,7 @@ def _itm_reranked(model: nn.Module, dataset: CaptionDataset, kept: list[int], im
     """Recall@K with each query's ITC top-`k_test` re-ranked by the model's ITM score; reports
     the extra seconds and the number of ITM (fusion) passes it cost."""
     start = time.perf_counter()
-    itm = _itm_scorer(model, dataset, kept, texts)
+    itm = itm_scorer(model, dataset, kept, texts)
     pairs = 0
 
     def score(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
@@ -239,7 +239,7 @@ def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
     images, pairwise = image_emb[owner], paired(similarity_of(model))
     scores = {"": (pairwise(images, embed_texts(model, true)), pairwise(images, embed_texts(model, false)))}
     if has_itm(model):
-        itm = _itm_scorer(model, dataset, kept, true + false)
+        itm = itm_scorer(model, dataset, kept, true + false)
         scores["itm_"] = itm(owner.repeat(2), torch.arange(2 * len(pairs))).chunk(2)  # true, then false
     kinds = [swap["kind"] for _, swap in pairs]
     results = {}
