@@ -80,9 +80,9 @@ def reranked_recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_i
     image_ids, shortlist = torch.arange(image_emb.shape[0]), max(k_test, max(ks))
     i2t_sim, t2i_sim = directed(similarity)
     i2t = rerank(blockwise_topk(image_emb, text_emb, shortlist, block, i2t_sim), k_test,
-                  lambda q, c: score(q, c))
+                 lambda q, c: score(q, c))
     t2i = rerank(blockwise_topk(text_emb, image_emb, shortlist, block, t2i_sim), k_test,
-                  lambda q, c: score(c, q))
+                 lambda q, c: score(c, q))
     hits = {"i2t": text_image[i2t] == image_ids[:, None], "t2i": t2i == text_image[:, None]}
     metrics = {f"{direction}_R@{k}": 100.0 * h[:, :k].any(dim=1).float().mean().item()
                for direction, h in hits.items() for k in ks}
@@ -91,7 +91,7 @@ def reranked_recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_i
 
 
 def rerank(top: torch.Tensor, k_test: int,
-            score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+           score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Reorder the first k_test columns of each row of `top` by score(query, candidate)."""
     k_test = min(k_test, top.shape[1])
     queries = torch.arange(top.shape[0]).repeat_interleave(k_test)

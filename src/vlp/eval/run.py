@@ -143,7 +143,7 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
 
 
 def itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts: list[str],
-                batch_size: int = 128) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+               batch_size: int = 128) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """score(image_rows, text_rows): the model's ITM match probability of each (image, text) pair,
     rows indexing `kept` (the readable images of `dataset`) and `texts`.
 
