@@ -185,17 +185,13 @@ def _regroup(scores: torch.Tensor, candidates: list[list[str]]) -> list[list[flo
 
 def itm_scorer(model: Any) -> Scorer:
     """BLIP's filter: the ITM match probability of each (image, candidate caption)."""
-    @torch.no_grad()
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
-        from vlp.models.registry import text_config
+        from vlp.eval.run import itm_pair_scores, tokenize_texts
 
-        tokens = model.itm_image_tokens(model_images(model, images))
         texts, rows = _flatten(candidates)
-        encoded = model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
-        device = tokens.device
-        probs = model.itm_score(tokens[rows.to(device)], encoded["input_ids"].to(device),
-                                encoded["attention_mask"].to(device))
-        return _regroup(probs.cpu(), candidates)
+        encoded = tokenize_texts(model, texts)
+        probs = itm_pair_scores(model, images, encoded["input_ids"], encoded["attention_mask"], rows)
+        return _regroup(probs, candidates)
 
     return score
 

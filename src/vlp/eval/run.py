@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -60,12 +61,17 @@ def _batches(items: list, size: int) -> Iterable[list]:
 
 
 @torch.no_grad()
+def tokenize_texts(model: nn.Module, texts: list[str]) -> dict[str, torch.Tensor]:
+    """`texts` encoded by the model's own tokenizer at its text context length."""
+    return model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
+
+
 def embed_texts(model: nn.Module, texts: list[str], batch_size: int = 256) -> torch.Tensor:
     """Normalised text embeddings of a list of strings, with the model's own tokenizer."""
     device = next(model.parameters()).device
     parts = []
     for chunk in _batches(texts, batch_size):
-        tokens = model.tokenizer(chunk, max_length=text_config(model).context_length, style=model.tokenizer_style)
+        tokens = tokenize_texts(model, chunk)
         parts.append(model.encode_text(tokens["input_ids"].to(device), tokens["attention_mask"].to(device)).cpu())
     return torch.cat(parts)
 
@@ -151,15 +157,12 @@ def itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts
     it runs: memory is bounded by the block whatever the gallery size, and an image shortlisted by
     many queries is encoded about once (once per block it spans).
     """
-    encoded = model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
-    device = next(model.parameters()).device
+    encoded = tokenize_texts(model, texts)
 
-    @torch.no_grad()
     def block_scores(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
-        unique, rows = image_rows.unique(return_inverse=True)  # each image encoded and projected once
-        tokens = model.itm_image_tokens(model_images(model, [dataset[kept[i]].image for i in unique.tolist()]))
-        return model.itm_score(tokens, encoded["input_ids"][text_rows].to(device),
-                               encoded["attention_mask"][text_rows].to(device), image_rows=rows.to(device)).cpu()
+        unique, rows = image_rows.unique(return_inverse=True)
+        return itm_pair_scores(model, [dataset[kept[i]].image for i in unique.tolist()],
+                               encoded["input_ids"][text_rows], encoded["attention_mask"][text_rows], rows)
 
     def score(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         scores = torch.empty(len(image_rows))
@@ -168,6 +171,17 @@ def itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts
         return scores
 
     return score
+
+
+@torch.no_grad()
+def itm_pair_scores(model: nn.Module, images: Sequence[Image.Image], input_ids: torch.Tensor,
+                    attention_mask: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+    """The model's ITM match probability (on the CPU) of text i with `images[image_rows[i]]`
+    (PIL images): each image is encoded and projected once, however many texts it pairs with."""
+    device = next(model.parameters()).device
+    tokens = model.itm_image_tokens(model_images(model, images))
+    return model.itm_score(tokens, input_ids.to(device), attention_mask.to(device),
+                           image_rows=image_rows.to(device)).cpu()
 
 
 def _itm_reranked(model: nn.Module, dataset: CaptionDataset, kept: list[int], image_emb: torch.Tensor,
