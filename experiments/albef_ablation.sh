@@ -9,7 +9,7 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 STEPS=${2:-300}
-source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, write_once, keep
 OUT=runs/albef_ablation
 RESULTS=experiments/results/albef_ablation
 declare -A VARIANTS=(

@@ -7,7 +7,7 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 STEPS=${2:-300}
-source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, write_once, keep
 OUT=runs/blip_exp
 RESULTS=experiments/results/blip
 for seed in 0 1 2; do

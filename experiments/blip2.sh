@@ -12,7 +12,7 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 CLIP_STEPS=${2:-600}
-source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, write_once, keep
 STEPS_ARG=${STEPS:+--steps $STEPS}
 OUT=${OUT:-runs/blip2_exp}
 RESULTS=${RESULTS:-experiments/results/blip2}

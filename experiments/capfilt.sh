@@ -16,7 +16,7 @@
 set -euo pipefail
 DATA=${1:-data/noisy}
 STEPS=${2:-300}
-source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, write_once, keep
 OUT=${OUT:-runs/capfilt}
 RESULTS=${RESULTS:-experiments/results/capfilt}
 declare -A VARIANTS=(

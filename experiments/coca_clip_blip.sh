@@ -10,15 +10,12 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 BLIP_STEPS=${2:-300}
-source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, write_once, keep
 OUT=${OUT:-runs/coca_clip_blip}
 RESULTS=${RESULTS:-experiments/results/coca_clip_blip}
 mkdir -p "$RESULTS"
 budget=$RESULTS/steps.txt  # "recipe steps gflop_per_step", kept with the results
-if [ ! -s "$budget" ]; then  # written whole or not at all: an interrupted count leaves no file
-  $PYTHON experiments/equal_compute.py --data "$DATA" --budget "blip:$BLIP_STEPS" clip coca blip > "$budget.tmp"
-  mv "$budget.tmp" "$budget"
-fi
+write_once "$budget" $PYTHON experiments/equal_compute.py --data "$DATA" --budget "blip:$BLIP_STEPS" clip coca blip
 declare -A TASKS=([clip]=zeroshot,retrieval,probe [coca]=zeroshot,retrieval,probe,caption
                   [blip]=zeroshot,retrieval,probe,caption)
 for seed in ${SEEDS:-0 1 2}; do

@@ -14,7 +14,7 @@
 set -euo pipefail
 DATA=${1:-data/shapes}
 STEPS=${2:-300}
-source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, keep
+source "$(dirname "$0")/common.sh"  # VLP, PYTHON, resume_flag, write_once, keep
 OUT=${OUT:-runs/vlmo_beit3}
 RESULTS=${RESULTS:-experiments/results/vlmo_beit3}
 TOKENIZER=$DATA/image_tokenizer.safetensors
@@ -31,11 +31,8 @@ evaluate() {  # RUN VARIANT SEED: evaluate RUN and keep its eval.json
 }
 [ -f "$TOKENIZER" ] || $VLP tokenizer image "$DATA" --out "$TOKENIZER"
 mkdir -p "$RESULTS"
-if [ ! -s "$RESULTS/beit3_steps.txt" ]; then  # written whole or not at all
-  $PYTHON experiments/equal_compute.py --data "$DATA" --budget "vlmo:$STEPS" \
-    --set "model.image_tokenizer=$TOKENIZER" beit3 > "$RESULTS/beit3_steps.txt.tmp"
-  mv "$RESULTS/beit3_steps.txt.tmp" "$RESULTS/beit3_steps.txt"
-fi
+write_once "$RESULTS/beit3_steps.txt" $PYTHON experiments/equal_compute.py --data "$DATA" --budget "vlmo:$STEPS" \
+  --set "model.image_tokenizer=$TOKENIZER" beit3
 beit3_steps=$(awk '{print $2}' "$RESULTS/beit3_steps.txt")
 for seed in ${SEEDS:-0 1 2}; do
   run=$OUT/vlmo_scratch/seed$seed
