@@ -11,14 +11,13 @@ measured in the same run: the best of 20 square matmuls of side 1024 in the benc
 
 from __future__ import annotations
 
-import time
-
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from clip_tiny import bench_arguments, compare, open_clip_model, open_clip_step, report, vlp_model, vlp_step, vocab_batch
 from vlp.config import load_run_config, recipe_config_path
 from vlp.train.optim import build_optimizer
+from vlp.train.precision import matmul_seconds
 
 MATMUL = 1024
 
@@ -26,14 +25,7 @@ MATMUL = 1024
 def matmul_peak(precision: str, reps: int = 20) -> float:
     """Best FLOP/s of a square matmul of side `MATMUL` in `precision` ("fp32" or "bf16")."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(MATMUL, MATMUL, dtype=dtype), torch.randn(MATMUL, MATMUL, dtype=dtype)
-    a @ b
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - start)
-    return 2 * MATMUL ** 3 / min(times)
+    return 2 * MATMUL ** 3 / matmul_seconds(dtype, MATMUL, reps)
 
 
 def step_flops(step) -> int:

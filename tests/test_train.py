@@ -70,16 +70,25 @@ def test_bf16_and_accumulation_run(tmp_path, tiny_config):
     assert values["step"] == 2 and torch.isfinite(torch.tensor(values["loss"]))
 
 
-def test_auto_precision_is_bf16_only_where_native(monkeypatch):
-    from vlp.train import trainer as trainer_module
+def test_auto_precision_is_bf16_only_where_native_and_faster(monkeypatch):
+    from vlp.train import precision
 
     cpu = torch.device("cpu")
-    for native, expected in ((True, "bf16"), (False, "fp32")):
-        monkeypatch.setattr(trainer_module, "native_bf16", lambda device, native=native: native)
-        assert trainer_module.resolve_precision("auto", cpu) == expected
-        assert trainer_module.resolve_precision("bf16", cpu) == "bf16"  # asked for: kept, with a warning
+    for native, speedup, expected in ((True, 2.0, "bf16"), (True, 0.5, "fp32"), (False, 2.0, "fp32")):
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda speedup=speedup: speedup)
+        assert precision.resolve_precision("auto", cpu) == expected
+        assert precision.resolve_precision("bf16", cpu) == "bf16"  # asked for: kept (a warning where emulated)
     with pytest.raises(ValueError, match="fp16"):
-        trainer_module.resolve_precision("fp16", cpu)
+        precision.resolve_precision("fp16", cpu)
+
+
+def test_bf16_speedup_is_measured_from_matmuls():
+    from vlp.train import precision
+
+    assert precision.matmul_seconds(torch.float32, side=64, reps=2) > 0
+    first = precision.cpu_bf16_speedup()
+    assert first > 0 and precision.cpu_bf16_speedup() == first  # measured once per process
 
 
 def test_no_weight_decay_on_norms_biases_embeddings(tmp_path, tiny_config):

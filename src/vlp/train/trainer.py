@@ -33,34 +33,9 @@ from vlp.models.registry import recipe_classes, text_config
 from vlp.train import checkpoint as ckpt
 from vlp.train import distributed as dist
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
+from vlp.train.precision import resolve_device, resolve_precision
 
 console = Console(stderr=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether bf16 matmuls run natively here: CUDA with bf16, or a CPU with AVX512-BF16/AMX.
-    Elsewhere oneDNN emulates them and a bf16 autocast step is about 10x slower than fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return device.type == "cpu" and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-
-
-def resolve_precision(name: str, device: torch.device) -> str:
-    """`auto` is bf16 autocast where bf16 is native (see `native_bf16`), fp32 elsewhere."""
-    if name not in ("auto", "fp32", "bf16"):
-        raise ValueError(f"train.precision must be auto, fp32 or bf16, got {name!r}")
-    if name == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    if name == "bf16" and not native_bf16(device) and dist.is_main():
-        console.print(f"[yellow]train.precision=bf16 on a {device.type} without native bf16 matmuls: "
-                      "expect steps several times slower than fp32 (train.precision=auto picks for you)")
-    return name
 
 
 def prepare_tokenizer(run_dir: Path, data_path: Path, dataset) -> Tokenizer:
