@@ -47,7 +47,7 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     accum: int = 1
-    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto: bf16 where the device runs it natively
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | auto: bf16 where it is faster (vlp.train.precision)
     seed: int = 0
     log_every: int = 10
     ckpt_every: int = 250
