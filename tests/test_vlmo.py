@@ -98,3 +98,13 @@ def test_trains_and_evaluates(tmp_path, shapes_dir):
 
     results = evaluate(vlp.load(tmp_path / "run"), shapes_dir, tasks=["retrieval"], k_test=3)
     assert results["retrieval_itm"]["k_test"] == 3 and "i2t_R@1" in results["retrieval"]
+
+
+def test_different_texts_start_with_different_features(model):
+    """The token-type embedding starts small (BERT's std 0.02): drawn from N(0, 1) it swamped the
+    tokens, every text got nearly the same feature and ITC sat at log(batch) for 200 steps."""
+    ids, mask = texts(8)
+    with torch.no_grad():
+        features = model.encode_text(ids, mask)
+    similarity = features @ features.T
+    assert similarity[~torch.eye(8, dtype=torch.bool)].mean() < 0.98

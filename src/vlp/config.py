@@ -112,6 +112,17 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
     return cls(**kwargs)
 
 
+def _coerce_tuple(args: tuple, value: Any, where: str) -> tuple:
+    """A list as `tuple[X, ...]` (any length) or `tuple[X, Y]` (exactly that many items)."""
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        args = (args[0],) * len(value)
+    elif len(args) != len(value):
+        raise ConfigError(f"{where}: expected a list of {len(args)} items, got {len(value)}: {value!r}")
+    return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+
+
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     """Convert a YAML value to a field's declared type (dataclasses, tuples, numbers)."""
     origin = typing.get_origin(hint)
@@ -125,9 +136,7 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         inner = [a for a in typing.get_args(hint) if a is not type(None)]
         return _coerce(inner[0], value, where)
     if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(hint), value))
+        return _coerce_tuple(typing.get_args(hint), value, where)
     if hint is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
         try:
             return float(value)

@@ -33,7 +33,7 @@ from vlp.models.registry import register
 from vlp.nn.attention import padding_mask
 from vlp.nn.heads import TokenPredictionHead, itm_head
 from vlp.nn.text import TextConfig, TextTransformer
-from vlp.nn.transformer import Transformer, TransformerConfig
+from vlp.nn.transformer import Transformer, TransformerConfig, init_weights
 from vlp.nn.vit import VisionConfig, VisionTransformer
 
 OBJECTIVES = ("itc", "itm", "mlm", "mim", "text_mlm")
@@ -79,6 +79,7 @@ class VLMo(nn.Module):
         self.text_embed = TextTransformer(replace(cfg.text, layers=0))
         self.vision_embed.norm = self.text_embed.norm = nn.Identity()
         self.type_embed = nn.Embedding(2, width)  # image / text
+        init_weights(self.type_embed)  # std 0.02 as BERT's token types: N(0, 1) swamped the tokens
         stack = {f.name: getattr(cfg.vision, f.name) for f in fields(TransformerConfig)}  # the shared stack's sizes
         self.transformer = Transformer(TransformerConfig(**{**stack, "pre_norm": True, "split_ffn": True,
                                                             "fusion_ffn_layers": cfg.fusion_layers}))
