@@ -100,3 +100,22 @@ def test_text_only_recipes_get_no_images(shapes_dir):
     assert all("image" not in item and item["caption"] in base.captions(i) for i, item in enumerate(items))
     batch = Collator(Tokenizer.load(shapes_dir), 32, "clip")(items)
     assert "images" not in batch and batch["input_ids"].shape[0] == 4
+
+
+def test_caption_and_qa_text_mixes_captions_and_written_questions(shapes_dir):
+    """data.text=caption+qa (the caption LM's pretraining): each item is one of its captions or
+    one of its question-answer pairs written as BLIP-2's VQA prompt and the answer, the same
+    every time it is drawn."""
+    from vlp.data.formats import open_dataset
+    from vlp.data.loader import QA_PROMPT, TrainSet
+
+    base = open_dataset(shapes_dir, split="train")
+    mixed = TrainSet(base, None, seed=0, text="caption+qa")
+    kinds = []
+    for i in range(len(base)):
+        text = mixed[(0, i)]["caption"]
+        written = {f"{QA_PROMPT.format(qa['question'])} {qa['answer']}" for qa in base[i].meta["qa"]}
+        assert text in written or text in base.captions(i)
+        assert mixed[(0, i)]["caption"] == text
+        kinds.append(text in written)
+    assert 0 < sum(kinds) < len(kinds)

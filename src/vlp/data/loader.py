@@ -27,15 +27,22 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
+QA_PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt (Sec. 4.2); its answer follows
+TEXT_MODES = ("caption", "qa", "caption+qa")
+
+
 class TrainSet(Dataset):
     """Item (epoch, index) -> {"image": augmented tensor, "caption": one of its captions}, or
-    with `text="qa"` {"image", "question", "answer"}: one of the sample's `meta["qa"]` pairs.
-    Without a `transform` (text-only recipes) the image is never decoded and not in the item."""
+    with `text="qa"` {"image", "question", "answer"}: one of the sample's `meta["qa"]` pairs, or
+    with `text="caption+qa"` (a text-only LM's pretraining: it reads questions and answers as
+    text, as a large LM has) a "caption" that is, with even odds, a caption or one of the pairs
+    written as `QA_PROMPT` followed by the answer. Without a `transform` (text-only recipes) the
+    image is never decoded and not in the item."""
 
     def __init__(self, base: CaptionDataset, transform: Callable[[Image.Image, random.Random], torch.Tensor] | None,
                  seed: int, text: str = "caption"):
-        if text not in ("caption", "qa"):
-            raise ValueError(f"data.text must be 'caption' or 'qa', got {text!r}")
+        if text not in TEXT_MODES:
+            raise ValueError(f"data.text must be one of {', '.join(TEXT_MODES)}, got {text!r}")
         self.base, self.transform, self.seed, self.text = base, transform, seed, text
 
     def __len__(self) -> int:
@@ -46,15 +53,17 @@ class TrainSet(Dataset):
         item = self.base[index]
         if isinstance(item, Skipped):
             return item
-        if self.text == "qa" and not item.meta.get("qa"):
-            return Skipped(item.source, "no question-answer pairs (meta.qa) for data.text=qa")
+        if self.text != "caption" and not item.meta.get("qa"):
+            return Skipped(item.source, f"no question-answer pairs (meta.qa) for data.text={self.text}")
         rng = sample_rng(self.seed, epoch, index)
         sample: dict[str, Any] = {"epoch": epoch}
         if self.transform is not None:  # the crop draws from `rng` first
             sample["image"] = self.transform(item.image, rng)
-        if self.text == "caption":
+        if self.text == "caption" or (self.text == "caption+qa" and rng.random() < 0.5):
             return {**sample, "caption": rng.choice(item.captions)}
         qa = rng.choice(item.meta["qa"])
+        if self.text == "caption+qa":
+            return {**sample, "caption": f"{QA_PROMPT.format(qa['question'])} {qa['answer']}"}
         return {**sample, "question": qa["question"], "answer": qa["answer"]}
 
 

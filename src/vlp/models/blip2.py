@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.data.loader import QA_PROMPT
 from vlp.losses.itc import itc_loss, max_query_similarity
 from vlp.losses.lm import lm_loss
 from vlp.models.blip import with_first_token
@@ -169,7 +170,7 @@ class BLIP2Stage2(QueryingModel):
     """
 
     eval_tasks = ("caption", "vqa")
-    vqa_prompt = "Question: {} Answer:"  # zero-shot VQA (Sec. 4.2)
+    vqa_prompt = QA_PROMPT  # zero-shot VQA (Sec. 4.2)
 
     def __init__(self, cfg: BLIP2Stage2Config, lm: nn.Module | None = None, lm_tokenizer: Any = None):
         """`lm` and `lm_tokenizer` replace loading `model.lm` (a checkpoint that holds its LM)."""

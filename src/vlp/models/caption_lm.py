@@ -3,8 +3,10 @@
 BLIP-2 stage 2 needs a pretrained causal LM (OPT in the paper). On the shapes world there is
 none to download, so vlp trains one on the captions: a transformers `OPTForCausalLM` built from
 this recipe's config (same architecture family as the paper's, and loadable by
-`AutoModelForCausalLM`), trained on the text of each batch alone. `vlp convert RUN DIR --to hf`
-writes it, with its tokenizer, as the directory `blip2_stage2` takes as `model.lm`.
+`AutoModelForCausalLM`), trained on the text of each batch alone: captions and, with
+`data.text: caption+qa` (its config), question-answer pairs written as text, so that like a large
+LM it knows the zero-shot VQA prompt's format without having seen an image. `vlp convert RUN DIR
+--to hf` writes it, with its tokenizer, as the directory `blip2_stage2` takes as `model.lm`.
 """
 
 from __future__ import annotations
