@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 import vlp
 from vlp.cli import app
+from vlp.data.tokenizer import Tokenizer
 
 QFORMER = {"num_queries": 3, "context_length": 32, "width": 32, "layers": 2, "heads": 2, "cross_attention_every": 2}
 VISION = {"image_size": 32, "patch_size": 8, "width": 24, "layers": 2, "heads": 2}
@@ -51,6 +52,8 @@ def test_the_frozen_lm_is_an_ordinary_transformers_model(stage2):
     ids = tokenizer("a small red circle", return_tensors="pt")["input_ids"]
     assert lm(ids).logits.shape == (1, ids.shape[1], tokenizer.vocab_size)
     assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "[PAD]"
+    trained = Tokenizer.load(lm_dir.parent / "lm")("a small red circle", style="clip")["input_ids"][0]
+    assert ids[0].tolist() == trained.tolist()[:-1]  # framed as in training: the start token, no end token
 
 
 def test_only_the_qformer_side_learns(stage2):

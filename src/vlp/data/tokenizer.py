@@ -138,6 +138,17 @@ class Tokenizer:
         self._tok.save(str(file))
         return file
 
+    def save_for_causal_lm(self, path: str | Path) -> Path:
+        """Write tokenizer.json for a transformers causal LM trained on clip-style texts: every
+        text starts with the start token and gets no end token, as OPT's tokenizer adds its BOS
+        only, so a prompt is framed as the LM saw captions begin."""
+        file = _tokenizer_file(Path(path))
+        file.parent.mkdir(parents=True, exist_ok=True)
+        tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
+        tok.post_processor = processors.TemplateProcessing(single=f"{SOT} $A", special_tokens=[(SOT, self.sot_id)])
+        tok.save(str(file))
+        return file
+
     def special_ids(self) -> dict[str, int]:
         """Ids of the special tokens this vocabulary has, by name (pad, cls, sep, mask, ...)."""
         names = ("pad", "unk", "cls", "sep", "mask", "enc", "dec", "sot", "eot")

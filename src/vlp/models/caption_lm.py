@@ -58,7 +58,7 @@ class CaptionLM(nn.Module):
         """The OPT model and a tokenizer directory `AutoTokenizer` reads (bos/eos/pad named)."""
         self.lm.save_pretrained(out)
         tokenizer = self.tokenizer
-        tokenizer.save(out / "tokenizer.json")
+        tokenizer.save_for_causal_lm(out / "tokenizer.json")
         ids = {"bos_token": tokenizer.sot_id, "eos_token": tokenizer.eot_id, "pad_token": tokenizer.pad_id}
         names = {key: tokenizer.id_to_token(i) for key, i in ids.items()}
         (out / "tokenizer_config.json").write_text(
