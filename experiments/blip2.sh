@@ -4,8 +4,10 @@
 # top 16) and the swap probe; stage 2 (the Q-Former's queries as a soft prompt of a frozen LM)
 # evaluated on zero-shot captioning and prompted VQA. The frozen parts are trained once (seed 0):
 # a CLIP (CLIP_STEPS steps) for the image tower, and `caption_lm`, an OPT trained on the
-# captions and exported to transformers' format, for the LM. Runs go to runs/blip2_exp/; each
-# eval.json is copied to experiments/results/blip2/<stage>/seed<k>/ (a result there is skipped).
+# captions and question-answer text and exported to transformers' format, for the LM, whose
+# zero-shot VQA without the picture (experiments/blind_vqa.py) is the prior stage 2 must beat.
+# Runs go to runs/blip2_exp/; each eval.json is copied to experiments/results/blip2/<stage>/seed<k>/
+# (a result there is skipped), the blind answers' accuracy to experiments/results/blip2/blind_vqa.json.
 # Usage: bash experiments/blip2.sh [DATA] [CLIP_STEPS]   (defaults: data/shapes 600; OUT,
 # RESULTS, SEEDS="0 1 2" and STEPS (of caption_lm and both stages; default: their configs') can
 # be set in the environment, e.g. for a smoke run)
@@ -24,6 +26,8 @@ $VLP train clip --data "$DATA" --out "$clip" --steps "$CLIP_STEPS" --no-progress
 # shellcheck disable=SC2046
 $VLP train caption_lm --data "$DATA" --out "$lm" --no-progress $(resume_flag "$lm") $STEPS_ARG
 [ -f "$lm/hf/config.json" ] || $VLP convert "$lm" "$lm/hf" --to hf
+mkdir -p "$RESULTS"
+write_once "$RESULTS/blind_vqa.json" $PYTHON experiments/blind_vqa.py "$lm/hf" "$DATA"  # the LM's prior, no picture
 for seed in ${SEEDS:-0 1 2}; do
   stage1=$OUT/stage1/seed$seed
   if [ ! -f "$RESULTS/stage1/seed$seed/eval.json" ]; then
