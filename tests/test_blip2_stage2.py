@@ -139,3 +139,23 @@ def test_encoder_decoder_lm_trains_with_the_prefix_lm_loss(tmp_path, stage2, sha
     cached = model.captions(images, "Question: what color is the circle? Answer:", "greedy", max_new_tokens=5)
     assert cached == model.captions(images, "Question: what color is the circle? Answer:", "greedy",
                                     max_new_tokens=5, use_cache=False)
+
+
+def test_the_caption_lm_learns_every_position_of_its_context():
+    """Training puts each text at a random offset (BLIP-2's visual prompt shifts the text right);
+    evaluation reads texts from position 0, as transformers does without position ids."""
+    torch.manual_seed(0)
+    model = vlp.create_model("caption_lm", {"text": {"vocab_size": 30, "context_length": 16, "width": 16,
+                                                     "layers": 1, "heads": 2},
+                                            "tokens": {"pad": 0, "sot": 1, "eot": 2}})
+    seen = []
+    model.lm.model.decoder.embed_positions.register_forward_hook(
+        lambda module, args, kwargs, output: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+    ids = torch.randint(3, 30, (64, 6))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    model.train()(batch)
+    starts = seen[-1][:, 0]
+    assert starts.min() >= 0 and starts.max() == 16 - 6 and len(set(starts.tolist())) > 5
+    assert (seen[-1] - starts[:, None] == torch.arange(6)).all()
+    model.eval()(batch)
+    assert (seen[-1] == torch.arange(6)).all()

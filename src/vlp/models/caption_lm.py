@@ -49,10 +49,18 @@ class CaptionLM(nn.Module):
             pad_token_id=cfg.tokens["pad"], dropout=0.0, attention_dropout=0.0))
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Next-token loss on the captions (padding not scored); images are not used."""
+        """Next-token loss on the texts (padding not scored); images are not used. In training
+        each text starts at a random position of the context, so every position embedding is
+        learned, as a large LM's are: BLIP-2's visual prompt moves the text right by its queries
+        (Sec. 3.3), to positions that short captions alone never reach."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
         labels = ids.masked_fill(mask == 0, -100)
-        return {"lm": self.lm(input_ids=ids, attention_mask=mask, labels=labels).loss}
+        positions = None
+        if self.training:
+            room = self.cfg.text.context_length - ids.shape[1]
+            shift = torch.randint(0, room + 1, (len(ids), 1), device=ids.device)
+            positions = shift + torch.arange(ids.shape[1], device=ids.device)
+        return {"lm": self.lm(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions).loss}
 
     def save_hf(self, out: Path) -> Path:
         """The OPT model and a tokenizer directory `AutoTokenizer` reads (bos/eos/pad named)."""
