@@ -7,7 +7,8 @@
 # captions and question-answer text and exported to transformers' format, for the LM, whose
 # zero-shot VQA without the picture (experiments/blind_vqa.py) is the prior stage 2 must beat.
 # Runs go to runs/blip2_exp/; each eval.json is copied to experiments/results/blip2/<stage>/seed<k>/
-# (a result there is skipped), the blind answers' accuracy to experiments/results/blip2/blind_vqa.json.
+# (a result there is skipped), the CLIP's to .../clip/seed0/ and the blind answers' accuracy to
+# experiments/results/blip2/blind_vqa.json.
 # Usage: bash experiments/blip2.sh [DATA] [CLIP_STEPS]   (defaults: data/shapes 600; OUT,
 # RESULTS, SEEDS="0 1 2" and STEPS (of caption_lm and both stages; default: their configs') can
 # be set in the environment, e.g. for a smoke run)
@@ -26,7 +27,10 @@ $VLP train clip --data "$DATA" --out "$clip" --steps "$CLIP_STEPS" --no-progress
 # shellcheck disable=SC2046
 $VLP train caption_lm --data "$DATA" --out "$lm" --no-progress $(resume_flag "$lm") $STEPS_ARG
 [ -f "$lm/hf/config.json" ] || $VLP convert "$lm" "$lm/hf" --to hf
-mkdir -p "$RESULTS"
+if [ ! -f "$RESULTS/clip/seed0/eval.json" ]; then  # the frozen tower's own CLIP, for comparison
+  $VLP eval "$clip" --data "$DATA" --tasks zeroshot,retrieval,probe --no-report
+  keep "$clip/eval.json" clip 0
+fi
 write_once "$RESULTS/blind_vqa.json" $PYTHON experiments/blind_vqa.py "$lm/hf" "$DATA"  # the LM's prior, no picture
 for seed in ${SEEDS:-0 1 2}; do
   stage1=$OUT/stage1/seed$seed
