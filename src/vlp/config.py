@@ -33,7 +33,8 @@ class DataConfig:
     crop_scale: tuple[float, float] = (0.85, 1.0)
     strict: bool = False
     prompt: str = ""  # text put before every caption and not scored by LM losses ("a picture of ")
-    text: str = "caption"  # caption | qa: question-answer pairs of each sample's metadata (VQA) | caption+qa: both, as text
+    # caption | qa: question-answer pairs of each sample's metadata (VQA) | caption+qa: both, as text
+    text: str = "caption"
 
 
 @dataclass

@@ -59,6 +59,14 @@ def _tokenizer_file(path: Path) -> Path:
     return path / FILE_NAME if path.is_dir() or path.suffix != ".json" else path
 
 
+def _write(tok: tokenizers.Tokenizer, path: str | Path) -> Path:
+    """Save `tok` as the tokenizer.json `path` means (see `_tokenizer_file`); return the file."""
+    file = _tokenizer_file(Path(path))
+    file.parent.mkdir(parents=True, exist_ok=True)
+    tok.save(str(file))
+    return file
+
+
 class Tokenizer:
     """WordPiece tokenizer with vlp's special tokens, returning padded torch batches.
 
@@ -133,21 +141,20 @@ class Tokenizer:
 
     def save(self, path: str | Path) -> Path:
         """Write tokenizer.json to a file path ending in .json, or into a directory; return the file."""
-        file = _tokenizer_file(Path(path))
-        file.parent.mkdir(parents=True, exist_ok=True)
-        self._tok.save(str(file))
-        return file
+        return _write(self._tok, path)
 
     def save_for_causal_lm(self, path: str | Path) -> Path:
         """Write tokenizer.json for a transformers causal LM trained on clip-style texts: every
         text starts with the start token and gets no end token, as OPT's tokenizer adds its BOS
         only, so a prompt is framed as the LM saw captions begin."""
-        file = _tokenizer_file(Path(path))
-        file.parent.mkdir(parents=True, exist_ok=True)
+        return _write(self._framed(f"{SOT} $A", [SOT]), path)
+
+    def _framed(self, template: str, tokens: list[str]) -> tokenizers.Tokenizer:
+        """A copy of the library tokenizer that frames every text by `template` (which names `tokens`)."""
         tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
-        tok.post_processor = processors.TemplateProcessing(single=f"{SOT} $A", special_tokens=[(SOT, self.sot_id)])
-        tok.save(str(file))
-        return file
+        tok.post_processor = processors.TemplateProcessing(
+            single=template, special_tokens=[(t, tok.token_to_id(t)) for t in tokens])
+        return tok
 
     def special_ids(self) -> dict[str, int]:
         """Ids of the special tokens this vocabulary has, by name (pad, cls, sep, mask, ...)."""
@@ -211,10 +218,7 @@ class Tokenizer:
         if missing:
             raise ValueError(f"style {style!r} needs {' and '.join(missing)}, which the vocabulary of "
                              f"{self._source} lacks")
-        tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
-        ids = {t: tok.token_to_id(t) for t in (start, end)}
-        tok.post_processor = processors.TemplateProcessing(single=f"{start} $A {end}",
-                                                           special_tokens=list(ids.items()))
+        tok = self._framed(f"{start} $A {end}", [start, end])
         tok.enable_truncation(max_length)  # the template's tokens count towards max_length
         pad = PAD if self.pad_id is not None else end
         tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad,
