@@ -25,24 +25,31 @@ declare -A VARIANTS=(
   [captioner]="--synthetic 1 --method nucleus --threshold 0"
   [filter]="--synthetic 0 --threshold 0.5"
 )
-pretrain() {  # DATA RUN SEED: BLIP pretraining (finishes an interrupted run)
+pretrain() {  # DATA RUN SEED: BLIP pretraining (finishes an interrupted run; a finished one returns at once)
   # shellcheck disable=SC2046
   $VLP train blip --data "$1" --out "$2" --steps "$STEPS" --no-progress $(resume_flag "$2") train.seed="$3" \
     train.ckpt_every="$STEPS"
-  $VLP eval "$2" --data "$DATA" --tasks zeroshot,retrieval,probe,caption --k-test 0 --no-report
+}
+evaluate() {  # RUN WHAT SEED: evaluate RUN on the source's test splits and keep its eval.json
+  $VLP eval "$1" --data "$DATA" --tasks zeroshot,retrieval,probe,caption --k-test 0 --no-report
+  keep "$1/eval.json" "$2" "$3"
 }
 [ -f "$DATA/info.json" ] || $VLP data shapes --out "$DATA" --train "${TRAIN:-10000}" --noise 0.4
 for seed in ${SEEDS:-0 1 2}; do
+  missing=0
+  for what in noisy "${!VARIANTS[@]}"; do [ -f "$RESULTS/$what/seed$seed/eval.json" ] || missing=1; done
+  [ "$missing" = 1 ] || continue
   noisy=$OUT/noisy/seed$seed
-  if [ ! -f "$RESULTS/noisy/seed$seed/eval.json" ]; then
-    pretrain "$DATA" "$noisy" "$seed"
-    keep "$noisy/eval.json" noisy "$seed"
-  fi
+  pretrain "$DATA" "$noisy" "$seed"  # retrained where an earlier session kept only its eval.json
+  [ -f "$RESULTS/noisy/seed$seed/eval.json" ] || evaluate "$noisy" noisy "$seed"
   shared=""  # the out dir of the seed's first CapFilt: its fine-tuned captioner and filter
   for variant in $(printf '%s\n' "${!VARIANTS[@]}" | sort); do
     boot=$OUT/data/$variant/seed$seed
     run=$OUT/$variant/seed$seed
-    [ -f "$RESULTS/$variant/seed$seed/eval.json" ] && { shared=${shared:-$boot}; continue; }
+    if [ -f "$RESULTS/$variant/seed$seed/eval.json" ]; then
+      [ -d "$boot/captioner" ] && shared=${shared:-$boot}  # an earlier session's runs may be gone
+      continue
+    fi
     if [ -n "$shared" ] && [ ! -d "$boot/captioner" ]; then
       mkdir -p "$boot" && cp -r "$shared/captioner" "$shared/filter" "$boot/"
     fi
@@ -52,6 +59,6 @@ for seed in ${SEEDS:-0 1 2}; do
     shared=${shared:-$boot}
     pretrain "$boot" "$run" "$seed"
     keep "$boot/capfilt.json" "$variant" "$seed"
-    keep "$run/eval.json" "$variant" "$seed"
+    evaluate "$run" "$variant" "$seed"
   done
 done

@@ -5,12 +5,15 @@
 #                   V-FFN frozen (their configs' steps), then the same STEPS image-text steps;
 #   beit3           BEiT-3's one masked-data-modeling objective for the FLOPs of STEPS VLMo steps
 #                   (experiments/equal_compute.py), then `beit3_retrieval` (ITC on the V and L
-#                   paths, its config's steps: extra compute in BEiT-3's favour, said in results).
+#                   paths, its config's steps: extra compute in BEiT-3's favour, said in results);
+#   vlmo_itc        vlmo_scratch followed by the same ITC fine-tuning (`beit3_retrieval` from the
+#                   VLMo run), so that BEiT-3 and VLMo are compared with the extra step on both sides.
 # Evaluation: zero-shot, retrieval with the dual encoder (ITC) and re-ranked by fusion-mode ITM
 # over the top 16 (each eval.json has both recalls and both timings), swap probe. Runs go to
 # runs/vlmo_beit3/<variant>/seed<k>/; eval.json files to experiments/results/vlmo_beit3/.
-# Usage: bash experiments/vlmo_beit3.sh [DATA] [STEPS]   (defaults: data/shapes 300; OUT, RESULTS
-# and SEEDS="0 1 2" can be set in the environment, e.g. for a smoke run)
+# Usage: bash experiments/vlmo_beit3.sh [DATA] [STEPS]   (defaults: data/shapes 300; OUT, RESULTS,
+# SEEDS="0 1 2" and VARIANTS="vlmo_scratch vlmo_stagewise beit3 vlmo_itc" can be set in the
+# environment, e.g. for a smoke run or to share the work between two instances)
 set -euo pipefail
 DATA=${1:-data/shapes}
 STEPS=${2:-300}
@@ -25,6 +28,15 @@ train() {  # RECIPE RUN [ARGS...]: train (or finish) a run
   $VLP train "$recipe" --data "$DATA" --out "$run" --no-progress $(resume_flag "$run") "$@" \
     model.image_tokenizer="$TOKENIZER"
 }
+wanted() {  # VARIANT SEED: VARIANT is selected and SEED's result of it is not kept yet
+  [[ " ${VARIANTS:-vlmo_scratch vlmo_stagewise beit3 vlmo_itc} " == *" $1 "* ]] &&
+    [ ! -f "$RESULTS/$1/seed$2/eval.json" ]
+}
+train_vlmo() {  # RUN SEED [OPTIONS...]: the image-text VLMo stage (ITC + ITM + MLM), STEPS steps
+  local run=$1 seed=$2
+  shift 2
+  train vlmo "$run" "$@" --steps "$STEPS" "model.objectives=[itc,itm,mlm]" train.seed="$seed" train.ckpt_every="$STEPS"
+}
 evaluate() {  # RUN VARIANT SEED: evaluate RUN and keep its eval.json
   $VLP eval "$1" --data "$DATA" --tasks zeroshot,retrieval,probe --k-test 16 --no-report
   keep "$1/eval.json" "$2" "$3"
@@ -35,23 +47,28 @@ write_once "$RESULTS/beit3_steps.txt" $PYTHON experiments/equal_compute.py --dat
   --set "model.image_tokenizer=$TOKENIZER" beit3
 beit3_steps=$(awk '{print $2}' "$RESULTS/beit3_steps.txt")
 for seed in ${SEEDS:-0 1 2}; do
-  run=$OUT/vlmo_scratch/seed$seed
-  if [ ! -f "$RESULTS/vlmo_scratch/seed$seed/eval.json" ]; then
-    train vlmo "$run" --steps "$STEPS" "model.objectives=[itc,itm,mlm]" train.seed="$seed" train.ckpt_every="$STEPS"
-    evaluate "$run" vlmo_scratch "$seed"
+  scratch=$OUT/vlmo_scratch/seed$seed
+  if wanted vlmo_scratch "$seed"; then
+    train_vlmo "$scratch" "$seed"
+    evaluate "$scratch" vlmo_scratch "$seed"
   fi
   run=$OUT/vlmo_stagewise/seed$seed
-  if [ ! -f "$RESULTS/vlmo_stagewise/seed$seed/eval.json" ]; then
+  if wanted vlmo_stagewise "$seed"; then
     train vlmo_stage1 "$run-stage1" train.seed="$seed"
     train vlmo_stage2 "$run-stage2" --init "$run-stage1" train.seed="$seed"
-    train vlmo "$run" --init "$run-stage2" --steps "$STEPS" "model.objectives=[itc,itm,mlm]" train.seed="$seed" \
-      train.ckpt_every="$STEPS"
+    train_vlmo "$run" "$seed" --init "$run-stage2"
     evaluate "$run" vlmo_stagewise "$seed"
   fi
   run=$OUT/beit3/seed$seed
-  if [ ! -f "$RESULTS/beit3/seed$seed/eval.json" ]; then
+  if wanted beit3 "$seed"; then
     train beit3 "$run-pretrain" --steps "$beit3_steps" train.seed="$seed" train.ckpt_every="$beit3_steps"
     train beit3_retrieval "$run" --init "$run-pretrain" train.seed="$seed"
     evaluate "$run" beit3 "$seed"
+  fi
+  run=$OUT/vlmo_itc/seed$seed
+  if wanted vlmo_itc "$seed"; then
+    train_vlmo "$scratch" "$seed"  # returns at once where vlmo_scratch's run is here
+    train beit3_retrieval "$run" --init "$scratch" train.seed="$seed"
+    evaluate "$run" vlmo_itc "$seed"
   fi
 done
