@@ -116,7 +116,8 @@ def zeroshot(model: nn.Module, data: Path, info: dict[str, Any]) -> dict[str, fl
     return results
 
 
-def _texts_of(dataset: CaptionDataset, kept: list[int]) -> tuple[list[str], torch.Tensor]:
+def texts_of(dataset: CaptionDataset, kept: list[int]) -> tuple[list[str], torch.Tensor]:
+    """Every caption of the `kept` items and, for each, its item's row in `kept`."""
     texts, owner = [], []
     for row, index in enumerate(kept):
         captions = dataset.captions(index)
@@ -132,7 +133,7 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
     first `examples` images. Returns (ITC metrics, re-ranked metrics or None, examples)."""
     start = time.perf_counter()
     image_emb, kept, _ = embed_images(model, dataset)
-    texts, owner = _texts_of(dataset, kept)
+    texts, owner = texts_of(dataset, kept)
     text_emb = embed_texts(model, texts)
     metrics = recall_at_k(image_emb, text_emb, owner, similarity=similarity_of(model))
     metrics["seconds"] = time.perf_counter() - start
