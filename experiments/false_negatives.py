@@ -47,7 +47,8 @@ def main() -> None:
     texts, owner = texts_of(dataset, kept)
     objects = [dataset.meta(i)["objects"] for i in kept]
     rows = range(min(args.images, len(kept)))
-    top = blockwise_topk(image_emb, embed_texts(model, texts), args.top + 5, similarity=similarity_of(model))
+    top = blockwise_topk(image_emb[:len(rows)], embed_texts(model, texts), args.top + 5,
+                         similarity=similarity_of(model))
     others = {row: [j for j in top[row].tolist() if owner[j] != row][:args.top] for row in rows}
     random_texts = torch.randint(len(texts), (len(rows), args.top))
     truth = {row: [caption_is_true(texts[j], objects[row]) for j in others[row]] for row in rows}
