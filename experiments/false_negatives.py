@@ -63,14 +63,13 @@ def main() -> None:
     }
     if has_itm(model):
         score = itm_scorer(model, dataset, kept, texts)
-        own = [(row, j) for row in rows for j in (owner == row).nonzero().flatten().tolist()]
-        other = [(row, j, t) for row in rows for j, t in zip(others[row], truth[row])]
-        pairs = own + [(row, j) for row, j, _ in other]
-        scores = score(torch.tensor([p[0] for p in pairs]), torch.tensor([p[1] for p in pairs])).tolist()
-        other_scores = scores[len(own):]
-        result["itm_own"] = mean(scores[:len(own)])
-        result["itm_other_true"] = mean([s for s, (_, _, t) in zip(other_scores, other) if t])
-        result["itm_other_false"] = mean([s for s, (_, _, t) in zip(other_scores, other) if not t])
+        own = (owner < len(rows)).nonzero().flatten()  # the captions of the scored images
+        result["itm_own"] = mean(score(owner[own], own).tolist())
+        other_scores = score(torch.tensor([row for row in rows for _ in others[row]]),
+                             torch.tensor([j for row in rows for j in others[row]]))
+        true = torch.tensor([t for row in rows for t in truth[row]])
+        result["itm_other_true"] = mean(other_scores[true].tolist())
+        result["itm_other_false"] = mean(other_scores[~true].tolist())
     print(json.dumps(result, indent=2))
 
 
