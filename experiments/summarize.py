@@ -2,8 +2,10 @@
 
 Runs are laid out as ROOT/<variant>/seed<k>/eval.json (what the experiment scripts write);
 a metric is a dotted path into eval.json, e.g. `retrieval.i2t_R@1` or `probe.itm_accuracy`.
+`--file` reads another JSON file the scripts keep beside it, such as CapFilt's capfilt.json.
 
     python experiments/summarize.py runs/albef_ablation retrieval.i2t_R@1 retrieval_itm.i2t_R@1
+    python experiments/summarize.py --file capfilt.json experiments/results/capfilt web_removed
 """
 
 from __future__ import annotations
@@ -32,12 +34,15 @@ def cell(values: list[float]) -> str:
     return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
 
 
-def summarize(root: Path, metrics: list[str]) -> str:
-    """One row per variant (sub-folder of `root`), one column per metric, plus the seed count."""
+def summarize(root: Path, metrics: list[str], file: str = "eval.json") -> str:
+    """One row per variant (sub-folder of `root` holding `file`), one column per metric, plus the
+    seed count."""
     lines = ["| variant | seeds | " + " | ".join(metrics) + " |",
              "|---|---:|" + "---:|" * len(metrics)]
     for variant in sorted(p for p in root.iterdir() if p.is_dir()):
-        runs = [json.loads(f.read_text()) for f in sorted(variant.glob("seed*/eval.json"))]
+        runs = [json.loads(f.read_text()) for f in sorted(variant.glob(f"seed*/{file}"))]
+        if not runs:
+            continue
         columns = [cell([v for r in runs if (v := lookup(r, m)) is not None]) for m in metrics]
         lines.append(f"| {variant.name} | {len(runs)} | " + " | ".join(columns) + " |")
     return "\n".join(lines)
@@ -46,9 +51,10 @@ def summarize(root: Path, metrics: list[str]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("root", type=Path, help="folder of <variant>/seed<k>/eval.json")
-    parser.add_argument("metrics", nargs="+", help="dotted paths into eval.json")
+    parser.add_argument("metrics", nargs="+", help="dotted paths into the JSON file")
+    parser.add_argument("--file", default="eval.json", help="the JSON file of each seed (default: eval.json)")
     args = parser.parse_args()
-    print(summarize(args.root, args.metrics))
+    print(summarize(args.root, args.metrics, args.file))
 
 
 if __name__ == "__main__":
