@@ -220,6 +220,8 @@ def capfilt(
     steps: Annotated[int, typer.Option(help="Fine-tuning steps of the captioner and of the filter.")] = 200,
     synthetic: Annotated[int, typer.Option(help="Synthetic captions sampled per image.")] = 1,
     method: Annotated[str, typer.Option(help="nucleus (top-p 0.9; the paper's choice) or beam (3 beams).")] = "nucleus",
+    max_new_tokens: Annotated[int, typer.Option(help="Longest synthetic caption in tokens (capped at the "
+                                                      "captioner's context length).")] = 30,
     threshold: Annotated[float, typer.Option(help="ITM match probability a caption needs to be kept.")] = 0.5,
     mode: Annotated[str, typer.Option(help="itm (BLIP's filter) or rank (BLIP-2: rank all candidates "
                                            "with --ranker and keep the best --keep).")] = "itm",
@@ -247,8 +249,8 @@ def capfilt(
         raise typer.BadParameter("--mode rank needs --ranker (a CLIP run)")
     if method not in ("nucleus", "beam"):
         raise typer.BadParameter(f"--method must be nucleus or beam, got {method!r}")
-    options = cf.CapFiltOptions(synthetic=synthetic, method=method, threshold=threshold, mode=mode, keep=keep,
-                                limit=limit, seed=seed)
+    options = cf.CapFiltOptions(synthetic=synthetic, method=method, max_new_tokens=max_new_tokens,
+                                threshold=threshold, mode=mode, keep=keep, limit=limit, seed=seed)
     captioner_run, filter_run = cf.fine_tune(init, clean, out, steps, progress)
     scorer = cf.embedding_scorer(vlp.load(ranker)) if mode == "rank" else cf.itm_scorer(vlp.load(filter_run))
     source = open_dataset(data, split="train")
@@ -267,6 +269,9 @@ def capfilt(
     if "filter_at_threshold" in stats:
         chosen = stats["filter_at_threshold"]
         typer.echo(f"filter on noisy web captions: precision {chosen['precision']:.1f} %, recall {chosen['recall']:.1f} %")
+    if "truth" in stats:
+        typer.echo(f"captions true of their image: {stats['truth']['web_true']:.1f} % of the web ones, "
+                   f"{stats['truth'].get('kept_true', 0.0):.1f} % of the kept ones")
     typer.echo(f"data: {out / 'train.jsonl'}; report: {cf.write_report(out, stats)}")
 
 

@@ -38,6 +38,7 @@ class CapFiltOptions:
     synthetic: int = 1  # captions sampled per image (BLIP: 1)
     method: str = "nucleus"  # nucleus | beam
     top_p: float = 0.9
+    max_new_tokens: int = 30  # capped at the captioner's context length; shapes-world captions reach 22
     threshold: float = 0.5  # ITM match probability a caption needs (itm mode)
     mode: str = "itm"  # itm: BLIP's filter | rank: BLIP-2's CLIP ranking, keep the best `keep`
     keep: int = 2
@@ -126,7 +127,8 @@ def _process(dataset: CaptionDataset, indices: range, images_dir: Path, captione
 def summarize(out: Path, thresholds: Sequence[float] = tuple(i / 20 for i in range(21))) -> dict[str, Any]:
     """Counts of the bootstrapped set and, where the source flags noisy captions (shapes world),
     the filter's precision and recall at removing them, at the chosen threshold and over a
-    range of thresholds (the precision/recall curve; itm mode)."""
+    range of thresholds (the precision/recall curve; itm mode), and how many captions are true
+    of their image before and after (`truth`)."""
     records = [json.loads(line) for p in sorted((out / "parts").glob("part_*.jsonl"))
                for line in p.read_text().splitlines()]
     candidates = [(c, r.get("noisy")) for r in records for c in r["provenance"]]
@@ -142,6 +144,37 @@ def summarize(out: Path, thresholds: Sequence[float] = tuple(i / 20 for i in ran
         stats["filter_at_threshold"] = _precision_recall([not c["kept"] for c, _ in flagged], noisy)
         stats["filter_curve"] = [{"threshold": t, **_precision_recall([c["score"] < t for c, _ in flagged], noisy)}
                                  for t in thresholds]
+    if records and all("objects" in r for r in records):
+        stats["truth"] = _truth(records)
+    return stats
+
+
+def _truth(records: list[dict[str, Any]]) -> dict[str, float]:
+    """Shapes world, whose scenes say what is true: the % of candidate captions true of their
+    image, per source, among all and among the kept ones (a caption that does not parse counts
+    as false, and is counted), and the % of distinct synthetic captions."""
+    from vlp.data.shapes import caption_is_true
+
+    def is_true(text: str, objects: list[dict]) -> bool | None:
+        try:
+            return caption_is_true(text, objects)
+        except ValueError:
+            return None
+
+    truth: dict[str, list[bool | None]] = {"web": [], "synthetic": [], "web_kept": [], "synthetic_kept": [],
+                                           "kept": []}
+    for record in records:
+        for candidate in record["provenance"]:
+            value = is_true(candidate["text"], record["objects"])
+            names = [candidate["source"]] + ([f"{candidate['source']}_kept", "kept"] if candidate["kept"] else [])
+            for name in names:
+                truth[name].append(value)
+    stats = {f"{name}_true": 100.0 * sum(bool(v) for v in values) / len(values)
+             for name, values in truth.items() if values}
+    stats["synthetic_unparsed"] = sum(v is None for v in truth["synthetic"])
+    synthetic = [c["text"] for r in records for c in r["provenance"] if c["source"] == "synthetic"]
+    if synthetic:
+        stats["synthetic_distinct"] = 100.0 * len(set(synthetic)) / len(synthetic)
     return stats
 
 
@@ -166,7 +199,8 @@ def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
             return [[] for _ in images]
         batch = model_images(model, images).repeat_interleave(options.synthetic, dim=0)
         extra = {"generator": generator} if options.method == "nucleus" else {}
-        texts = vlp.caption(model, batch, max_new_tokens=20, min_new_tokens=3, **decoding, **extra)
+        texts = vlp.caption(model, batch, max_new_tokens=options.max_new_tokens, min_new_tokens=3, **decoding,
+                            **extra)
         k = options.synthetic
         return [texts[i * k:(i + 1) * k] for i in range(len(images))]
 
@@ -227,15 +261,16 @@ def fine_tune(init: Path, clean: Path, out: Path, steps: int, progress: bool = T
 
 
 def write_report(out: Path, stats: dict[str, Any]) -> Path:
-    """out/report.html: the counts and, with noise flags, the filter's precision/recall curve."""
+    """out/report.html: the counts, the % of true captions (shapes world) and, with noise flags,
+    the filter's precision/recall curve."""
     import html
 
     import matplotlib.pyplot as plt
 
     from vlp.eval.report import STYLE, figure_html
 
-    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{v}</td></tr>" for k, v in stats.items()
-                   if not isinstance(v, (dict, list)))
+    table = {**{k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, **stats.get("truth", {})}
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{round(v, 1)}</td></tr>" for k, v in table.items())
     parts = [f"<h1>CapFilt: {html.escape(out.name)}</h1><table>{rows}</table>"]
     if "filter_curve" in stats:
         curve, chosen = stats["filter_curve"], stats["filter_at_threshold"]
