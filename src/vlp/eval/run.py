@@ -33,7 +33,8 @@ from vlp.models.registry import text_config
 
 TASKS = ("zeroshot", "retrieval", "probe", "caption", "vqa")
 console = Console()
-DEFAULT_DECODING = {"method": "beam", "num_beams": 3, "max_new_tokens": 20, "min_new_tokens": 3}
+# 30 new tokens: the longest shapes-world caption is 22 (capped by the model at its context length)
+DEFAULT_DECODING = {"method": "beam", "num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 3}
 
 
 def similarity_of(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
