@@ -63,6 +63,8 @@ def test_known_filter_keeps_exactly_the_clean_web_and_good_synthetic_captions(tm
     stats = summarize(tmp_path)
     assert stats["web_removed"] == sum(line["noisy"] for line in lines) and stats["synthetic_added"] == len(lines)
     assert stats["filter_at_threshold"]["precision"] == 100.0 and stats["filter_at_threshold"]["recall"] == 100.0
+    assert stats["removed_by_noise_kind"].pop("clean") == 0.0
+    assert set(stats["removed_by_noise_kind"].values()) == {100.0}
     clean_kept = len(lines) - stats["web_removed"]  # true by construction; "synthetic 123" does not parse
     assert stats["truth"]["web_kept_true"] == 100.0 and stats["truth"]["synthetic_true"] == 0.0
     assert stats["truth"]["synthetic_unparsed"] == 2 * len(lines)

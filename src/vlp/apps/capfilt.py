@@ -127,23 +127,27 @@ def _process(dataset: CaptionDataset, indices: range, images_dir: Path, captione
 def summarize(out: Path, thresholds: Sequence[float] = tuple(i / 20 for i in range(21))) -> dict[str, Any]:
     """Counts of the bootstrapped set and, where the source flags noisy captions (shapes world),
     the filter's precision and recall at removing them, at the chosen threshold and over a
-    range of thresholds (the precision/recall curve; itm mode), and how many captions are true
-    of their image before and after (`truth`)."""
+    range of thresholds (the precision/recall curve; itm mode), the % of web captions removed per
+    noise kind ("clean" for the clean ones), and how many captions are true of their image
+    before and after (`truth`)."""
     records = [json.loads(line) for p in sorted((out / "parts").glob("part_*.jsonl"))
                for line in p.read_text().splitlines()]
-    candidates = [(c, r.get("noisy")) for r in records for c in r["provenance"]]
-    web = [(c, noisy) for c, noisy in candidates if c["source"] == "web"]
-    synthetic = [c for c, _ in candidates if c["source"] == "synthetic"]
+    web = [(c, r) for r in records for c in r["provenance"] if c["source"] == "web"]
+    synthetic = [c for r in records for c in r["provenance"] if c["source"] == "synthetic"]
     stats: dict[str, Any] = {
         "images": len(records), "images_kept": sum(bool(r["caption"]) for r in records),
         "web_captions": len(web), "web_removed": sum(not c["kept"] for c, _ in web),
         "synthetic_generated": len(synthetic), "synthetic_added": sum(c["kept"] for c in synthetic)}
-    flagged = [(c, bool(noisy)) for c, noisy in web if noisy is not None]
+    flagged = [(c, r) for c, r in web if r.get("noisy") is not None]
     if flagged:
-        noisy = [n for _, n in flagged]
+        noisy = [bool(r["noisy"]) for _, r in flagged]
         stats["filter_at_threshold"] = _precision_recall([not c["kept"] for c, _ in flagged], noisy)
         stats["filter_curve"] = [{"threshold": t, **_precision_recall([c["score"] < t for c, _ in flagged], noisy)}
                                  for t in thresholds]
+        removed: dict[str, list[bool]] = {}
+        for c, r in flagged:
+            removed.setdefault(r.get("noise_kind") or "clean", []).append(not c["kept"])
+        stats["removed_by_noise_kind"] = {kind: 100.0 * sum(v) / len(v) for kind, v in sorted(removed.items())}
     if records and all("objects" in r for r in records):
         stats["truth"] = _truth(records)
     return stats
@@ -262,14 +266,15 @@ def fine_tune(init: Path, clean: Path, out: Path, steps: int, progress: bool = T
 
 def write_report(out: Path, stats: dict[str, Any]) -> Path:
     """out/report.html: the counts, the % of true captions (shapes world) and, with noise flags,
-    the filter's precision/recall curve."""
+    the % removed per noise kind and the filter's precision/recall curve."""
     import html
 
     import matplotlib.pyplot as plt
 
     from vlp.eval.report import STYLE, figure_html
 
-    table = {**{k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, **stats.get("truth", {})}
+    table = {**{k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, **stats.get("truth", {}),
+             **{f"removed_{kind}": v for kind, v in stats.get("removed_by_noise_kind", {}).items()}}
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{round(v, 1)}</td></tr>" for k, v in table.items())
     parts = [f"<h1>CapFilt: {html.escape(out.name)}</h1><table>{rows}</table>"]
     if "filter_curve" in stats:
