@@ -69,7 +69,8 @@ def test_known_filter_keeps_exactly_the_clean_web_and_good_synthetic_captions(tm
     assert stats["truth"]["web_kept_true"] == 100.0 and stats["truth"]["synthetic_true"] == 0.0
     assert stats["truth"]["synthetic_unparsed"] == 2 * len(lines)
     assert stats["truth"]["kept_true"] == pytest.approx(100.0 * clean_kept / (clean_kept + len(lines)))
-    assert stats["truth"]["web_true"] < 100.0  # "bad synthetic" repeats: at most one distinct per image, plus it
+    assert stats["truth"]["web_true"] < 100.0
+    # "bad synthetic" repeats: at most one distinct caption per image, plus it
     assert 0.0 < stats["truth"]["synthetic_distinct"] <= 100.0 * (len(lines) + 1) / (2 * len(lines))
     reread = open_dataset(tmp_path, split="train")  # the output is a data set vlp reads
     assert len(reread) == len(lines) and reread.captions(0) == lines[0]["caption"]

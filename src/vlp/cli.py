@@ -156,16 +156,12 @@ def evaluate(
 
 def decoding_options(method: str) -> dict:
     """The decoding settings behind a `--decoding` choice (BLIP's evaluation uses beam 3)."""
-    from vlp.eval.run import DEFAULT_DECODING
+    from vlp.eval.run import decoding_preset
 
-    presets = {"beam": DEFAULT_DECODING, "greedy": {**DEFAULT_DECODING, "method": "greedy"},
-               "nucleus": {**DEFAULT_DECODING, "method": "nucleus", "top_p": 0.9}}
-    if method not in presets:
-        raise typer.BadParameter(f"--decoding must be one of {sorted(presets)}, got {method!r}")
-    options = dict(presets[method])
-    if method != "beam":
-        options.pop("num_beams")
-    return options
+    try:
+        return decoding_preset(method)
+    except ValueError as err:
+        raise typer.BadParameter(f"--{err}") from None
 
 
 @app.command()

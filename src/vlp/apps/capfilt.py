@@ -27,6 +27,7 @@ import torch
 from vlp.data.formats import CaptionDataset
 from vlp.data.sample import Skipped
 from vlp.data.transforms import model_images
+from vlp.eval.run import DEFAULT_DECODING, decoding_preset
 from vlp.train.checkpoint import write_text_atomic
 
 Captioner = Callable[[list[Any], torch.Generator], list[list[str]]]  # images -> captions per image
@@ -38,7 +39,7 @@ class CapFiltOptions:
     synthetic: int = 1  # captions sampled per image (BLIP: 1)
     method: str = "nucleus"  # nucleus | beam
     top_p: float = 0.9
-    max_new_tokens: int = 30  # capped at the captioner's context length; shapes-world captions reach 22
+    max_new_tokens: int = DEFAULT_DECODING["max_new_tokens"]  # capped at the captioner's context length
     threshold: float = 0.5  # ITM match probability a caption needs (itm mode)
     mode: str = "itm"  # itm: BLIP's filter | rank: BLIP-2's CLIP ranking, keep the best `keep`
     keep: int = 2
@@ -194,8 +195,9 @@ def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
     part's generator, or beam search: then one caption, repeated); none with `synthetic` 0."""
     import vlp
 
-    decoding = ({"method": "nucleus", "top_p": options.top_p} if options.method == "nucleus"
-                else {"method": "beam", "num_beams": 3})
+    decoding = {**decoding_preset(options.method), "max_new_tokens": options.max_new_tokens}
+    if options.method == "nucleus":
+        decoding["top_p"] = options.top_p
 
     @torch.no_grad()
     def caption(images: list[Any], generator: torch.Generator) -> list[list[str]]:
@@ -203,8 +205,7 @@ def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
             return [[] for _ in images]
         batch = model_images(model, images).repeat_interleave(options.synthetic, dim=0)
         extra = {"generator": generator} if options.method == "nucleus" else {}
-        texts = vlp.caption(model, batch, max_new_tokens=options.max_new_tokens, min_new_tokens=3, **decoding,
-                            **extra)
+        texts = vlp.caption(model, batch, **decoding, **extra)
         k = options.synthetic
         return [texts[i * k:(i + 1) * k] for i in range(len(images))]
 

@@ -37,6 +37,19 @@ console = Console()
 DEFAULT_DECODING = {"method": "beam", "num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 3}
 
 
+def decoding_preset(method: str) -> dict[str, Any]:
+    """The decoding settings behind a method name: beam (3 beams, BLIP's evaluation), greedy, or
+    nucleus (top-p 0.9), each with DEFAULT_DECODING's lengths."""
+    presets = {"beam": DEFAULT_DECODING, "greedy": {**DEFAULT_DECODING, "method": "greedy"},
+               "nucleus": {**DEFAULT_DECODING, "method": "nucleus", "top_p": 0.9}}
+    if method not in presets:
+        raise ValueError(f"decoding must be one of {sorted(presets)}, got {method!r}")
+    options = dict(presets[method])
+    if method != "beam":
+        options.pop("num_beams")
+    return options
+
+
 def similarity_of(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """How a model scores its image embeddings against its text embeddings (default: dot)."""
     return getattr(model, "embedding_similarity", dot_similarity)
