@@ -13,8 +13,9 @@
 # Runs go to runs/capfilt/; bootstrapped sets to runs/capfilt/data/; each eval.json and
 # capfilt.json to experiments/results/capfilt/<variant>/seed<k>/ (a result there is skipped).
 # Usage: bash experiments/capfilt.sh [DATA] [STEPS]   (defaults: data/noisy 300; a missing DATA is
-# generated with TRAIN=10000 training images; OUT, RESULTS, SEEDS="0 1 2" and CAPFILT_ARGS, extra
-# options of every `vlp capfilt` such as "--steps 100", can be set in the environment)
+# generated with TRAIN=10000 training images; OUT, RESULTS, SEEDS="0 1 2", ONLY (the variants to
+# run, default all) and CAPFILT_ARGS, extra options of every `vlp capfilt` such as "--steps 100",
+# can be set in the environment)
 set -euo pipefail
 DATA=${1:-data/noisy}
 STEPS=${2:-300}
@@ -53,6 +54,7 @@ for seed in ${SEEDS:-0 1 2}; do
       [ -d "$boot/captioner" ] && shared=${shared:-$boot}  # an earlier session's runs may be gone
       continue
     fi
+    [[ " ${ONLY:-${!VARIANTS[*]}} " == *" $variant "* ]] || continue
     if [ -n "$shared" ] && [ ! -d "$boot/captioner" ]; then
       mkdir -p "$boot" && cp -r "$shared/captioner" "$shared/filter" "$boot/"
     fi
