@@ -90,6 +90,26 @@ def test_resume_after_a_kill_gives_the_uninterrupted_output(tmp_path, noisy_dir)
         bootstrap(dataset, tmp_path / "killed", captioner, scorer, CapFiltOptions(chunk=8))
 
 
+def test_webdataset_output_holds_the_jsonl_output_and_replaces_it(tmp_path, noisy_dir):
+    dataset = open_dataset(noisy_dir, split="train")
+    captioner, scorer, _ = known_models(dataset)
+    options = CapFiltOptions(chunk=16, batch_size=8)
+    assert bootstrap(dataset, tmp_path, captioner, scorer, options) == tmp_path / "train.jsonl"
+    lines = [json.loads(line) for line in (tmp_path / "train.jsonl").read_text().splitlines()]
+    assert bootstrap(dataset, tmp_path, captioner, scorer, options, format="wds") == tmp_path / "train"
+    assert not (tmp_path / "train.jsonl").exists() and not (tmp_path / "train.partial").exists()
+    shards = open_dataset(tmp_path, split="train")  # found as webdataset: train/*.tar
+    assert len(shards) == len(lines) == len(dataset)
+    for i, line in enumerate(lines):
+        sample = shards[i]
+        assert sample.source.startswith(str(tmp_path / "train" / "train-000000.tar#"))
+        assert sample.captions == line["caption"]
+        assert sample.meta["provenance"] == line["provenance"] and sample.meta["source_index"] == line["source_index"]
+        assert sample.image.tobytes() == dataset[line["source_index"]].image.tobytes()
+    with pytest.raises(ValueError, match="output format"):
+        bootstrap(dataset, tmp_path, captioner, scorer, options, format="parquet")
+
+
 def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
     from tests.test_fusion_models import model_config
 
@@ -111,8 +131,10 @@ def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
     stats = json.loads((tmp_path / "boot" / "capfilt.json").read_text())
     assert stats["images"] == 12 and stats["synthetic_generated"] == 24
     assert (tmp_path / "boot" / "report.html").read_text().count("<img") == 1
-    result = runner.invoke(app, args)  # run again: everything is reused, same output
+    result = runner.invoke(app, args + ["--format", "wds"])  # run again: everything is reused, same output
     assert result.exit_code == 0 and json.loads((tmp_path / "boot" / "capfilt.json").read_text()) == stats
+    assert f"data: {tmp_path / 'boot' / 'train'};" in result.output
+    assert len(open_dataset(tmp_path / "boot", "train")) == stats["images_kept"]
     filter_only = args[:args.index("--out") + 1] + [str(tmp_path / "filtered")] + args[args.index("--out") + 2:]
     filter_only[filter_only.index("--synthetic") + 1] = "0"  # the paper's "filter only" ablation,
     assert runner.invoke(app, filter_only + ["--threshold", "0"]).exit_code == 0  # here keeping all

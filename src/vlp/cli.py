@@ -211,8 +211,8 @@ def capfilt(
     init: Annotated[Path, typer.Option(help="Pretrained BLIP run both models are fine-tuned from.")],
     data: Annotated[Path, typer.Option(help="The noisy data set to bootstrap (its train split).")],
     clean: Annotated[Path, typer.Option(help="Data set whose `clean` split fine-tunes captioner and filter.")],
-    out: Annotated[Path, typer.Option(help="Output directory: train.jsonl, images/, report.html, "
-                                           "captioner/ and filter/ runs.")],
+    out: Annotated[Path, typer.Option(help="Output directory: the data set (see --format), report.html, "
+                                           "capfilt.json, captioner/ and filter/ runs.")],
     steps: Annotated[int, typer.Option(help="Fine-tuning steps of the captioner and of the filter.")] = 200,
     synthetic: Annotated[int, typer.Option(help="Synthetic captions sampled per image.")] = 1,
     method: Annotated[str, typer.Option(help="nucleus (top-p 0.9; the paper's choice) or beam (3 beams).")] = "nucleus",
@@ -225,6 +225,8 @@ def capfilt(
     keep: Annotated[int, typer.Option(help="rank mode: captions kept per image.")] = 2,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N samples.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the caption sampling.")] = 0,
+    fmt: Annotated[str, typer.Option("--format", help="jsonl (train.jsonl + images/) or wds (webdataset "
+                                                      "shards train/train-000000.tar, ...).")] = "jsonl",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """CapFilt (BLIP Sec. 3.3): caption and filter a noisy data set into a cleaner one.
@@ -245,6 +247,8 @@ def capfilt(
         raise typer.BadParameter("--mode rank needs --ranker (a CLIP run)")
     if method not in ("nucleus", "beam"):
         raise typer.BadParameter(f"--method must be nucleus or beam, got {method!r}")
+    if fmt not in cf.OUTPUT_FORMATS:
+        raise typer.BadParameter(f"--format must be one of {', '.join(cf.OUTPUT_FORMATS)}, got {fmt!r}")
     options = cf.CapFiltOptions(synthetic=synthetic, method=method, max_new_tokens=max_new_tokens,
                                 threshold=threshold, mode=mode, keep=keep, limit=limit, seed=seed)
     captioner_run, filter_run = cf.fine_tune(init, clean, out, steps, progress)
@@ -252,8 +256,8 @@ def capfilt(
     source = open_dataset(data, split="train")
     with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not progress) as bar:
         task = bar.add_task("capfilt", total=min(len(source), limit or len(source)))
-        cf.bootstrap(source, out, cf.model_captioner(vlp.load(captioner_run), options), scorer, options,
-                     progress=lambda n: bar.advance(task, n))
+        written = cf.bootstrap(source, out, cf.model_captioner(vlp.load(captioner_run), options), scorer, options,
+                               progress=lambda n: bar.advance(task, n), format=fmt)
     for name in ("tokenizer.json", "info.json"):  # so that `vlp train --data OUT` finds them
         if (data / name).is_file():
             (out / name).write_bytes((data / name).read_bytes())
@@ -268,7 +272,7 @@ def capfilt(
     if "truth" in stats:
         typer.echo(f"captions true of their image: {stats['truth']['web_true']:.1f} % of the web ones, "
                    f"{stats['truth'].get('kept_true', 0.0):.1f} % of the kept ones")
-    typer.echo(f"data: {out / 'train.jsonl'}; report: {cf.write_report(out, stats)}")
+    typer.echo(f"data: {written}; report: {cf.write_report(out, stats)}")
 
 
 @app.command("report")

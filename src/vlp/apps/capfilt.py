@@ -7,16 +7,17 @@ keeps, among the web caption(s) and the synthetic ones, those whose ITM match pr
 reaches a threshold. BLIP-2's variant (Sec. 3.4 of its paper) ranks all candidates with a CLIP
 model instead and keeps the best `keep`.
 
-The output is a JSONL data set (`train.jsonl`, images under `images/`) whose lines carry the
-source sample's metadata and a `provenance` list: every candidate with its `source` (web or
-synthetic), `score` and whether it was `kept`. Work is done in parts of `chunk` samples, each
-written atomically: a killed run continues where it stopped, with the same output (sampling is
-seeded per part).
+The output is a data set (`train.jsonl` with images under `images/`, or webdataset shards under
+`train/`) whose samples carry the source sample's metadata and a `provenance` list: every
+candidate with its `source` (web or synthetic), `score` and whether it was `kept`. Work is done
+in parts of `chunk` samples, each written atomically: a killed run continues where it stopped,
+with the same output (sampling is seeded per part).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 
-from vlp.data.formats import CaptionDataset
+from vlp.data.formats import CaptionDataset, write_webdataset
 from vlp.data.sample import Skipped
 from vlp.data.transforms import model_images
 from vlp.eval.run import DEFAULT_DECODING, decoding_preset
@@ -62,10 +63,14 @@ def select(candidates: Sequence[dict[str, Any]], options: CapFiltOptions) -> lis
 
 def bootstrap(dataset: CaptionDataset, out: Path, captioner: Captioner, scorer: Scorer,
               options: CapFiltOptions, stop_after: int | None = None,
-              progress: Callable[[int], None] | None = None) -> Path:
-    """Write `out/train.jsonl` (and `out/images/`) from `dataset`. Parts already in `out/parts`
-    are kept (resume, with the same options only); `stop_after` parts simulates a kill (tests).
-    `progress(n)` is called with the number of samples of each finished part."""
+              progress: Callable[[int], None] | None = None, format: str = "jsonl") -> Path:
+    """Write the train split of the bootstrapped set from `dataset` into `out`: `train.jsonl`
+    with `images/` (format "jsonl") or webdataset shards `train/train-000000.tar`, ... ("wds").
+    Parts already in `out/parts` are kept (resume, with the same options only); `stop_after`
+    parts simulates a kill (tests). `progress(n)` is called with the number of samples of each
+    finished part. Returns the path of the written split (`out` when stopped early)."""
+    if format not in OUTPUT_FORMATS:
+        raise ValueError(f"CapFilt output format must be one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
     parts_dir, images_dir = out / "parts", out / "images"
     parts_dir.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(exist_ok=True)
@@ -81,10 +86,36 @@ def bootstrap(dataset: CaptionDataset, out: Path, captioner: Captioner, scorer: 
             write_text_atomic(part, "".join(json.dumps(record) + "\n" for record in records))
         if progress is not None:
             progress(len(indices))
-    kept = [line for p in sorted(parts_dir.glob("part_*.jsonl")) for line in p.read_text().splitlines()
-            if json.loads(line)["caption"]]
-    write_text_atomic(out / "train.jsonl", "".join(line + "\n" for line in kept))
-    return out
+    kept = [record for record in _read_parts(out) if record["caption"]]
+    return OUTPUT_FORMATS[format](out, kept)
+
+
+def _write_jsonl(out: Path, records: list[dict[str, Any]]) -> Path:
+    shutil.rmtree(out / "train", ignore_errors=True)  # shards of an earlier run in the other format
+    write_text_atomic(out / "train.jsonl", "".join(json.dumps(record) + "\n" for record in records))
+    return out / "train.jsonl"
+
+
+def _write_shards(out: Path, records: list[dict[str, Any]]) -> Path:
+    """Shards written beside `train/` and moved there whole, so a kill never leaves half a split."""
+    staging, split = out / "train.partial", out / "train"
+    shutil.rmtree(staging, ignore_errors=True)
+    write_webdataset(staging, "train", ((f"train_{r['source_index']:08d}", (out / r["image"]).read_bytes(),
+                                         {k: v for k, v in r.items() if k != "image"}) for r in records))
+    shutil.rmtree(split, ignore_errors=True)
+    staging.rename(split)
+    (out / "train.jsonl").unlink(missing_ok=True)  # an earlier run's output in the other format
+    return split
+
+
+OUTPUT_FORMATS: dict[str, Callable[[Path, list[dict[str, Any]]], Path]] = {
+    "jsonl": _write_jsonl, "wds": _write_shards}
+
+
+def _read_parts(out: Path) -> list[dict[str, Any]]:
+    """Every record of the finished parts, in sample order."""
+    return [json.loads(line) for part in sorted((out / "parts").glob("part_*.jsonl"))
+            for line in part.read_text().splitlines()]
 
 
 def _check_options(path: Path, options: CapFiltOptions) -> None:
@@ -131,8 +162,7 @@ def summarize(out: Path, thresholds: Sequence[float] = tuple(i / 20 for i in ran
     range of thresholds (the precision/recall curve; itm mode), the % of web captions removed per
     noise kind ("clean" for the clean ones), and how many captions are true of their image
     before and after (`truth`)."""
-    records = [json.loads(line) for p in sorted((out / "parts").glob("part_*.jsonl"))
-               for line in p.read_text().splitlines()]
+    records = _read_parts(out)
     web = [(c, r) for r in records for c in r["provenance"] if c["source"] == "web"]
     synthetic = [c for r in records for c in r["provenance"] if c["source"] == "synthetic"]
     stats: dict[str, Any] = {

@@ -3,7 +3,7 @@
 Every reader returns a `CaptionDataset`: a map-style dataset of lazily decoded images with their
 captions and metadata. Supported formats:
 
-- webdataset tar shards (`read_webdataset`)
+- webdataset tar shards (`read_webdataset`; `write_webdataset` writes them)
 - JSON lines, one object per image (`read_jsonl`)
 - open_clip style CSV/TSV, one row per caption (`read_csv`)
 - COCO captions in Karpathy's or BLIP/LAVIS's JSON layout (`read_coco_karpathy`)
@@ -196,6 +196,19 @@ def read_webdataset(
             listing.add(where, _tar_entry, members, where, image_keys, text_keys)
     source = urls if isinstance(urls, (str, os.PathLike)) else ", ".join(map(str, urls))
     return listing.dataset(source)
+
+
+def write_webdataset(directory: Path, prefix: str, samples: Iterable[tuple[str, bytes, dict[str, Any]]],
+                     shard_size: int = 5000) -> None:
+    """Write (key, PNG bytes, metadata) samples as `directory/prefix-000000.tar`, ... shards of
+    `shard_size` samples, the layout `read_webdataset` reads back: members `<key>.png` and
+    `<key>.json` (the metadata, its "caption" field included)."""
+    import webdataset as wds  # imported here: only writing shards needs it
+
+    directory.mkdir(parents=True, exist_ok=True)
+    with wds.ShardWriter(str(directory / f"{prefix}-%06d.tar"), maxcount=shard_size, verbose=0, mtime=0.0) as sink:
+        for key, png, meta in samples:
+            sink.write({"__key__": key, "png": png, "json": json.dumps(meta).encode()})
 
 
 def _resolve_shards(urls: PathLike | list[PathLike]) -> list[str]:

@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from rich.progress import MofNCompleteColumn, Progress
 
+from vlp.data.formats import write_webdataset
 from vlp.data.sample import Sample
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -515,13 +516,8 @@ def _save_png(out: Path, split: str, i: int, png: bytes) -> str:
 
 
 def _write_wds(out: Path, split: str, records: Iterator[Record], shard_size: int) -> None:
-    import webdataset as wds  # imported here: only this format needs it
-
-    pattern = str(out / split / f"{split}-%06d.tar")
-    with wds.ShardWriter(pattern, maxcount=shard_size, verbose=0, mtime=0.0) as sink:
-        for i, png, captions, meta in records:
-            text = json.dumps({"caption": captions, **meta}).encode()
-            sink.write({"__key__": f"{split}_{i:08d}", "png": png, "json": text})
+    samples = ((f"{split}_{i:08d}", png, {"caption": captions, **meta}) for i, png, captions, meta in records)
+    write_webdataset(out / split, split, samples, shard_size)
 
 
 def _write_jsonl(out: Path, split: str, records: Iterator[Record], shard_size: int) -> None:
