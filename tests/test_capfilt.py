@@ -108,6 +108,12 @@ def test_webdataset_output_holds_the_jsonl_output_and_replaces_it(tmp_path, nois
         assert sample.image.tobytes() == dataset[line["source_index"]].image.tobytes()
     with pytest.raises(ValueError, match="output format"):
         bootstrap(dataset, tmp_path, captioner, scorer, options, format="parquet")
+    source_copy = tmp_path / "source"
+    (source_copy / "train").mkdir(parents=True)
+    (source_copy / "train" / "train-000000.tar").write_bytes(b"someone's data")
+    with pytest.raises(ValueError, match="did not write"):  # a data set CapFilt did not make is left alone
+        bootstrap(dataset, source_copy, captioner, scorer, options, format="wds")
+    assert (source_copy / "train" / "train-000000.tar").read_bytes() == b"someone's data"
 
 
 def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
@@ -125,6 +131,9 @@ def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
     assert result.exit_code == 0, result.output
     args = ["capfilt", "--init", str(tmp_path / "blip"), "--data", str(noisy_dir), "--clean", str(noisy_dir),
             "--out", str(tmp_path / "boot"), "--steps", "2", "--limit", "12", "--synthetic", "2", "--no-progress"]
+    into_source = args[:args.index("--out") + 1] + [str(noisy_dir)] + args[args.index("--out") + 2:]
+    result = runner.invoke(app, into_source)  # refused before any work: the source is not overwritten
+    assert result.exit_code == 2 and not (noisy_dir / "captioner").exists(), result.output
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "web captions removed" in result.output and "precision" in result.output

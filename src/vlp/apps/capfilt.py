@@ -71,6 +71,7 @@ def bootstrap(dataset: CaptionDataset, out: Path, captioner: Captioner, scorer: 
     finished part. Returns the path of the written split (`out` when stopped early)."""
     if format not in OUTPUT_FORMATS:
         raise ValueError(f"CapFilt output format must be one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
+    check_output_dir(out)
     parts_dir, images_dir = out / "parts", out / "images"
     parts_dir.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(exist_ok=True)
@@ -116,6 +117,14 @@ def _read_parts(out: Path) -> list[dict[str, Any]]:
     """Every record of the finished parts, in sample order."""
     return [json.loads(line) for part in sorted((out / "parts").glob("part_*.jsonl"))
             for line in part.read_text().splitlines()]
+
+
+def check_output_dir(out: Path) -> None:
+    """Refuse an output directory that holds a train split CapFilt did not write (a source data
+    set, say): writing the output replaces `train.jsonl` and `train/`."""
+    if not (out / "capfilt_options.json").is_file() and ((out / "train.jsonl").exists() or (out / "train").exists()):
+        raise ValueError(f"{out} holds a data set CapFilt did not write (train.jsonl or train/); "
+                         "choose a new output directory")
 
 
 def _check_options(path: Path, options: CapFiltOptions) -> None:
