@@ -83,13 +83,15 @@ def test_training_lowers_both_losses(tmp_path, shapes_dir):
     model["text"] = {**model["text"], "context_length": 32}
     model["text"].pop("vocab_size")
     config = {"recipe": "coca", "model": model, "data": {"path": str(shapes_dir), "batch_size": 16, "workers": 0},
-              "train": {"steps": 40, "lr": 2e-3, "warmup": 2, "log_every": 5, "ckpt_every": 40,
+              "train": {"steps": 60, "lr": 2e-3, "warmup": 2, "log_every": 5, "ckpt_every": 60,
                         "loss_weights": {"caption": 2.0}}}
     (tmp_path / "coca.yaml").write_text(yaml.safe_dump(config))
     Trainer(load_run_config("coca", tmp_path / "coca.yaml"), tmp_path / "run", progress=False).fit()
     logged = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
               if "loss" in r]
-    for name, factor in (("itc", 0.95), ("caption", 0.8)):  # ITC on 16 pairs from chance (ln 16 = 2.77)
+    # ITC on 16 pairs from chance (ln 16 = 2.77); with some inits it leaves that plateau only after
+    # about 40 steps, hence 60
+    for name, factor in (("itc", 0.95), ("caption", 0.8)):
         last = (logged[-1][name] + logged[-2][name]) / 2
         assert last < factor * logged[0][name], (name, [r[name] for r in logged])
     assert logged[0]["loss"] == pytest.approx(logged[0]["itc"] + 2 * logged[0]["caption"], rel=1e-5)

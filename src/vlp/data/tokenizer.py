@@ -7,6 +7,8 @@ templates, truncation, padding, JSON save/load); this module fixes vlp's convent
   [SEP] [MASK] [ENC] [DEC]) and CLIP-style ones (<|startoftext|> <|endoftext|>); [PAD] has id 0.
 - A batch is framed in one of two styles: "clip" gives `<|startoftext|> tokens <|endoftext|>`,
   "bert" gives `[CLS] tokens [SEP]`. Truncation keeps the end token as the last real token.
+- Training is deterministic: one corpus gives one vocabulary (the library's trainer alone does
+  not guarantee it).
 
     tok = Tokenizer.train(captions, vocab_size=4096)
     batch = tok(["a red circle", "a blue square above a green triangle"], max_length=32)
@@ -52,6 +54,24 @@ def _strings(texts: Iterable[str]) -> Iterator[str]:
         if not isinstance(text, str):
             raise TypeError(f"text {i} is {type(text).__name__}, not str: {text!r}")
         yield text
+
+
+def _wordpiece(model: models.WordPiece) -> tokenizers.Tokenizer:
+    """A BERT-style tokenizer around `model`: lowercased, accents stripped, split on whitespace
+    and punctuation."""
+    tok = tokenizers.Tokenizer(model)
+    tok.normalizer = normalizers.Sequence([normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece(prefix="##")
+    return tok
+
+
+def _continuing_pieces(tok: tokenizers.Tokenizer, texts: list[str]) -> list[str]:
+    """The sorted "##c" pieces of the corpus: every character that follows another in a word."""
+    words = {word for text in set(texts)
+             for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))}
+    chars = {c for word in words for c in word[1:]}
+    return [f"##{c}" for c in sorted(chars)]
 
 
 def _tokenizer_file(path: Path) -> Path:
@@ -108,16 +128,19 @@ class Tokenizer:
         if vocab_size < len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS)} (the special tokens), "
                              f"got {vocab_size}")
-        tok = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
-        tok.normalizer = normalizers.Sequence(
-            [normalizers.NFD(), normalizers.Lowercase(), normalizers.StripAccents()])
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()  # split on whitespace and punctuation
-        tok.decoder = decoders.WordPiece(prefix="##")
+        texts = list(_strings(texts))
+        tok = _wordpiece(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
+        # The trainer numbers the "##c" pieces in hash-map order, and merge ties are broken by
+        # those numbers, so two trainings on one corpus give different vocabularies (tokenizers
+        # issue #1794). Reserving the pieces up front, in sorted order, makes training
+        # deterministic; the model is then rebuilt so that only SPECIAL_TOKENS are special.
         trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=SPECIAL_TOKENS, continuing_subword_prefix="##",
-                                            show_progress=False)
-        tok.train_from_iterator(_strings(texts), trainer=trainer)
-        return cls(tok)
+                                            special_tokens=SPECIAL_TOKENS + _continuing_pieces(tok, texts),
+                                            continuing_subword_prefix="##", show_progress=False)
+        tok.train_from_iterator(texts, trainer=trainer)
+        rebuilt = _wordpiece(models.WordPiece(tok.get_vocab(), unk_token=UNK, continuing_subword_prefix="##"))
+        rebuilt.add_special_tokens(SPECIAL_TOKENS)
+        return cls(rebuilt)
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
