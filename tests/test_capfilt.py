@@ -131,8 +131,11 @@ def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
     assert result.exit_code == 0, result.output
     args = ["capfilt", "--init", str(tmp_path / "blip"), "--data", str(noisy_dir), "--clean", str(noisy_dir),
             "--out", str(tmp_path / "boot"), "--steps", "2", "--limit", "12", "--synthetic", "2", "--no-progress"]
-    into_source = args[:args.index("--out") + 1] + [str(noisy_dir)] + args[args.index("--out") + 2:]
-    result = runner.invoke(app, into_source)  # refused before any work: the source is not overwritten
+
+    def writing_to(out):
+        return args[:args.index("--out") + 1] + [str(out)] + args[args.index("--out") + 2:]
+
+    result = runner.invoke(app, writing_to(noisy_dir))  # refused before any work: the source is not overwritten
     assert result.exit_code == 2 and not (noisy_dir / "captioner").exists(), result.output
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
@@ -144,7 +147,7 @@ def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
     assert result.exit_code == 0 and json.loads((tmp_path / "boot" / "capfilt.json").read_text()) == stats
     assert f"data: {tmp_path / 'boot' / 'train'};" in result.output
     assert len(open_dataset(tmp_path / "boot", "train")) == stats["images_kept"]
-    filter_only = args[:args.index("--out") + 1] + [str(tmp_path / "filtered")] + args[args.index("--out") + 2:]
+    filter_only = writing_to(tmp_path / "filtered")
     filter_only[filter_only.index("--synthetic") + 1] = "0"  # the paper's "filter only" ablation,
     assert runner.invoke(app, filter_only + ["--threshold", "0"]).exit_code == 0  # here keeping all
     lines = [json.loads(line) for line in (tmp_path / "filtered" / "train.jsonl").read_text().splitlines()]

@@ -247,12 +247,10 @@ def capfilt(
         raise typer.BadParameter("--mode rank needs --ranker (a CLIP run)")
     if method not in ("nucleus", "beam"):
         raise typer.BadParameter(f"--method must be nucleus or beam, got {method!r}")
-    if fmt not in cf.OUTPUT_FORMATS:
-        raise typer.BadParameter(f"--format must be one of {', '.join(cf.OUTPUT_FORMATS)}, got {fmt!r}")
     try:
-        cf.check_output_dir(out)
+        cf.check_output(out, fmt)  # before any fine-tuning
     except ValueError as err:
-        raise typer.BadParameter(str(err), param_hint="--out") from err
+        raise typer.BadParameter(str(err)) from err
     options = cf.CapFiltOptions(synthetic=synthetic, method=method, max_new_tokens=max_new_tokens,
                                 threshold=threshold, mode=mode, keep=keep, limit=limit, seed=seed)
     captioner_run, filter_run = cf.fine_tune(init, clean, out, steps, progress)

@@ -69,9 +69,7 @@ def bootstrap(dataset: CaptionDataset, out: Path, captioner: Captioner, scorer: 
     Parts already in `out/parts` are kept (resume, with the same options only); `stop_after`
     parts simulates a kill (tests). `progress(n)` is called with the number of samples of each
     finished part. Returns the path of the written split (`out` when stopped early)."""
-    if format not in OUTPUT_FORMATS:
-        raise ValueError(f"CapFilt output format must be one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
-    check_output_dir(out)
+    check_output(out, format)
     parts_dir, images_dir = out / "parts", out / "images"
     parts_dir.mkdir(parents=True, exist_ok=True)
     images_dir.mkdir(exist_ok=True)
@@ -119,9 +117,11 @@ def _read_parts(out: Path) -> list[dict[str, Any]]:
             for line in part.read_text().splitlines()]
 
 
-def check_output_dir(out: Path) -> None:
-    """Refuse an output directory that holds a train split CapFilt did not write (a source data
-    set, say): writing the output replaces `train.jsonl` and `train/`."""
+def check_output(out: Path, format: str) -> None:
+    """Refuse an unknown output format, or an output directory that holds a train split CapFilt
+    did not write (a source data set, say): writing the output replaces `train.jsonl` and `train/`."""
+    if format not in OUTPUT_FORMATS:
+        raise ValueError(f"CapFilt output format must be one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
     if not (out / "capfilt_options.json").is_file() and ((out / "train.jsonl").exists() or (out / "train").exists()):
         raise ValueError(f"{out} holds a data set CapFilt did not write (train.jsonl or train/); "
                          "choose a new output directory")
