@@ -35,6 +35,17 @@ class DataConfig:
     prompt: str = ""  # text put before every caption and not scored by LM losses ("a picture of ")
     # caption | qa: question-answer pairs of each sample's metadata (VQA) | caption+qa: both, as text
     text: str = "caption"
+    # Listed image paths must lie inside this folder (default: the listing's own folder); set it
+    # to an absolute folder (even "/") to read images listed elsewhere. See docs/reliability.md.
+    image_root: str | None = None
+    max_pixels: int = 50_000_000  # larger images are skipped, not decoded (decompression bombs)
+
+    def __post_init__(self) -> None:
+        _check_bounds(self, "data", positive=("batch_size", "max_pixels"), non_negative=("workers",))
+        low, high = self.crop_scale
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, "
+                              f"got {list(self.crop_scale)}")
 
 
 @dataclass
@@ -57,6 +68,24 @@ class TrainConfig:
     freeze: list[str] = field(default_factory=list)  # parameter-name patterns (fnmatch) kept fixed
     threads: int = 0  # torch intra-op threads; 0 leaves torch's default
     device: str = "auto"  # auto: cuda when available, else cpu
+    # Seconds a rank waits for the others in a collective before the job stops with an error
+    # (a frozen or vanished peer); torch.distributed's own default is 30 minutes.
+    dist_timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        _check_bounds(self, "train", positive=("steps", "lr", "accum", "log_every", "ckpt_every", "dist_timeout"),
+                      non_negative=("warmup", "threads", "keep_checkpoints"))  # keep 0: keep every checkpoint
+
+
+def _check_bounds(section: Any, name: str, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
+    """ConfigError naming the first key of `section` out of its bounds (a zero step count or
+    batch size would otherwise fail far from the config, or loop forever)."""
+    for keys, in_bounds, words in ((positive, lambda v: v > 0, "greater than 0"),
+                                   (non_negative, lambda v: v >= 0, "0 or more")):
+        for key in keys:
+            value = getattr(section, key)
+            if not in_bounds(value):
+                raise ConfigError(f"{name}.{key} must be {words}, got {value}")
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
