@@ -26,7 +26,7 @@ $(DEMO_DATA)/info.json: | $(STAMP)
 	$(BIN)/vlp data shapes --out $(DEMO_DATA) --train 40000
 
 demo: $(STAMP) $(DEMO_DATA)/info.json
-	$(BIN)/vlp train clip --data $(DEMO_DATA) --out $(DEMO_RUN) $(if $(wildcard $(DEMO_RUN)/checkpoints/latest),--resume)
+	$(BIN)/vlp train clip --data $(DEMO_DATA) --out $(DEMO_RUN) $(if $(wildcard $(DEMO_RUN)/checkpoints/latest),--resume,--overwrite)
 	$(BIN)/vlp eval $(DEMO_RUN) --data $(DEMO_DATA)
 	@echo "open $(DEMO_RUN)/report.html"
 

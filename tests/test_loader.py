@@ -67,6 +67,44 @@ def test_corrupt_images_are_skipped_counted_and_reported(tmp_path):
     assert (tmp_path / "run" / "tokenizer.json").is_file()  # trained from the captions
 
 
+def skip_counts(run_dir):
+    """{epoch or "listing": skipped samples} summed over metrics.jsonl's skip records."""
+    counts = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if record.get("event") == "skipped":
+            key = record.get("epoch", record.get("phase"))
+            counts[key] = counts.get(key, 0) + record["count"]
+    return counts
+
+
+def test_skips_count_in_the_epoch_of_their_sample(tmp_path):
+    """A batch that spans two epochs: its unreadable samples of the first epoch count there."""
+    (tmp_path / "data").mkdir()
+    sampler = StreamSampler(10, 4, seed=0)
+    last_of_epoch_0 = {sampler.key(8)[1], sampler.key(9)[1]}  # drawn in the batch of positions 8-11
+    write_jsonl_data(tmp_path / "data", 10, corrupt=last_of_epoch_0)
+    cfg = config_for(tmp_path, steps=5, ckpt_every=5)  # 20 samples: exactly two epochs
+    cfg.data.batch_size = 4
+    Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert skip_counts(tmp_path / "run") == {0: 2, 1: 2}
+
+
+def test_a_batch_with_no_readable_sample_is_skipped(tmp_path):
+    """Batch size 1 and an unreadable image: its batches are skipped and counted, not fatal."""
+    (tmp_path / "data").mkdir()
+    write_jsonl_data(tmp_path / "data", 4, corrupt={2})
+    with open(tmp_path / "data" / "train.jsonl", "a") as f:
+        f.write('{"image": "missing.png", "caption": "gone"}\n')
+    cfg = config_for(tmp_path, steps=6, ckpt_every=3)
+    cfg.data.batch_size = 1
+    values = Trainer(cfg, tmp_path / "run", progress=False).fit()
+    assert values["step"] == 6
+    counts = skip_counts(tmp_path / "run")
+    assert counts.pop("listing") == 1  # the missing file, found while reading the listing
+    assert sum(counts.values()) == 2  # 2.png, met in both epochs that 6 readable samples take
+
+
 def test_strict_mode_names_the_corrupt_file(tmp_path):
     (tmp_path / "data").mkdir()
     write_jsonl_data(tmp_path / "data", 20, corrupt=set(range(20)) - {3})

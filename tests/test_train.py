@@ -56,7 +56,7 @@ def test_interrupted_checkpoint_write_keeps_last_good(tmp_path, tiny_config, mon
     def killed(*args, **kwargs):
         raise KeyboardInterrupt("killed while writing")
 
-    monkeypatch.setattr(torch, "save", killed)
+    monkeypatch.setattr(ckpt, "save_state", killed)
     trainer.step = 4
     with pytest.raises(KeyboardInterrupt):
         trainer._save()

@@ -101,7 +101,15 @@ def train(
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides train.steps).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Per-process batch size.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
-    resume: Annotated[bool, typer.Option(help="Continue exactly from the run's newest checkpoint.")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue exactly from the run's newest checkpoint, with the run's own config.yaml "
+             "(overrides that would change the result are refused; see --allow-changes).")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Start over in an --out that already holds a run, deleting that run's checkpoints, "
+             "metrics, config and tokenizer.")] = False,
+    allow_changes: Annotated[bool, typer.Option(
+        help="--resume with overrides that make the run differ from an unbroken one (e.g. more "
+             "train.steps, another learning rate).")] = False,
     init: Annotated[Optional[Path], typer.Option(
         help="Start from the weights (and tokenizer) of this pretrained run or checkpoint "
              "(fine-tuning); weights the new recipe lacks or adds are listed.")] = None,
@@ -111,13 +119,20 @@ def train(
         help="blip2_stage2: the frozen language model, a transformers directory (overrides model.lm).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
-    """Train a recipe. Works alone or under `torchrun --nproc_per_node N` (DDP)."""
+    """Train a recipe. Works alone or under `torchrun --nproc_per_node N` (DDP).
+
+    --out must be a new directory, or one holding a run to --resume (or to --overwrite); one
+    process at a time trains into it.
+    """
     from vlp.train.trainer import train_run
 
+    if resume and overwrite:
+        raise typer.BadParameter("--resume and --overwrite exclude each other")
     flags = {"data.path": data, "train.steps": steps, "data.batch_size": batch_size, "train.seed": seed,
              "data.strict": strict or None, "model.lm": lm}
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    values = train_run(recipe, out, config, extra + list(overrides or []), init, resume, progress)
+    values = train_run(recipe, out, config, extra + list(overrides or []), init, resume, progress,
+                       overwrite=overwrite, allow_changes=allow_changes)
     if values:
         typer.echo(f"done: step {values['step']}, loss {values['loss']:.4f}; run in {out}")
 
@@ -285,5 +300,26 @@ def report(run: Annotated[Path, typer.Argument(help="Run directory.")]) -> None:
     typer.echo(f"report: {write_report(run)}")
 
 
+def main() -> None:
+    """The `vlp` command. A user's mistake (bad data, config, run directory or path) ends with one
+    line naming the file, field or option, and exit status 1; a bug still shows its traceback."""
+    try:
+        app()
+    except Exception as err:
+        if not _is_user_error(err):
+            raise
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(1) from None
+
+
+def _is_user_error(err: Exception) -> bool:
+    from vlp.config import ConfigError
+    from vlp.data.sample import DataError
+    from vlp.train.checkpoint import CheckpointError
+    from vlp.train.rundir import RunError
+
+    return isinstance(err, (ConfigError, DataError, CheckpointError, RunError, FileNotFoundError))
+
+
 if __name__ == "__main__":
-    app()
+    main()

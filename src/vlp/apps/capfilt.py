@@ -299,7 +299,7 @@ def fine_tune(init: Path, clean: Path, out: Path, steps: int, progress: bool = T
         run, checkpoint = out / name, latest_checkpoint(out / name)
         if checkpoint is None or load_state(checkpoint)["step"] < steps:
             train_run(recipe, run, overrides=[f"data.path={clean}", f"train.steps={steps}"], init=init,
-                      resume=checkpoint is not None, progress=progress)
+                      resume=checkpoint is not None, overwrite=checkpoint is None, progress=progress)
         runs.append(run)
     return runs[0], runs[1]
 

@@ -18,7 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from vlp.data.formats import CaptionDataset
-from vlp.data.sample import DataError, Skipped
+from vlp.data.sample import Sample, Skipped
 from vlp.data.tokenizer import Tokenizer
 
 
@@ -37,7 +37,8 @@ class TrainSet(Dataset):
     with `text="caption+qa"` (a text-only LM's pretraining: it reads questions and answers as
     text, as a large LM has) a "caption" that is, with even odds, a caption or one of the pairs
     written as `QA_PROMPT` followed by the answer. Without a `transform` (text-only recipes) the
-    image is never decoded and not in the item."""
+    image is never decoded and not in the item. An unreadable sample is {"epoch", "skipped":
+    Skipped}, for the collator to pass on."""
 
     def __init__(self, base: CaptionDataset, transform: Callable[[Image.Image, random.Random], torch.Tensor] | None,
                  seed: int, text: str = "caption"):
@@ -48,15 +49,15 @@ class TrainSet(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any] | Skipped:
+    def __getitem__(self, key: tuple[int, int]) -> dict[str, Any]:
         epoch, index = key
         item = self.base[index]
+        if self.text != "caption" and isinstance(item, Sample) and not item.meta.get("qa"):
+            item = Skipped(item.source, f"no question-answer pairs (meta.qa) for data.text={self.text}")
         if isinstance(item, Skipped):
-            return item
-        if self.text != "caption" and not item.meta.get("qa"):
-            return Skipped(item.source, f"no question-answer pairs (meta.qa) for data.text={self.text}")
+            return {"epoch": epoch, "skipped": item}
         rng = sample_rng(self.seed, epoch, index)
-        sample: dict[str, Any] = {"epoch": epoch}
+        sample: dict[str, Any] = {}
         if self.transform is not None:  # the crop draws from `rng` first
             sample["image"] = self.transform(item.image, rng)
         if self.text == "caption" or (self.text == "caption+qa" and rng.random() < 0.5):
@@ -106,13 +107,14 @@ class Collator:
         # Tokens before the first caption token: the start token and the prompt's own.
         self.prompt_length = tokenizer(prompt, style=style)["input_ids"].shape[1] - 1 if prompt else 1
 
-    def __call__(self, items: list[dict[str, Any] | Skipped]) -> dict[str, Any]:
-        good = [item for item in items if not isinstance(item, Skipped)]
-        skipped = [item for item in items if isinstance(item, Skipped)]
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        """The batch of the readable items, with "size" (how many) and "skipped": (epoch,
+        Skipped) pairs; a batch with no readable item holds only those two."""
+        good = [item for item in items if "skipped" not in item]
+        batch = {"size": len(good), "skipped": [(item["epoch"], item["skipped"]) for item in items
+                                                if "skipped" in item]}
         if not good:
-            raise DataError(f"every sample of a batch was unreadable, e.g. {skipped[0].source}: "
-                            f"{skipped[0].reason}")
-        batch = {"epoch": max(item["epoch"] for item in good), "skipped": skipped}
+            return batch
         if "image" in good[0]:
             batch["images"] = torch.stack([item["image"] for item in good])
         if "question" in good[0]:  # question -> input_ids/attention_mask, answer -> answer_*

@@ -73,7 +73,7 @@ def resolve(source: str | Path) -> Path:
     path = Path(source)
     if path.exists():
         return path
-    if str(source).count("/") != 1:
+    if str(source).count("/") != 1 or path.parent.is_dir() or str(source).startswith((".", "/", "~")):
         raise FileNotFoundError(f"{source}: no such directory (and not a hub id of the form org/name)")
     try:
         from huggingface_hub import snapshot_download

@@ -181,6 +181,9 @@ class BLIP2Stage2(QueryingModel):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
 
         if lm is None:
+            if not Path(cfg.lm).is_dir():
+                raise FileNotFoundError(f"model.lm: {cfg.lm} is not a directory (a transformers LM saved "
+                                        "with save_pretrained; download hub models first)")
             seq2seq = AutoConfig.from_pretrained(cfg.lm).is_encoder_decoder
             lm = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(cfg.lm)
             lm_tokenizer = AutoTokenizer.from_pretrained(cfg.lm)

@@ -1,14 +1,21 @@
 """Checkpoints that a crash or kill can never corrupt.
 
 A checkpoint is a directory `checkpoints/step_XXXXXXX/` holding `model.safetensors` (weights)
-and `state.pt` (optimizer, scheduler, RNG states, data position). It is written under a
-temporary name, flushed, then renamed into place; `checkpoints/latest` (itself replaced
-atomically) names the newest complete one. A kill at any moment leaves the last good one.
+and the training state (optimizer, scheduler, RNG states, data position) as `state.json` plus
+the state's tensors in `state.safetensors`. Nothing in a checkpoint is pickled, so a run
+directory from elsewhere cannot run code when it is resumed; the `state.pt` of older versions is
+read with `torch.load(weights_only=True)`, which unpickles tensors and plain data only.
+
+A checkpoint is written under a temporary name, flushed, then renamed into place;
+`checkpoints/latest` (itself replaced atomically) names the newest complete one. A kill at any
+moment leaves the last good one; a failed write (a full disk) removes its temporary directory.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import pickle
 import random
 import shutil
 from pathlib import Path
@@ -88,18 +95,70 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be written or read; the message names the directory."""
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """`value` as JSON data, its tensors moved to `tensors` and referenced by name; tuples and
+    dicts with non-string keys (an optimizer's parameter ids) are tagged so they come back."""
+    if torch.is_tensor(value):
+        name = str(len(tensors))
+        tensors[name] = value.detach().cpu().contiguous()
+        return {"__tensor__": name}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors) for v in value]}
+    if isinstance(value, list):
+        return [_encode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {k: _encode(v, tensors) for k, v in value.items()}
+        return {"__items__": [[k, _encode(v, tensors)] for k, v in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"training state holds a {type(value).__name__}, which cannot be stored without pickle")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """The inverse of `_encode`."""
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__tuple__" in value:
+        return tuple(_decode(v, tensors) for v in value["__tuple__"])
+    if "__items__" in value:
+        return {k: _decode(v, tensors) for k, v in value["__items__"]}
+    return {k: _decode(v, tensors) for k, v in value.items()}
+
+
+def save_state(state: dict[str, Any], directory: Path) -> None:
+    """Write a training state as `state.json` and `state.safetensors` (no pickle)."""
+    tensors: dict[str, torch.Tensor] = {}
+    (directory / "state.json").write_text(json.dumps(_encode(state, tensors)))
+    save_file(tensors, str(directory / "state.safetensors"))
+
+
 def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep`."""
+    """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep` (0:
+    all). A failed write (a full disk) leaves no temporary files and raises CheckpointError."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
     tmp = root / f".tmp_step_{step:07d}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    save_weights(model, tmp / "model.safetensors")
-    torch.save(state, tmp / "state.pt")
-    for name in ("model.safetensors", "state.pt"):
-        _fsync_file(tmp / name)
+    try:
+        tmp.mkdir()
+        save_weights(model, tmp / "model.safetensors")
+        save_state(state, tmp)
+        for name in ("model.safetensors", "state.json", "state.safetensors"):
+            _fsync_file(tmp / name)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"could not write checkpoint step {step} in {root}: {err.strerror or err}; "
+                              f"the previous checkpoint is intact") from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(root)
@@ -115,7 +174,7 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     if not pointer.is_file():
         return None
     path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "state.pt").is_file() else None
+    return path if any((path / name).is_file() for name in ("state.json", "state.pt")) else None
 
 
 def run_of(path: Path) -> Path:
@@ -137,4 +196,13 @@ def weights_of(path: Path) -> Path:
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:
-    return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=False)
+    """A checkpoint's training state, without unpickling anything but tensors and plain data."""
+    if (checkpoint / "state.json").is_file():
+        return _decode(json.loads((checkpoint / "state.json").read_text()),
+                       load_file(str(checkpoint / "state.safetensors")))
+    try:  # written by vlp 0.1 before state.json
+        return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        found = next((line for line in str(err).splitlines() if "GLOBAL" in line), "").strip()
+        raise CheckpointError(f"{checkpoint / 'state.pt'} holds objects other than tensors and plain "
+                              f"data; refusing to unpickle them (they could run code). {found}") from None

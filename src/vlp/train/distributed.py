@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -25,12 +27,13 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def init_from_env() -> bool:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on GPU, else gloo."""
+def init_from_env(timeout: float = 600.0) -> bool:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); NCCL on GPU, else gloo.
+    A collective that waits more than `timeout` seconds for a rank fails instead of hanging."""
     if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return is_distributed()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     return True
@@ -62,6 +65,30 @@ def all_gather_with_grad(x: torch.Tensor, sizes: list[int] | None = None) -> tor
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def is_timeout(err: RuntimeError) -> bool:
+    """Whether a collective failed because a rank did not answer in time (gloo raises a plain
+    RuntimeError that says so, NCCL's watchdog a DistError)."""
+    return isinstance(err, dist.DistError) or "timed out" in str(err).lower()
+
+
+def all_ranks_true(flag: bool, device: torch.device) -> bool:
+    """Whether `flag` holds on every rank."""
+    if not is_distributed():
+        return flag
+    value = torch.tensor([int(flag)], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value)
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """Every rank's `obj` (small picklable records made by vlp itself, never file contents)."""
+    if not is_distributed():
+        return [obj]
+    parts: list[Any] = [None] * world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
 
 
 def all_gather_padded(x: torch.Tensor, value: float = 0) -> torch.Tensor:

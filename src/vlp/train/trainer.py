@@ -3,7 +3,10 @@ losses, which are summed with `train.loss_weights` (default 1 each) and optimise
 an `after_optimizer_step()` method (momentum encoders) has it called after every update.
 
 Run directory: `config.yaml`, `tokenizer.json`, `metrics.jsonl` (one JSON object per log step and
-per data event), `checkpoints/` (see `vlp.train.checkpoint`).
+per data event, each with its "step"), `checkpoints/` (see `vlp.train.checkpoint`), and `.lock`
+while training (see `vlp.train.rundir`, which also keeps a run from being overwritten by accident
+and a resumed run on its own config). Skipped samples are logged per epoch, from every rank, at
+each epoch's end and before each checkpoint, so a resumed run logs none twice and loses none.
 """
 
 from __future__ import annotations
@@ -26,12 +29,14 @@ from torch.nn.parallel import DistributedDataParallel
 from vlp.config import RunConfig, to_dict
 from vlp.data.formats import format_skips, open_dataset
 from vlp.data.loader import Collator, TrainSet, train_loader
+from vlp.data.sample import DataError, Skipped
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import train_transform
 from vlp.models import create_model
 from vlp.models.registry import recipe_classes, text_config
 from vlp.train import checkpoint as ckpt
 from vlp.train import distributed as dist
+from vlp.train import rundir
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
 from vlp.train.precision import resolve_device, resolve_precision
 
@@ -64,50 +69,86 @@ def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> nn.Module:
 
 
 class Trainer:
+    """Trains `cfg` into `run_dir`: a fresh run (refused where a run already is, unless
+    `overwrite`), a resumed one (`resume`: exactly where its newest checkpoint left off), or a
+    fine-tuning run (`init`: weights and tokenizer of a pretrained run). Holds the run's lock
+    until `fit` returns."""
+
     def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, init: Path | None = None,
-                 progress: bool = True):
-        dist.init_from_env()
+                 progress: bool = True, overwrite: bool = False):
+        dist.init_from_env(cfg.train.dist_timeout)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), progress
+        self.lock = self._claim_run_dir(resume, overwrite)
+        try:
+            self._set_up(resume, init)
+        except BaseException:
+            self.close()
+            raise
+
+    def _set_up(self, resume: bool, init: Path | None) -> None:
+        cfg = self.cfg
         self.device = resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         data_path = Path(cfg.data.path)
         self.dataset = open_dataset(data_path, split=cfg.data.train_split, format=cfg.data.format,
                                     strict=cfg.data.strict)
-        if self.dataset.skipped and dist.is_main():
-            console.print(f"[yellow]{format_skips(self.dataset.skipped)}")
+        if not len(self.dataset):
+            raise DataError(f"{data_path}: no usable sample in split {cfg.data.train_split!r}; "
+                            f"{format_skips(self.dataset.skipped)}")
         if init is not None and not resume and dist.is_main():
             shutil.copyfile(ckpt.run_of(init) / "tokenizer.json", self.run_dir / "tokenizer.json")
         dist.barrier()
         self.tokenizer = prepare_tokenizer(self.run_dir, data_path, self.dataset)
         torch.manual_seed(cfg.train.seed)
         self.model = build_model(cfg, self.tokenizer).to(self.device)
+        self.step, self.position = 0, 0  # optimizer steps; samples drawn from the stream
         if init is not None and not resume:
             self._initialise_from(Path(init))
         if cfg.train.freeze:
-            self._log({"event": "freeze", "patterns": cfg.train.freeze,
-                       "parameters": freeze(self.model, cfg.train.freeze)})
+            frozen = freeze(self.model, cfg.train.freeze)
+            if not resume:
+                self._log({"event": "freeze", "patterns": cfg.train.freeze, "parameters": frozen})
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
-        self.step = 0
         if resume:
             self._restore()
+        elif self.dataset.skipped:
+            self._log({"event": "skipped", "phase": "listing", **_skip_summary(self.dataset.skipped)})
+        if self.dataset.skipped and dist.is_main():
+            console.print(f"[yellow]listing {data_path}: {format_skips(self.dataset.skipped)}")
         if dist.is_main():
-            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-        self._log({"event": "start", "step": self.step, "device": str(self.device), "precision": self.precision})
+            ckpt.write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self._log({"event": "start", "device": str(self.device), "precision": self.precision})
         unused = getattr(self.model, "has_unused_parameters", False)
         self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=unused)
                     if dist.is_distributed() else None)
-        self.skipped_this_epoch: list = []
-        self.epoch = self.samples_seen() // len(self.dataset)
+        self.pending_skips: dict[int, list[Skipped]] = {}
+        self.epoch = max(self.position - 1, 0) // len(self.dataset)  # of the last sample drawn
 
-    def samples_seen(self) -> int:
-        return self.step * self.global_batch_per_step()
+    def _claim_run_dir(self, resume: bool, overwrite: bool) -> rundir.RunLock | None:
+        """Lock the run directory (main process), then check it holds what the mode needs."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        lock = rundir.RunLock(self.run_dir) if dist.is_main() else None
+        try:
+            if resume:
+                self.checkpoint = ckpt.latest_checkpoint(self.run_dir)
+                if self.checkpoint is None:
+                    raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+                if dist.is_main():
+                    rundir.truncate_metrics(self.run_dir, ckpt.load_state(self.checkpoint)["step"])
+            elif dist.is_main():
+                rundir.start_fresh(self.run_dir, overwrite)
+            dist.barrier()
+        except BaseException:
+            lock and lock.release()
+            raise
+        return lock
 
-    def global_batch_per_step(self) -> int:
-        return self.cfg.data.batch_size * dist.world_size() * self.cfg.train.accum
+    def global_batch(self) -> int:
+        """Samples one micro-batch draws from the stream, over all ranks."""
+        return self.cfg.data.batch_size * dist.world_size()
 
     def _initialise_from(self, init: Path) -> None:
         """Fine-tuning: the pretrained weights wherever names and shapes match; report the rest."""
@@ -122,21 +163,20 @@ class Trainer:
             self._log({"event": "init", "from": str(weights), **report})
 
     def _restore(self) -> None:
-        path = ckpt.latest_checkpoint(self.run_dir)
-        if path is None:
-            raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+        path = self.checkpoint
         ckpt.load_weights(self.model, path / "model.safetensors")
         state = ckpt.load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
-        self.step = state["step"]
+        self.step, self.position = state["step"], state["samples_seen"]
         if dist.is_main():
             console.print(f"resumed from {path} at step {self.step}")
 
     def _save(self) -> None:
+        self._flush_skips()  # logged before the checkpoint: a resume from it neither repeats nor loses them
         if dist.is_main():
-            state = {"step": self.step, "samples_seen": self.samples_seen(),
+            state = {"step": self.step, "samples_seen": self.position,
                      "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                      "rng": ckpt.rng_state(), "config": to_dict(self.cfg)}
             ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
@@ -145,23 +185,38 @@ class Trainer:
     def _log(self, record: dict[str, Any]) -> None:
         if dist.is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({"step": self.step, **record}) + "\n")
 
-    def _report_skips(self, epoch: int) -> None:
-        if self.skipped_this_epoch and dist.is_main():
-            console.print(f"[yellow]epoch {epoch}: {format_skips(self.skipped_this_epoch)}")
-            self._log({"event": "skipped", "epoch": epoch, "step": self.step,
-                       "count": len(self.skipped_this_epoch),
-                       "samples": [f"{s.source}: {s.reason}" for s in self.skipped_this_epoch[:100]]})
-        self.skipped_this_epoch = []
+    def _flush_skips(self, before_epoch: int | None = None) -> None:
+        """Report the skips of the epochs before `before_epoch` (None: all), from every rank.
+        Every rank calls it at the same moments (a collective under DDP)."""
+        done = [e for e in self.pending_skips if before_epoch is None or e < before_epoch]
+        local = {e: self.pending_skips.pop(e) for e in done}
+        by_epoch: dict[int, list[Skipped]] = {}
+        for part in dist.gather_objects(local):
+            for epoch, skips in part.items():
+                by_epoch.setdefault(epoch, []).extend(skips)
+        for epoch, skips in sorted(by_epoch.items()):
+            if dist.is_main():
+                console.print(f"[yellow]epoch {epoch}: {format_skips(skips)}")
+            self._log({"event": "skipped", "epoch": epoch, **_skip_summary(skips)})
 
     def _next_batch(self, batches) -> dict[str, Any]:
-        batch = next(batches)
-        if batch["epoch"] > self.epoch:
-            self._report_skips(self.epoch)
-            self.epoch = batch["epoch"]
-        self.skipped_this_epoch += batch["skipped"]
-        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+        """The next micro-batch in which every rank has a readable sample. A global batch in
+        which some rank read none is dropped on every rank, its samples counted as skipped."""
+        while True:
+            batch = next(batches)
+            self.position += self.global_batch()
+            for epoch, skipped in batch["skipped"]:
+                self.pending_skips.setdefault(epoch, []).append(skipped)
+            if (self.position - 1) // len(self.dataset) > self.epoch:
+                self.epoch = (self.position - 1) // len(self.dataset)
+                self._flush_skips(before_epoch=self.epoch)
+            if dist.all_ranks_true(batch["size"] > 0, self.device):
+                return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                        for k, v in batch.items()}
+            dropped = Skipped(f"stream position {self.position}", "dropped batch: another rank's samples were all unreadable")
+            self.pending_skips.setdefault(self.epoch, []).extend([dropped] * batch["size"])
 
     def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
@@ -212,10 +267,26 @@ class Trainer:
         collator = Collator(self.tokenizer, text_config(self.model).context_length, self.model.tokenizer_style,
                             self.cfg.data.prompt)
         loader = train_loader(TrainSet(self.dataset, transform, cfg.seed, self.cfg.data.text), collator,
-                              self.cfg.data.batch_size * dist.world_size(), cfg.seed, self.samples_seen(),
+                              self.global_batch(), cfg.seed, self.position,
                               dist.rank(), dist.world_size(), self.cfg.data.workers)
-        batches = iter(loader)
-        values: dict[str, float] = {}
+        try:
+            return self._fit_loop(iter(loader), last)
+        except RuntimeError as err:
+            if dist.is_distributed() and dist.is_timeout(err):
+                raise rundir.RunError(f"rank {dist.rank()}: another rank did not answer for "
+                                      f"{cfg.dist_timeout:g} s (train.dist_timeout), so the job stops; "
+                                      "the last checkpoint is intact for --resume") from err
+            raise
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        """Release the run directory's lock (`fit` does when it ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _fit_loop(self, batches, last: int) -> dict[str, float]:
+        cfg, values = self.cfg.train, {}
         with self._progress() as bar:
             task = bar.add_task("train", total=cfg.steps, completed=self.step, rate="", loss="")
             window_start, window_steps = time.perf_counter(), 0
@@ -226,7 +297,7 @@ class Trainer:
                     elapsed = time.perf_counter() - window_start
                     steps_per_s = window_steps / elapsed
                     values.update(step=self.step, epoch=self.epoch, steps_per_s=steps_per_s,
-                                  samples_per_s=steps_per_s * self.global_batch_per_step())
+                                  samples_per_s=steps_per_s * self.global_batch() * cfg.accum)
                     self._log(values)
                     bar.update(task, rate=f"{steps_per_s:.2f} it/s {values['samples_per_s']:.0f} samples/s",
                                loss=f"{values['loss']:.4f}")
@@ -234,16 +305,29 @@ class Trainer:
                 bar.update(task, completed=self.step)
                 if self.step % cfg.ckpt_every == 0 or self.step == last:
                     self._save()
-        self._report_skips(self.epoch)
         return values
 
 
+def _skip_summary(skips: list[Skipped]) -> dict[str, Any]:
+    """A metrics.jsonl record's view of skipped samples: the count and the first 100."""
+    return {"count": len(skips), "samples": [f"{s.source}: {s.reason}" for s in skips[:100]]}
+
+
 def train_run(recipe: str, out: Path, config: Path | None = None, overrides: list[str] | None = None,
-              init: Path | None = None, resume: bool = False, progress: bool = True) -> dict[str, float]:
-    """What `vlp train` does: the run config (with `init`, the pretrained run's architecture,
-    see `load_run_config`), then training; returns the last logged values."""
+              init: Path | None = None, resume: bool = False, progress: bool = True, overwrite: bool = False,
+              allow_changes: bool = False) -> dict[str, float]:
+    """What `vlp train` does: the run config, then training; returns the last logged values.
+
+    A fresh run takes `config` (default: the recipe's tiny.yaml; with `init`, the pretrained run's
+    architecture, see `load_run_config`) plus `overrides`. A resumed run takes its own
+    config.yaml plus `overrides`, refusing changes that break exactness unless `allow_changes`
+    (see `vlp.train.rundir.resume_config`).
+    """
     from vlp.config import load_run_config, load_yaml
 
-    pretrained = load_yaml(ckpt.run_of(init) / "config.yaml") if init is not None else None
-    cfg = load_run_config(recipe, config, list(overrides or []), pretrained=pretrained)
-    return Trainer(cfg, out, resume=resume, init=init, progress=progress).fit()
+    if resume:
+        cfg = rundir.resume_config(Path(out), recipe, config, overrides, allow_changes)
+    else:
+        pretrained = load_yaml(ckpt.run_of(init) / "config.yaml") if init is not None else None
+        cfg = load_run_config(recipe, config, list(overrides or []), pretrained=pretrained)
+    return Trainer(cfg, out, resume=resume, init=init, progress=progress, overwrite=overwrite).fit()
