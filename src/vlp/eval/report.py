@@ -21,11 +21,36 @@ def _png_data_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+PLOTTED = ("step", "loss", "lr")  # the fields of a training record the curves need
+
+
+def _read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
+    """The training records of metrics.jsonl (those with a loss) and how many lines were
+    unreadable: not a JSON object (a run killed mid-write leaves half a line), or a training
+    record without a number for every PLOTTED field. Event records are not training records."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
-        return []
-    return [r for r in map(json.loads, path.read_text().splitlines()) if "loss" in r]
+        return [], 0
+    records, unreadable = [], 0
+    for line in path.read_text(errors="replace").splitlines():
+        record = _parse(line)
+        if record is None or ("loss" in record and not _plottable(record)):
+            unreadable += 1
+        elif "loss" in record:
+            records.append(record)
+    return records, unreadable
+
+
+def _parse(line: str) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _plottable(record: dict[str, Any]) -> bool:
+    return all(isinstance(record.get(key), (int, float)) for key in PLOTTED)
 
 
 def _curves(records: list[dict[str, Any]]) -> str:
@@ -51,7 +76,16 @@ def figure_html(fig: plt.Figure, alt: str) -> str:
 def _eval_table(results: dict[str, Any]) -> str:
     rows = "".join(f"<tr><td>{html.escape(task)}</td><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
                    for task, name, value in metric_rows(results))
-    return f"<table><tr><th>task</th><th>metric</th><th>value</th></tr>{rows}</table>"
+    return f"{_skip_line(results)}<table><tr><th>task</th><th>metric</th><th>value</th></tr>{rows}</table>"
+
+
+def _skip_line(results: dict[str, Any]) -> str:
+    """One line with eval.json's counts of unreadable samples per split (older files have none)."""
+    skipped = results.get("skipped")
+    if not skipped:
+        return ""
+    counts = ", ".join(f"{html.escape(split)} {entry['count']}" for split, entry in skipped.items())
+    return f"<p>Unreadable samples left out of the metrics, per split: {counts} (listed in eval.json).</p>"
 
 
 def _examples(run_dir: Path, examples: list[dict[str, Any]]) -> str:
@@ -78,10 +112,15 @@ def write_report(run_dir: str | Path) -> Path:
     """Write `run_dir/report.html` from metrics.jsonl, eval.json and examples.json."""
     run_dir = Path(run_dir)
     parts = [f"<h1>vlp run: {html.escape(run_dir.name)}</h1>"]
-    records = _read_metrics(run_dir)
+    records, unreadable = _read_metrics(run_dir)
+    if records or unreadable:
+        parts.append("<h2>Training</h2>")
+    if unreadable:
+        parts.append(f"<p>{unreadable} unreadable line{'s' if unreadable != 1 else ''} of metrics.jsonl left out "
+                     "(not JSON, or a training record without step, loss or lr).</p>")
     if records:
         last = records[-1]
-        parts += ["<h2>Training</h2>", f"<p>{last['step']} steps, final loss {last['loss']:.4f}, "
+        parts += [f"<p>{last['step']} steps, final loss {last['loss']:.4f}, "
                   f"{last.get('samples_per_s', 0):.0f} samples/s at the end.</p>", _curves(records)]
     if (run_dir / "eval.json").is_file():
         parts += ["<h2>Evaluation</h2>", _eval_table(json.loads((run_dir / "eval.json").read_text()))]

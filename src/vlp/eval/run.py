@@ -6,6 +6,12 @@ re-rank the ITC shortlist), probe (swap pairs of the test split), caption (recip
 decoder: BLEU-4/CIDEr/METEOR on the test split), vqa (recipes that answer questions: accuracy
 per question type). Results go to `RUN/eval.json`, retrieval
 examples to `RUN/examples.json`.
+
+Metrics are computed on the samples that could be read. Those that could not (left out of a
+split's listing, or an image that does not decode) are printed once per split with
+`format_skips` and recorded in eval.json under "skipped": for every split read,
+`{"count": n, "samples": ["source: reason", ...]}` (the first 100), the shape of the trainer's
+"skipped" records in metrics.jsonl.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from typing import Any
 import torch
 from PIL import Image
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from torch import nn
 
@@ -35,6 +42,7 @@ TASKS = ("zeroshot", "retrieval", "probe", "caption", "vqa")
 console = Console()
 # 30 new tokens: the longest shapes-world caption is 22 (capped by the model at its context length)
 DEFAULT_DECODING = {"method": "beam", "num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 3}
+SKIPS_LISTED = 100  # eval.json names the first this many skipped samples of each split
 
 
 def decoding_preset(method: str) -> dict[str, Any]:
@@ -118,10 +126,18 @@ def embed_images(model: nn.Module, dataset: CaptionDataset,
     return torch.cat(parts), kept, skipped
 
 
-def zeroshot(model: nn.Module, data: Path, info: dict[str, Any]) -> dict[str, float]:
-    """Top-1 accuracy on the classify split for each label task in `info["classes"]`."""
-    dataset = open_dataset(data, split="classify")
-    image_emb, kept, _ = embed_images(model, dataset)
+def _record(skipped: list[Skipped] | None, lost: list[Skipped]) -> None:
+    """Append the `lost` samples to `skipped` where a caller collects them."""
+    if skipped is not None:
+        skipped.extend(lost)
+
+
+def zeroshot(model: nn.Module, dataset: CaptionDataset, info: dict[str, Any],
+             skipped: list[Skipped] | None = None) -> dict[str, float]:
+    """Top-1 accuracy on the classify split for each label task in `info["classes"]`; images
+    that do not decode are appended to `skipped`."""
+    image_emb, kept, lost = embed_images(model, dataset)
+    _record(skipped, lost)
     results = {}
     for task, names in info["classes"].items():
         class_emb = class_embeddings(lambda t: embed_texts(model, t), names, info["prompt_templates"])
@@ -140,13 +156,15 @@ def texts_of(dataset: CaptionDataset, kept: list[int]) -> tuple[list[str], torch
     return texts, torch.tensor(owner)
 
 
-def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0,
-              k_test: int = 0) -> tuple[dict, dict | None, list]:
+def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0, k_test: int = 0,
+              skipped: list[Skipped] | None = None) -> tuple[dict, dict | None, list]:
     """Recall@1/5/10 both ways; with `k_test` and a recipe with an ITM head, also the recalls
     after ITM re-ranking of each query's ITC top-k_test; optionally the top-5 captions of the
-    first `examples` images. Returns (ITC metrics, re-ranked metrics or None, examples)."""
+    first `examples` images. Returns (ITC metrics, re-ranked metrics or None, examples); images
+    that do not decode are appended to `skipped`."""
     start = time.perf_counter()
-    image_emb, kept, _ = embed_images(model, dataset)
+    image_emb, kept, lost = embed_images(model, dataset)
+    _record(skipped, lost)
     texts, owner = texts_of(dataset, kept)
     text_emb = embed_texts(model, texts)
     metrics = recall_at_k(image_emb, text_emb, owner, similarity=similarity_of(model))
@@ -218,16 +236,17 @@ def _itm_reranked(model: nn.Module, dataset: CaptionDataset, kept: list[int], im
 
 
 @torch.no_grad()
-def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, Any],
-               batch_size: int = 64) -> tuple[dict[str, Any], dict[int, str]]:
+def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, Any], batch_size: int = 64,
+               skipped: list[Skipped] | None = None) -> tuple[dict[str, Any], dict[int, str]]:
     """BLEU-4, CIDEr (and METEOR with Java) of generated captions against each test image's
-    references, and their diversity; returns the metrics and the captions by sample index."""
+    references, and their diversity; returns the metrics and the captions by sample index.
+    Images that do not decode are appended to `skipped`."""
     from vlp.api import caption
     from vlp.eval.captioning import caption_diversity, caption_metrics
 
     start = time.perf_counter()
     generated: dict[int, str] = {}
-    for indices, images in image_batches(model, dataset, [], batch_size):
+    for indices, images in image_batches(model, dataset, [] if skipped is None else skipped, batch_size):
         generated.update(zip(indices, caption(model, images, **decoding)))
     metrics = caption_metrics(generated, {i: dataset.captions(i) for i in generated})
     metrics.update(caption_diversity(list(generated.values())))
@@ -236,13 +255,14 @@ def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, An
 
 
 @torch.no_grad()
-def vqa(model: nn.Module, dataset: CaptionDataset, batch_size: int = 64) -> dict[str, float]:
+def vqa(model: nn.Module, dataset: CaptionDataset, batch_size: int = 64,
+        skipped: list[Skipped] | None = None) -> dict[str, float]:
     """Exact-match accuracy (overall and per question type) of greedy answers to every
-    question-answer pair of the split."""
+    question-answer pair of the split; images that do not decode are appended to `skipped`."""
     from vlp.eval.vqa import vqa_accuracy
 
     predictions, answers, types = [], [], []
-    for indices, images in image_batches(model, dataset, [], batch_size):
+    for indices, images in image_batches(model, dataset, [] if skipped is None else skipped, batch_size):
         pairs = [(row, qa) for row, index in enumerate(indices) for qa in dataset.meta(index).get("qa", [])]
         if not pairs:
             continue
@@ -256,10 +276,12 @@ def vqa(model: nn.Module, dataset: CaptionDataset, batch_size: int = 64) -> dict
 
 
 @torch.no_grad()
-def probe(model: nn.Module, dataset: CaptionDataset) -> dict[str, float]:
+def probe(model: nn.Module, dataset: CaptionDataset, skipped: list[Skipped] | None = None) -> dict[str, float]:
     """Swap-probe accuracy overall and per swap kind (attribute / relation), scoring captions by
-    ITC similarity and, for recipes with an ITM head, also by ITM match probability (`itm_*`)."""
-    image_emb, kept, _ = embed_images(model, dataset)
+    ITC similarity and, for recipes with an ITM head, also by ITM match probability (`itm_*`).
+    Images that do not decode are appended to `skipped`."""
+    image_emb, kept, lost = embed_images(model, dataset)
+    _record(skipped, lost)
     pairs = [(row, swap) for row, index in enumerate(kept) for swap in dataset.meta(index).get("swaps", [])]
     if not pairs:
         return {}
@@ -298,29 +320,50 @@ def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
     tasks = [task for task in tasks if task in supported]
     results: dict[str, Any] = {"data": str(data)}
     shown: list = []
-    test = open_dataset(data, split="test")
-    if test.skipped:
-        console.print(f"[yellow]test split: {format_skips(test.skipped)}")
+    skipped: dict[str, list[Skipped]] = {}  # split -> its listing-time and decoding skips
+    test = open_split(data, "test", skipped)
     if "zeroshot" in tasks:
-        results["zeroshot"] = zeroshot(model, data, info)
+        results["zeroshot"] = zeroshot(model, open_split(data, "classify", skipped), info, skipped["classify"])
     if "retrieval" in tasks:
-        results["retrieval"], reranked, shown = retrieval(model, test, examples, k_test)
+        results["retrieval"], reranked, shown = retrieval(model, test, examples, k_test, skipped["test"])
         if reranked is not None:
             results["retrieval_itm"] = reranked
         if info["splits"].get("compositional"):
-            results["retrieval_compositional"] = retrieval(model, open_dataset(data, split="compositional"))[0]
+            compositional = open_split(data, "compositional", skipped)
+            results["retrieval_compositional"] = retrieval(model, compositional, skipped=skipped["compositional"])[0]
     if "probe" in tasks:
-        results["probe"] = probe(model, test)
+        results["probe"] = probe(model, test, skipped["test"])
     if "vqa" in tasks:
-        results["vqa"] = vqa(model, test)
+        results["vqa"] = vqa(model, test, skipped=skipped["test"])
     if "caption" in tasks:
-        results["caption"], generated = captioning(model, test, decoding or DEFAULT_DECODING)
+        results["caption"], generated = captioning(model, test, decoding or DEFAULT_DECODING, skipped=skipped["test"])
         for example in shown:
             example["generated"] = generated.get(example["index"])
+    results["skipped"] = report_skips(skipped)
     if run_dir is not None:
         (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
         _save_examples(Path(run_dir), test, shown)
     return results
+
+
+def open_split(data: Path, split: str, skipped: dict[str, list[Skipped]]) -> CaptionDataset:
+    """`split` of the data set `data`; its listing-time skips start `skipped[split]`."""
+    dataset = open_dataset(data, split=split)
+    skipped.setdefault(split, []).extend(dataset.skipped)
+    return dataset
+
+
+def report_skips(skipped: dict[str, list[Skipped]]) -> dict[str, dict[str, Any]]:
+    """Print each split's skips (once, however many tasks read the split) and return eval.json's
+    "skipped": {split: {"count": n, "samples": ["source: reason", ... the first SKIPS_LISTED]}}."""
+    summary = {}
+    for split, skips in skipped.items():
+        distinct = list({s.source: s for s in skips}.values())  # each sample once
+        if distinct:
+            console.print(f"[yellow]{split} split: {escape(format_skips(distinct))}")
+        summary[split] = {"count": len(distinct),
+                          "samples": [f"{s.source}: {s.reason}" for s in distinct[:SKIPS_LISTED]]}
+    return summary
 
 
 def _save_examples(run_dir: Path, dataset: CaptionDataset, shown: list[dict]) -> None:
@@ -334,14 +377,15 @@ def _save_examples(run_dir: Path, dataset: CaptionDataset, shown: list[dict]) ->
 
 
 def metric_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
-    """(task, metric, formatted value) of every result; lists (e.g. skipped metrics) joined."""
+    """(task, metric, formatted value) of every result; lists (e.g. skipped metrics) joined.
+    The "skipped" samples are not metrics: `report_skips` prints them."""
     def show(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.2f}"
         return "; ".join(map(str, value)) if isinstance(value, list) else str(value)
 
-    return [(task, name, show(value)) for task, metrics in results.items() if isinstance(metrics, dict)
-            for name, value in metrics.items() if value != []]
+    return [(task, name, show(value)) for task, metrics in results.items()
+            if isinstance(metrics, dict) and task != "skipped" for name, value in metrics.items() if value != []]
 
 
 def results_table(results: dict[str, Any]) -> Table:
