@@ -122,6 +122,15 @@ def test_a_locked_run_directory_is_refused_naming_the_holder(tmp_path, tiny_conf
     assert "Traceback" not in result.stderr and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_saving_a_model_into_a_run_is_refused(tmp_path, tiny_config):
+    import vlp
+
+    train(load_run_config("clip", tiny_config, ["train.steps=3"]), tmp_path / "run")
+    with pytest.raises(RunError, match="already holds a vlp run"):
+        vlp.save(vlp.load(tmp_path / "run"), tmp_path / "run")
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_0000003"
+
+
 def test_lock_is_released_when_training_ends(tmp_path, tiny_config):
     cfg = load_run_config("clip", tiny_config, ["train.steps=2"])
     train(cfg, tmp_path / "run")

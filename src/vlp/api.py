@@ -13,6 +13,7 @@ from vlp.config import RunConfig, from_dict, load_yaml, to_dict
 from vlp.data.tokenizer import Tokenizer
 from vlp.interop.pretrained import is_pretrained_dir, load_pretrained, save_hf
 from vlp.train.checkpoint import load_weights, run_of, save_checkpoint, weights_of
+from vlp.train.rundir import RunError, holds_run
 from vlp.train.trainer import build_model
 
 
@@ -48,6 +49,8 @@ def save(model: nn.Module, out: str | Path, format: str = "vlp", task: str | Non
         raise ValueError("the model has no tokenizer (model.tokenizer), which a vlp run needs: load "
                          "the checkpoint from a directory with tokenizer files")
     out = Path(out)
+    if holds_run(out):  # its checkpoints would outrank (and prune) the one written here
+        raise RunError(f"{out} already holds a vlp run; save into a fresh directory")
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "save_lm"):  # a frozen LM kept outside the state dict (BLIP-2 stage 2)
         model.cfg.lm = str(model.save_lm(out / "lm"))
