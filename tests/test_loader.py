@@ -105,6 +105,34 @@ def test_a_batch_with_no_readable_sample_is_skipped(tmp_path):
     assert sum(counts.values()) == 2  # 2.png, met in both epochs that 6 readable samples take
 
 
+def test_ddp_ranks_report_their_skips_and_drop_a_batch_together(tmp_path):
+    """Under torchrun every rank's skips reach metrics.jsonl (only rank 0 writes it), and a
+    global batch in which one rank read nothing is dropped by both ranks, its samples counted."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "data").mkdir()
+    sampler = StreamSampler(8, 4, seed=0)
+    rank_1_first = {sampler.key(2)[1], sampler.key(3)[1]}  # rank 1's half of the first global batch
+    write_jsonl_data(tmp_path / "data", 8, corrupt=rank_1_first)
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, "data": {
+        **TINY_CONFIG["data"], "path": str(tmp_path / "data"), "batch_size": 2}, "train": {
+        **TINY_CONFIG["train"], "steps": 4, "ckpt_every": 4}}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "vlp.cli", "train", "clip", "--config", str(tmp_path / "ddp.yaml"), "--out",
+           str(tmp_path / "run"), "--no-progress"]
+    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    first_epoch = [s for r in records if r.get("event") == "skipped" and r.get("epoch") == 0 for s in r["samples"]]
+    assert sorted(s.split(":")[0] for s in first_epoch if "corrupt image" in s) == sorted(
+        str(tmp_path / "data" / f"{i}.png") for i in rank_1_first)
+    assert sum("dropped batch" in s for s in first_epoch) == 2  # rank 0's two readable samples
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+
 def test_strict_mode_names_the_corrupt_file(tmp_path):
     (tmp_path / "data").mkdir()
     write_jsonl_data(tmp_path / "data", 20, corrupt=set(range(20)) - {3})
