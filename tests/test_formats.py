@@ -12,10 +12,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageFile
 
 from vlp.data.formats import (
+    DEFAULT_MAX_PIXELS,
     format_skips,
+    load_image,
     open_dataset,
     read_coco_karpathy,
     read_csv,
@@ -262,6 +264,19 @@ def test_jsonl_corrupt_and_vanished_images(tmp_path: Path) -> None:
         strict[1]
 
 
+def test_deeply_nested_json_is_malformed_not_a_crash(tmp_path: Path) -> None:
+    """json raises RecursionError, not ValueError, on deep nesting (untrusted input)."""
+    nested = '{"image": "a.png", "caption": ' + "[" * 100_000 + "}"
+    path = write_jsonl(tmp_path / "d.jsonl", [nested])
+    assert read_jsonl(path).skipped[0].reason.startswith("malformed line: maximum recursion")
+    members = {"k.png": png_bytes(pixels(0)), "k.json": nested.encode()}
+    shard = write_tar(tmp_path / "s.tar", members)
+    reason = read_webdataset(shard).skipped[0].reason
+    assert reason.startswith("malformed member: .json: maximum recursion")
+    (tmp_path / "c.json").write_text(nested)
+    with pytest.raises(DataError, match="c.json: not valid JSON: maximum recursion depth"):
+        read_coco_karpathy(tmp_path / "c.json")
+
 # ---------------------------------------------------------------------------------------------
 # CSV / TSV
 
@@ -322,6 +337,29 @@ def test_csv_row_problems(tmp_path: Path) -> None:
     ]
     with pytest.raises(DataError, match=f"{path}:3: empty caption: column 'title'"):
         read_csv(path, strict=True)
+
+
+def test_csv_row_with_bad_bytes_is_skipped_alone(tmp_path: Path) -> None:
+    write_png(tmp_path / "a.png", 0)
+    write_png(tmp_path / "b.png", 1)
+    path = tmp_path / "c.csv"
+    path.write_bytes(b"filepath,title\na.png,caf\xe9 latin-1\nb.png,ok\na.png,caf\xc3\xa9 utf-8\n")
+    ds = read_csv(path)
+    assert [ds.captions(i) for i in range(len(ds))] == [["ok"], ["caf\u00e9 utf-8"]]
+    assert ds.skipped == [Skipped(f"{path}:2", "malformed row: not UTF-8")]
+    with pytest.raises(DataError, match=f"^{path}:2: malformed row: not UTF-8$"):
+        read_csv(path, strict=True)
+    path.write_bytes(b"filepath,title,caf\xe9\na.png,ok,x\n")
+    with pytest.raises(DataError, match=f"^{path}:1: header is not UTF-8$"):
+        read_csv(path)
+
+
+def test_caption_that_is_not_unicode_is_skipped(tmp_path: Path) -> None:
+    write_png(tmp_path / "a.png", 0)
+    path = write_jsonl(tmp_path / "d.jsonl", ['{"image": "a.png", "caption": "bad \\udcff"}'])
+    assert read_jsonl(path).skipped == [
+        Skipped(f"{path}:1", "bad field: 'caption' is not valid Unicode (a lone surrogate)")
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +444,212 @@ def test_image_folder(tmp_path: Path) -> None:
     assert [s.source for s in ds.skipped] == [str(tmp_path / "cat" / "notes.txt")]
     with pytest.raises(DataError, match="notes.txt: not an image"):
         read_image_folder(tmp_path, strict=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# confinement: listed images must lie inside a root folder
+
+
+def escaping_images(tmp_path: Path) -> tuple[Path, list[str]]:
+    """`tmp_path/data/` (the data set) and `tmp_path/secret.png` outside it; returns the data
+    folder and four ways its listings reach the secret: ../, an absolute path, a symlinked file
+    and a file in a symlinked folder. `data/ok.png` is inside."""
+    data = tmp_path / "data"
+    write_png(data / "ok.png", 0)
+    write_png(tmp_path / "secret.png", 1)
+    (data / "link.png").symlink_to(tmp_path / "secret.png")
+    (data / "linked_dir").symlink_to(tmp_path, target_is_directory=True)
+    absolute = str(tmp_path / "secret.png")
+    return data, ["../secret.png", absolute, "link.png", "linked_dir/secret.png"]
+
+
+def listed(paths: list[str]) -> list[dict[str, str]]:
+    return [{"image": p, "caption": "c"} for p in paths]
+
+
+def assert_confined(ds, data: Path, escapes: list[str], where: list[str]) -> None:
+    assert len(ds) == 1 and ds[0].source == str(data / "ok.png")
+    assert [s.source for s in ds.skipped] == where
+    root = data.resolve()
+    for skip, escape in zip(ds.skipped, escapes):
+        assert skip.reason == (f"path outside data set: {data / escape} is not inside {root}; "
+                               "set image_root (data.image_root) to allow it")
+
+
+def test_jsonl_and_csv_images_are_confined_to_the_listing_folder(tmp_path: Path) -> None:
+    data, escapes = escaping_images(tmp_path)
+    listing = write_jsonl(data / "d.jsonl", listed(["ok.png", *escapes]))
+    assert_confined(read_jsonl(listing), data, escapes, [f"{listing}:{n}" for n in range(2, 6)])
+    with pytest.raises(DataError, match=rf"^{listing}:2: path outside data set: .*secret.png is"):
+        read_jsonl(listing, strict=True)
+    assert len(read_jsonl(listing, image_root=tmp_path)) == 5  # an explicit root allows them
+    assert len(read_jsonl(listing, image_root="/")) == 5
+    write_jsonl(listing, listed(["nul\x00.png"]))
+    unusable = "bad field: unusable path " + repr(str(data / "nul\x00.png"))
+    assert read_jsonl(listing).skipped[0].reason == unusable
+    table = data / "c.tsv"
+    table.write_text("filepath\ttitle\n" + "".join(f"{p}\tc\n" for p in ["ok.png", *escapes]))
+    assert_confined(read_csv(table), data, escapes, [f"{table}:{n}" for n in range(3, 7)])
+    assert len(read_csv(table, image_root=tmp_path)) == 5
+    with pytest.raises(DataError, match="path outside data set"):
+        read_csv(table, strict=True)
+
+
+def test_coco_images_are_confined_to_the_image_root(tmp_path: Path) -> None:
+    data, escapes = escaping_images(tmp_path)
+    lavis = data / "lavis.json"
+    lavis.write_text(json.dumps(listed(["ok.png", *escapes])))
+    where = [f"{lavis}:[{i}]" for i in range(1, 5)]
+    assert_confined(read_coco_karpathy(lavis), data, escapes, where)
+    karpathy = data / "dataset_coco.json"
+    records = [{"filepath": folder, "filename": name, "split": "test", "sentences": [{"raw": "c"}]}
+               for folder, name in [("", p) for p in ["ok.png", *escapes]] + [("..", "secret.png")]]
+    karpathy.write_text(json.dumps({"images": records}))
+    ds = read_coco_karpathy(karpathy)
+    assert_confined(ds, data, escapes, [f"{karpathy}:images[{i}]" for i in range(1, 6)])
+    outside = f"path outside data set: {data / '..' / 'secret.png'} is not inside"
+    assert ds.skipped[4].reason.startswith(outside)  # through "filepath"
+    assert len(read_coco_karpathy(karpathy, image_root=data.resolve())) == 1
+    with pytest.raises(DataError, match=r"images\[1\]: path outside data set"):
+        read_coco_karpathy(karpathy, strict=True)
+
+
+def test_image_folder_refuses_symlinks_out(tmp_path: Path) -> None:
+    data, _ = escaping_images(tmp_path)
+    folder = tmp_path / "folder"
+    write_png(folder / "cat" / "1.png", 0)
+    (folder / "cat" / "2.png").symlink_to(tmp_path / "secret.png")
+    (folder / "dog").symlink_to(data, target_is_directory=True)  # a class folder that is a link
+    ds = read_image_folder(folder)
+    assert ds.classes == ["cat", "dog"] and len(ds) == 1
+    assert ds[0].source == str(folder / "cat" / "1.png")
+    outside = [folder / "cat" / "2.png", folder / "dog" / "link.png", folder / "dog" / "ok.png"]
+    assert [s.source for s in ds.skipped] == [str(p) for p in outside]
+    assert {s.reason.split(":")[0] for s in ds.skipped} == {"path outside data set"}
+    assert len(read_image_folder(folder, image_root=tmp_path)) == 4
+    with pytest.raises(DataError, match="2.png: path outside data set"):
+        read_image_folder(folder, strict=True)
+
+
+def test_open_dataset_passes_image_root_and_max_pixels_to_every_format(tmp_path: Path) -> None:
+    data, escapes = escaping_images(tmp_path)
+    write_jsonl(data / "val.jsonl", listed(["ok.png", *escapes]))
+    rows = "".join(f"{p},c\n" for p in ["ok.png", *escapes])
+    (data / "val.csv").write_text("filepath,title\n" + rows)
+    (data / "ann").mkdir()
+    (data / "ann" / "c.json").write_text(json.dumps(listed(["ok.png"])))
+    write_png(data / "folder" / "a" / "1.png", 0)
+    (data / "folder" / "a" / "2.png").symlink_to(tmp_path / "secret.png")
+    shapes_like_shards(data, "shards")
+    cases = [  # path, image_root, items by default, items with image_root
+        (data / "val.jsonl", tmp_path, 1, 5),
+        (data / "val.csv", tmp_path, 1, 5),
+        (data / "ann" / "c.json", data, 0, 1),  # COCO: image_root is also the base of paths
+        (data / "folder", tmp_path, 1, 2),
+        (data / "shards", tmp_path, 3, 3),  # webdataset: images in the shards, root ignored
+    ]
+    for path, root, default, allowed in cases:
+        assert len(open_dataset(path)) == default, path
+        ds = open_dataset(path, image_root=root, max_pixels=29)  # the images are 6x5 = 30 pixels
+        assert len(ds) == allowed, path
+        assert ds[0].reason.startswith("image too large: 6x5 pixels, cap 29"), path
+        assert isinstance(open_dataset(path, image_root=root, max_pixels=30)[0], Sample), path
+
+
+# ---------------------------------------------------------------------------------------------
+# decoding: pixel cap, EXIF orientation, load_image
+
+
+@pytest.fixture(scope="module")
+def pixel_bomb(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A black 9000x9000 1-bit PNG: a 10 KB file that decodes to 81 M pixels (243 MB as RGB)."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.png"
+    Image.new("1", (9000, 9000)).save(path)
+    assert path.stat().st_size < 20_000
+    return path
+
+
+def test_images_over_the_pixel_cap_are_skipped_before_decoding(
+    tmp_path: Path, pixel_bomb: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_png(tmp_path / "small.png", 0)
+    listing = write_jsonl(tmp_path / "d.jsonl", listed([str(pixel_bomb), "small.png"]))
+    ds = read_jsonl(listing, image_root="/", max_pixels=1_000_000)
+    too_large = "image too large: 9000x9000 pixels, cap 1000000 (data.max_pixels)"
+    with monkeypatch.context() as patch:  # pytest.fail is no Exception: _decode cannot catch it
+        patch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded"))
+        assert ds[0] == Skipped(str(pixel_bomb), too_large)
+    assert_image(ds[1], pixels(0))  # a normal image passes the cap
+    assert DEFAULT_MAX_PIXELS == 50_000_000
+    by_default = read_jsonl(listing, image_root="/")[0]
+    assert by_default.reason.startswith("image too large: 9000x9000 pixels, cap 50000000")
+    with pytest.raises(DataError, match=f"{pixel_bomb}: image too large"):
+        read_jsonl(listing, image_root="/", strict=True, max_pixels=1_000_000)[0]
+
+
+def test_exif_orientation_is_applied(tmp_path: Path) -> None:
+    """A 40x20 JPEG whose EXIF says "rotate 90 degrees clockwise to view" (orientation 6)."""
+    stored = np.zeros((20, 40, 3), dtype=np.uint8)
+    stored[:, 20:] = 255  # left half black, right half white
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(tmp_path / "phone.jpg", exif=exif.tobytes(), quality=95)
+    listing = write_jsonl(tmp_path / "d.jsonl", listed(["phone.jpg"]))
+    image = read_jsonl(listing)[0].image
+    assert image.size == (20, 40)  # width x height: upright
+    upright = np.asarray(image).astype(int)
+    assert upright[:15].mean() < 30 and upright[25:].mean() > 225  # the left half is now on top
+    assert load_image(tmp_path / "phone.jpg").size == (20, 40)
+
+
+def test_load_image(tmp_path: Path, pixel_bomb: Path) -> None:
+    expected = write_png(tmp_path / "a.png", 0)
+    image = load_image(tmp_path / "a.png")
+    assert image.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(image), expected)
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
+    for name, reason in [("bad.png", "corrupt image: UnidentifiedImageError: cannot identify"),
+                         ("gone.png", "missing image: no such file"),
+                         ("a.png", "image too large: 6x5 pixels, cap 29")]:
+        with pytest.raises(DataError, match=f"^{tmp_path / name}: {reason}"):
+            load_image(tmp_path / name, max_pixels=29)
+    with pytest.raises(DataError, match=f"^{pixel_bomb}: image too large: 9000x9000 pixels, cap 5"):
+        load_image(pixel_bomb)
+
+
+def test_caption_command_skips_bad_images(tmp_path: Path) -> None:
+    """`vlp caption` reports a bad image on stderr and captions the rest; it fails only when no
+    image is left. The model is a tiny BLIP with random weights: any caption will do."""
+    from typer.testing import CliRunner
+
+    import vlp
+    from tests.test_fusion_models import TEXT, model_config
+    from vlp.cli import app
+    from vlp.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(["a red circle", "a blue square left of a circle"], vocab_size=60)
+    torch.manual_seed(0)
+    text = {**TEXT, "vocab_size": tokenizer.vocab_size}
+    config = model_config("blip", text=text, tokens=tokenizer.special_ids())
+    model = vlp.create_model("blip", config)
+    model.tokenizer = tokenizer
+    run = vlp.save(model, tmp_path / "run")
+    good, bad, gone = tmp_path / "good.png", tmp_path / "bad.png", tmp_path / "gone.png"
+    write_png(good, 0)
+    bad.write_bytes(b"not an image")
+    runner = CliRunner()
+    result = runner.invoke(app, ["caption", str(run), str(bad), str(good), str(gone),
+                                 "--decoding", "greedy"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.startswith(f"{good}\t") and result.stdout.count("\n") == 1
+    assert result.stderr.splitlines() == [
+        f"skipped {bad}: corrupt image: UnidentifiedImageError: cannot identify image file "
+        + repr(str(bad)),
+        f"skipped {gone}: missing image: no such file",
+    ]
+    result = runner.invoke(app, ["caption", str(run), str(bad)])
+    assert result.exit_code == 1 and result.stdout == ""
+    assert "bad.png: corrupt image" in result.stderr and "no image could be read" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

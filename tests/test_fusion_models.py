@@ -318,5 +318,5 @@ def test_fine_tuning_entry_points(tmp_path, fusion_config, shapes_dir):
     result = runner.invoke(app, ["eval", str(tmp_path / "blip_vqa"), "--no-report"])
     assert result.exit_code == 0, result.output
     results = json.loads((tmp_path / "blip_vqa" / "eval.json").read_text())
-    assert set(results) == {"data", "vqa"}
+    assert set(results) == {"data", "vqa", "skipped"}
     assert {"accuracy", "accuracy_color", "accuracy_count", "accuracy_relation"} <= set(results["vqa"])

@@ -133,6 +133,23 @@ def test_ddp_ranks_report_their_skips_and_drop_a_batch_together(tmp_path):
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
 
+def test_training_confines_listed_images_to_data_image_root(tmp_path):
+    (tmp_path / "data").mkdir()
+    write_jsonl_data(tmp_path / "data", 4)
+    Image.new("RGB", (32, 32)).save(tmp_path / "outside.png")
+    with open(tmp_path / "data" / "train.jsonl", "a") as f:
+        f.write('{"image": "../outside.png", "caption": "a picture from elsewhere"}\n')
+    cfg = config_for(tmp_path, steps=1)
+    confined = Trainer(cfg, tmp_path / "confined", progress=False)
+    confined.close()
+    assert [s.reason.split(":")[0] for s in confined.dataset.skipped] == ["path outside data set"]
+    cfg.data.image_root, cfg.data.max_pixels = str(tmp_path), 32 * 32 - 1
+    widened = Trainer(cfg, tmp_path / "widened", progress=False)
+    widened.close()
+    assert len(widened.dataset) == 5 and widened.dataset.skipped == []
+    assert widened.dataset[0].reason.startswith("image too large: 32x32 pixels")
+
+
 def test_strict_mode_names_the_corrupt_file(tmp_path):
     (tmp_path / "data").mkdir()
     write_jsonl_data(tmp_path / "data", 20, corrupt=set(range(20)) - {3})

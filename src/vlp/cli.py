@@ -186,18 +186,28 @@ def caption(
     decoding: Annotated[str, typer.Option(help="beam (3 beams), greedy or nucleus (top-p 0.9).")] = "beam",
     prompt: Annotated[Optional[str], typer.Option(help="Text the caption starts with (default: the run's).")] = None,
 ) -> None:
-    """Print a caption for each image."""
-    from PIL import Image
+    """Print a caption for each image; one that cannot be read is skipped with a line on stderr.
 
+    Exits non-zero only when no image could be read.
+    """
     import vlp
+    from vlp.data.formats import load_image
+    from vlp.data.sample import DataError
     from vlp.data.transforms import model_images
 
+    loaded = []
+    for path in images:
+        try:
+            loaded.append((path, load_image(path)))
+        except DataError as err:  # "path: reason"
+            typer.echo(f"skipped {err}", err=True)
+    if not loaded:
+        typer.echo("no image could be read", err=True)
+        raise typer.Exit(1)
     model = vlp.load(run)
-    missing = [str(p) for p in images if not p.is_file()]
-    if missing:
-        raise typer.BadParameter(f"no such image file: {', '.join(missing)}")
-    batch = model_images(model, [Image.open(p) for p in images])
-    for path, text in zip(images, vlp.caption(model, batch, prompt=prompt, **decoding_options(decoding))):
+    batch = model_images(model, [image for _, image in loaded])
+    texts = vlp.caption(model, batch, prompt=prompt, **decoding_options(decoding))
+    for (path, _), text in zip(loaded, texts):
         typer.echo(f"{path}\t{text}")
 
 

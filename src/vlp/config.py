@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 CONFIG_DIR = Path(__file__).parent / "configs"
+DEFAULT_MAX_PIXELS = 50_000_000  # about 7000 x 7000: larger images are skipped, never decoded
 
 
 class ConfigError(ValueError):
@@ -38,7 +39,7 @@ class DataConfig:
     # Listed image paths must lie inside this folder (default: the listing's own folder); set it
     # to an absolute folder (even "/") to read images listed elsewhere. See docs/reliability.md.
     image_root: str | None = None
-    max_pixels: int = 50_000_000  # larger images are skipped, not decoded (decompression bombs)
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped, not decoded (pixel bombs)
 
     def __post_init__(self) -> None:
         _check_bounds(self, "data", positive=("batch_size", "max_pixels"), non_negative=("workers",))

@@ -12,11 +12,22 @@ captions and metadata. Supported formats:
 `open_dataset` picks the right reader for a path.
 
 Problems are found at two moments. While reading the listing (a malformed line, a missing field,
-an empty caption, a listed image that does not exist) the entry is left out and recorded in
-`dataset.skipped`. While decoding (bytes PIL cannot read, a file that vanished) `dataset[i]`
-returns a `Skipped` record instead of a `Sample`. With `strict=True` both raise `DataError`.
-Every `Skipped.reason` reads "<kind>: <detail>" (e.g. "empty caption: field 'caption'"), so
-`format_skips` can count skips by kind.
+an empty caption, a row that is not UTF-8, a listed image that does not exist or lies outside
+the data set) the entry is left out and recorded in `dataset.skipped`. While decoding (bytes
+Pillow cannot read, whatever it raises; a file that vanished; an image over the pixel cap)
+`dataset[i]` returns a `Skipped` record instead of a `Sample`. With `strict=True` both raise
+`DataError`. Every `Skipped.reason` reads "<kind>: <detail>" (e.g. "empty caption: field
+'caption'"), so `format_skips` can count skips by kind. Only a file that cannot be read at all (a
+JSON document that does not parse, a CSV header without the needed columns, no shards) raises
+`DataError` in every mode.
+
+Listings are untrusted input. Every listed image must resolve, symlinks followed, inside a root
+folder: by default the listing's own folder (COCO: `image_root`, default the JSON's folder; image
+folders: the folder itself). Passing `image_root` (any absolute folder, even "/") is how a user
+allows images elsewhere; other paths are skipped as "path outside data set". Images are decoded
+only if width x height <= `max_pixels` (`DEFAULT_MAX_PIXELS`), checked from the header before any
+pixel is decoded, so a small file cannot expand to gigabytes (a "pixel bomb"). Decoding applies
+the EXIF orientation (phone photos), so what the model sees is what a viewer shows.
 """
 
 from __future__ import annotations
@@ -27,6 +38,7 @@ import glob
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterable
@@ -35,13 +47,15 @@ from pathlib import Path
 from typing import Any
 
 import braceexpand
-from PIL import Image
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
+from vlp.config import DEFAULT_MAX_PIXELS
 from vlp.data.sample import DataError, Sample, Skipped
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PathLike = str | os.PathLike
+_SURROGATES = re.compile("[\ud800-\udfff]")  # in str from bytes that were not UTF-8
 
 
 @dataclass(slots=True)
@@ -64,7 +78,8 @@ class _Bad(Exception):
 class CaptionDataset(Dataset):
     """Images with captions and metadata, addressable by index; images decode on access.
 
-    Built by the `read_*` functions. `captions(i)` and `meta(i)` never decode an image.
+    Built by the `read_*` functions. `captions(i)` and `meta(i)` never decode an image; images
+    over `max_pixels` pixels are skipped without being decoded.
     """
 
     def __init__(
@@ -74,12 +89,14 @@ class CaptionDataset(Dataset):
         skipped: list[Skipped],
         strict: bool = False,
         classes: list[str] | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ):
         self.entries = entries
         self.source = source
         self.skipped = skipped
         self.strict = strict
         self.classes = classes or []
+        self.max_pixels = max_pixels
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -87,11 +104,9 @@ class CaptionDataset(Dataset):
     def __getitem__(self, i: int) -> Sample | Skipped:
         entry = self.entries[i]
         try:
-            image = _decode(entry.image)
-        except FileNotFoundError:
-            return self._decode_failure(entry.source, "missing image: file vanished after indexing")
-        except (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError) as exc:
-            return self._decode_failure(entry.source, f"corrupt image: {exc}")
+            image = _decode(entry.image, self.max_pixels)
+        except _Bad as bad:
+            return self._decode_failure(entry.source, str(bad))
         return Sample(image, list(entry.captions), copy.deepcopy(entry.meta), entry.source)
 
     def captions(self, i: int) -> list[str]:
@@ -111,16 +126,44 @@ class CaptionDataset(Dataset):
         return Skipped(source, reason)
 
 
-def _decode(image: str | bytes) -> Image.Image:
-    with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
-        return img.convert("RGB")
+def _decode(image: str | bytes, max_pixels: int) -> Image.Image:
+    """An image file or bytes as RGB, EXIF orientation applied; _Bad if it cannot be.
+
+    The pixel cap is checked on the header, before decoding. The bytes are untrusted: Pillow's
+    many format plugins raise many exception types on malformed input (a DDS file renamed .png
+    raises NotImplementedError), so any exception is a corrupt image, not a crash.
+    """
+    try:
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as img:
+            if img.width * img.height > max_pixels:
+                size = f"{img.width}x{img.height} pixels, cap {max_pixels} (data.max_pixels)"
+                raise _Bad("image too large", size)
+            ImageOps.exif_transpose(img, in_place=True)
+            return img.convert("RGB")
+    except _Bad:
+        raise
+    except FileNotFoundError:
+        raise _Bad("missing image", "no such file") from None
+    except Image.DecompressionBombError as exc:  # over Pillow's own limit, above any cap we allow
+        raise _Bad("image too large", str(exc)) from None
+    except Exception as exc:
+        raise _Bad("corrupt image", f"{type(exc).__name__}: {exc}") from None
+
+
+def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """One image file as RGB, decoded exactly as the readers decode their images (EXIF
+    orientation applied, `max_pixels` cap); DataError "path: reason" if it cannot be."""
+    try:
+        return _decode(str(path), max_pixels)
+    except _Bad as bad:
+        raise DataError(f"{path}: {bad}") from None
 
 
 class _Listing:
     """Collects entries while a reader walks a listing; handles problems per strict mode."""
 
-    def __init__(self, strict: bool):
-        self.strict = strict
+    def __init__(self, strict: bool, max_pixels: int):
+        self.strict, self.max_pixels = strict, max_pixels
         self.entries: list[_Entry] = []
         self.skipped: list[Skipped] = []
 
@@ -137,7 +180,9 @@ class _Listing:
         self.skipped.append(Skipped(where, reason))
 
     def dataset(self, source: PathLike, classes: list[str] | None = None) -> CaptionDataset:
-        return CaptionDataset(self.entries, str(source), self.skipped, self.strict, classes)
+        return CaptionDataset(
+            self.entries, str(source), self.skipped, self.strict, classes, self.max_pixels
+        )
 
 
 def _clean_captions(value: Any, field: str) -> list[str]:
@@ -146,20 +191,41 @@ def _clean_captions(value: Any, field: str) -> list[str]:
         value = [value]
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
         raise _Bad("bad field", f"{field!r} must be a string or a list of strings")
+    if any(_SURROGATES.search(c) for c in value):
+        raise _Bad("bad field", f"{field!r} is not valid Unicode (a lone surrogate)")
     captions = [c.strip() for c in value if c.strip()]
     if not captions:
         raise _Bad("empty caption", f"field {field!r} has no non-empty caption")
     return captions
 
 
-def _image_path(base: Path, value: Any, field: str) -> str:
-    """Resolve a listed image path against `base`; _Bad if it is not a string or not a file."""
+def _image_path(base: Path, value: Any, field: str, root: Path) -> str:
+    """Resolve a listed image path against `base`; _Bad if it is not a string, lies outside
+    `root` (a real path, see `_real`) or is not a file."""
     if not isinstance(value, str) or not value:
         raise _Bad("bad field", f"{field!r} must be a non-empty path")
     path = base / value  # an absolute value replaces base
+    _confine(path, root)
     if not path.is_file():
         raise _Bad("missing image", str(path))
     return str(path)
+
+
+def _real(folder: PathLike) -> Path:
+    """The root that listed images must lie in, as a real path (symlinks resolved)."""
+    return Path(os.path.realpath(folder))
+
+
+def _confine(path: Path, root: Path) -> None:
+    """_Bad unless `path`, symlinks followed, lies inside `root` (from `_real`): a listing must
+    not reach files elsewhere on the machine through `../`, an absolute path or a symlink."""
+    try:
+        inside = Path(os.path.realpath(path)).is_relative_to(root)
+    except ValueError:  # a NUL byte or a lone surrogate: no file has this name
+        raise _Bad("bad field", f"unusable path {str(path)!r}") from None
+    if not inside:
+        detail = f"{path} is not inside {root}; set image_root (data.image_root) to allow it"
+        raise _Bad("path outside data set", detail)
 
 
 def _require(record: dict[str, Any], field: str) -> Any:
@@ -177,6 +243,7 @@ def read_webdataset(
     strict: bool = False,
     image_keys: tuple[str, ...] = ("png", "jpg", "jpeg", "webp"),
     text_keys: tuple[str, ...] = ("json", "txt"),
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> CaptionDataset:
     """Read webdataset tar shards: a directory of .tar files, a glob, a brace pattern
     (`shard-{000000..000003}.tar`), a single path, or a list of any of these.
@@ -189,7 +256,7 @@ def read_webdataset(
     few GB of images); stream larger ones with the `webdataset` library instead.
     """
     shards = _resolve_shards(urls)
-    listing = _Listing(strict)
+    listing = _Listing(strict, max_pixels)
     for shard in shards:
         for key, members in _read_tar(shard, set(image_keys) | set(text_keys), listing).items():
             where = f"{shard}#{key}"
@@ -233,8 +300,8 @@ def _resolve_shards(urls: PathLike | list[PathLike]) -> list[str]:
 def _read_tar(shard: str, wanted: set[str], listing: _Listing) -> dict[str, dict[str, bytes]]:
     """Members of one shard grouped by key: {key: {extension: bytes}} (wanted extensions only).
 
-    A shard that cannot be read (truncated, not a tar) is recorded as a skip; the groups read
-    before the failure are kept.
+    A shard that cannot be read (truncated, not a tar, any exception of `tarfile` on malformed
+    bytes) is recorded as a skip; the groups read before the failure are kept.
     """
     groups: dict[str, dict[str, bytes]] = {}
     try:
@@ -247,8 +314,8 @@ def _read_tar(shard: str, wanted: set[str], listing: _Listing) -> dict[str, dict
                 group = groups.setdefault(f"{folder}/{stem}" if folder else stem, {})
                 if extension.lower() in wanted:
                     group[extension.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as exc:
-        listing.skip(shard, f"corrupt shard: {exc}")
+    except Exception as exc:  # untrusted bytes: tarfile raises more than TarError
+        listing.skip(shard, f"corrupt shard: {type(exc).__name__}: {exc}")
     return groups
 
 
@@ -267,7 +334,7 @@ def _tar_entry(
     try:
         text = members[text_key].decode("utf-8")
         record = json.loads(text) if text_key == "json" else {"caption": text}
-    except ValueError as exc:  # bad UTF-8 or bad JSON
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
         raise _Bad("malformed member", f".{text_key}: {exc}") from None
     if not isinstance(record, dict):
         raise _Bad("malformed member", f".{text_key}: expected a JSON object")
@@ -285,36 +352,42 @@ def read_jsonl(
     strict: bool = False,
     image_key: str = "image",
     caption_key: str = "caption",
+    image_root: PathLike | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> CaptionDataset:
     """Read one JSON object per line: {"image": path, "caption": str | [str], ...meta}.
 
-    Image paths are relative to the JSONL file's directory (absolute paths are kept). All other
-    fields become the item's metadata. Blank lines are ignored.
+    Image paths are relative to the JSONL file's directory (absolute paths are kept) and must lie
+    inside `image_root` (default: that directory). All other fields become the item's metadata.
+    Blank lines are ignored.
     """
     path = Path(path)
-    listing = _Listing(strict)
+    root = _real(path.parent if image_root is None else image_root)
+    listing = _Listing(strict, max_pixels)
     with open(path, "rb") as f:
         for line_number, line in enumerate(f, start=1):
             if line.strip():
                 where = f"{path}:{line_number}"
-                listing.add(where, _jsonl_entry, line, path.parent, image_key, caption_key)
+                listing.add(where, _jsonl_entry, line, path.parent, image_key, caption_key, root)
     return listing.dataset(path)
 
 
-def _jsonl_entry(line: bytes, base: Path, image_key: str, caption_key: str) -> _Entry:
+def _jsonl_entry(line: bytes, base: Path, image_key: str, caption_key: str, root: Path) -> _Entry:
     try:
         record = json.loads(line)
-    except ValueError as exc:  # bad UTF-8 or bad JSON
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
         raise _Bad("malformed line", str(exc)) from None
     if not isinstance(record, dict):
         raise _Bad("malformed line", f"expected a JSON object, got {type(record).__name__}")
-    return _record_entry(record, base, image_key, caption_key)
+    return _record_entry(record, base, image_key, caption_key, root)
 
 
-def _record_entry(record: dict[str, Any], base: Path, image_key: str, caption_key: str) -> _Entry:
+def _record_entry(
+    record: dict[str, Any], base: Path, image_key: str, caption_key: str, root: Path
+) -> _Entry:
     """An entry from a {image_key: path, caption_key: str | [str], ...meta} record."""
     captions = _clean_captions(_require(record, caption_key), caption_key)
-    image = _image_path(base, _require(record, image_key), image_key)
+    image = _image_path(base, _require(record, image_key), image_key, root)
     meta = {k: v for k, v in record.items() if k not in (image_key, caption_key)}
     return _Entry(image, captions, meta, image)
 
@@ -329,17 +402,25 @@ def read_csv(
     image_key: str = "filepath",
     caption_key: str = "title",
     sep: str | None = None,
+    image_root: PathLike | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> CaptionDataset:
     """Read an open_clip style CSV/TSV with a header row, one row per caption.
 
     `sep` defaults to a tab for .tsv files and for .csv files whose header contains a tab, else
     a comma. Rows with the same image path become one item with several captions (file order).
-    Image paths are relative to the file's directory. Other columns of an image's first row
-    become its metadata. A missing column always raises DataError: the file is unusable.
+    Image paths are relative to the file's directory and must lie inside `image_root` (default:
+    that directory). Other columns of an image's first row become its metadata. A row with bytes
+    that are not UTF-8 is skipped. A missing column, or a header that is not UTF-8, always
+    raises DataError: the file is unusable.
     """
     path = Path(path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
+    root = _real(path.parent if image_root is None else image_root)
+    # surrogateescape: a bad byte becomes a lone surrogate, found per row (not failing the file)
+    with open(path, newline="", encoding="utf-8-sig", errors="surrogateescape") as f:
         header = f.readline()
+        if _SURROGATES.search(header):
+            raise DataError(f"{path}:1: header is not UTF-8")
         if sep is None:
             sep = "\t" if path.suffix.lower() == ".tsv" or "\t" in header else ","
         columns = next(csv.reader([header], delimiter=sep), [])
@@ -347,10 +428,10 @@ def read_csv(
             if column not in columns:
                 found = ", ".join(columns) or "nothing"
                 raise DataError(f"{path}:1: missing column {column!r} (header has {found})")
-        listing = _Listing(strict)
+        listing = _Listing(strict, max_pixels)
         groups = _group_csv_rows(path, f, sep, columns, image_key, caption_key, listing)
     for image, (where, captions, meta) in groups.items():
-        listing.add(where, _csv_entry, path.parent, image, captions, meta, image_key)
+        listing.add(where, _csv_entry, path.parent, image, captions, meta, image_key, root)
     return listing.dataset(path)
 
 
@@ -377,7 +458,7 @@ def _group_csv_rows(
                 listing.skip(where, str(bad))
                 continue
             groups.setdefault(image, (where, [], meta))[1].append(caption)
-    except (csv.Error, UnicodeDecodeError) as exc:
+    except csv.Error as exc:
         raise DataError(f"{path}:{rows.line_num + 1}: unreadable row: {exc}") from None
     return groups
 
@@ -386,6 +467,8 @@ def _csv_row(
     values: list[str], columns: list[str], image_key: str, caption_key: str
 ) -> tuple[str, str, dict[str, str]]:
     """(image, caption, other columns) of one row; _Bad if the row is malformed or empty."""
+    if any(_SURROGATES.search(v) for v in values):
+        raise _Bad("malformed row", "not UTF-8")
     if len(values) != len(columns):
         raise _Bad("malformed row", f"{len(values)} fields, the header has {len(columns)}")
     row = dict(zip(columns, values))
@@ -399,9 +482,9 @@ def _csv_row(
 
 
 def _csv_entry(
-    base: Path, image: str, captions: list[str], meta: dict[str, str], image_key: str
+    base: Path, image: str, captions: list[str], meta: dict[str, str], image_key: str, root: Path
 ) -> _Entry:
-    path = _image_path(base, image, image_key)
+    path = _image_path(base, image, image_key, root)
     return _Entry(path, captions, meta, path)
 
 
@@ -422,6 +505,7 @@ def read_coco_karpathy(
     split: str = "test",
     image_root: PathLike | None = None,
     strict: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
 ) -> CaptionDataset:
     """Read COCO-style captions in either common JSON layout.
 
@@ -430,21 +514,21 @@ def read_coco_karpathy(
     (b) BLIP/LAVIS annotations: [{"image": "val2014/x.jpg", "caption": str | [str],
         "image_id": ...}]; the file is already one split, so `split` is ignored.
 
-    Image paths are relative to `image_root` (default: the JSON file's directory). Ids go into
-    the metadata; both layouts set meta["image_id"].
+    Image paths are relative to `image_root` (default: the JSON file's directory) and must lie
+    inside it. Ids go into the metadata; both layouts set meta["image_id"].
     """
     path = Path(path)
     root = Path(image_root) if image_root is not None else path.parent
     try:
         data = json.loads(path.read_bytes())
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:
         raise DataError(f"{path}: not valid JSON: {exc}") from None
-    listing = _Listing(strict)
+    listing, allowed = _Listing(strict, max_pixels), _real(root)
     if isinstance(data, dict) and isinstance(data.get("images"), list):
-        _read_karpathy_images(path, data["images"], split, root, listing)
+        _read_karpathy_images(path, data["images"], split, root, allowed, listing)
     elif isinstance(data, list):
         for i, record in enumerate(data):
-            listing.add(f"{path}:[{i}]", _lavis_entry, record, root)
+            listing.add(f"{path}:[{i}]", _lavis_entry, record, root, allowed)
     else:
         raise DataError(
             f"{path}: expected Karpathy's {{'images': [...]}} "
@@ -454,21 +538,21 @@ def read_coco_karpathy(
 
 
 def _read_karpathy_images(
-    path: Path, images: list[Any], split: str, root: Path, listing: _Listing
+    path: Path, images: list[Any], split: str, root: Path, allowed: Path, listing: _Listing
 ) -> None:
     if split not in KARPATHY_SPLITS:
         expected = ", ".join(KARPATHY_SPLITS)
         raise DataError(f"{path}: unknown split {split!r}; expected one of {expected}")
     for i, record in enumerate(images):
         if isinstance(record, dict) and record.get("split") in KARPATHY_SPLITS[split]:
-            listing.add(f"{path}:images[{i}]", _karpathy_entry, record, root)
+            listing.add(f"{path}:images[{i}]", _karpathy_entry, record, root, allowed)
     if not listing.entries and not listing.skipped:
         found = sorted({str(r.get("split")) for r in images if isinstance(r, dict)})
         present = ", ".join(found)
         raise DataError(f"{path}: no images in split {split!r} (splits present: {present})")
 
 
-def _karpathy_entry(record: dict[str, Any], root: Path) -> _Entry:
+def _karpathy_entry(record: dict[str, Any], root: Path, allowed: Path) -> _Entry:
     sentences = _require(record, "sentences")
     if not isinstance(sentences, list) or not all(
         isinstance(s, dict) and "raw" in s for s in sentences
@@ -476,28 +560,34 @@ def _karpathy_entry(record: dict[str, Any], root: Path) -> _Entry:
         raise _Bad("bad field", "'sentences' must be a list of {'raw': caption}")
     captions = _clean_captions([s["raw"] for s in sentences], "sentences")
     folder = root / str(record.get("filepath", ""))
-    image = _image_path(folder, _require(record, "filename"), "filename")
+    image = _image_path(folder, _require(record, "filename"), "filename", allowed)
     meta = {k: record[k] for k in ("cocoid", "imgid", "sentids", "split") if k in record}
     meta["image_id"] = record.get("cocoid", record.get("imgid"))
     return _Entry(image, captions, meta, image)
 
 
-def _lavis_entry(record: Any, root: Path) -> _Entry:
+def _lavis_entry(record: Any, root: Path, allowed: Path) -> _Entry:
     if not isinstance(record, dict):
         raise _Bad("malformed record", f"expected a JSON object, got {type(record).__name__}")
-    return _record_entry(record, root, "image", "caption")
+    return _record_entry(record, root, "image", "caption", allowed)
 
 
 # ---------------------------------------------------------------------------------------------
 # image folder (classification)
 
 
-def read_image_folder(root: PathLike, strict: bool = False) -> CaptionDataset:
+def read_image_folder(
+    root: PathLike,
+    strict: bool = False,
+    image_root: PathLike | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> CaptionDataset:
     """Read `root/<class_name>/<image files>` (nested folders allowed) for classification.
 
     Items have no captions and meta {"label": class_name, "label_id": int}, classes sorted by
     name (`dataset.classes`). Files without an image extension are recorded as skipped; hidden
-    files are ignored.
+    files are ignored. Files must resolve inside `image_root` (default: `root`), so a symlink
+    to elsewhere is skipped unless `image_root` allows it.
     """
     root = Path(root)
     if not root.is_dir():
@@ -505,17 +595,20 @@ def read_image_folder(root: PathLike, strict: bool = False) -> CaptionDataset:
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
         raise DataError(f"{root}: no class subfolders found")
-    listing = _Listing(strict)
+    allowed = _real(root if image_root is None else image_root)
+    listing = _Listing(strict, max_pixels)
     for label_id, label in enumerate(classes):
         for path in sorted((root / label).rglob("*")):
-            if not path.is_file() or path.name.startswith("."):
-                continue
-            if path.suffix.lower() in IMAGE_EXTENSIONS:
-                meta = {"label": label, "label_id": label_id}
-                listing.entries.append(_Entry(str(path), [], meta, str(path)))
-            else:
-                listing.skip(str(path), f"not an image: extension {path.suffix or '(none)'!r}")
+            if path.is_file() and not path.name.startswith("."):
+                listing.add(str(path), _folder_entry, path, label, label_id, allowed)
     return listing.dataset(root, classes)
+
+
+def _folder_entry(path: Path, label: str, label_id: int, root: Path) -> _Entry:
+    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise _Bad("not an image", f"extension {path.suffix or '(none)'!r}")
+    _confine(path, root)
+    return _Entry(str(path), [], {"label": label, "label_id": label_id}, str(path))
 
 
 def _is_image_folder(path: Path) -> bool:
@@ -550,6 +643,8 @@ def open_dataset(
     split: str | None = None,
     format: str | None = None,
     strict: bool = False,
+    image_root: PathLike | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
     **reader_kwargs: Any,
 ) -> CaptionDataset:
     """Open `path` (a file or a directory) with the right reader, detected unless `format` is set.
@@ -558,7 +653,8 @@ def open_dataset(
     `{path}/{split}.csv`, `{path}/{split}.tsv` and `{path}/{split}/<class>/<images>`; without a
     split, for `{path}/*.tar` and `{path}/<class>/<images>`. A file is read by its extension
     (.tar, .jsonl, .csv/.tsv, .json = COCO; `split` is passed on to the COCO reader).
-    `reader_kwargs` go to the reader (see the `read_*` functions).
+    `image_root` and `max_pixels` go to every reader (webdataset shards hold their images, so
+    it ignores `image_root`); `reader_kwargs` go to the reader (see the `read_*` functions).
     """
     if format is not None and format not in READERS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(READERS)}")
@@ -575,7 +671,9 @@ def open_dataset(
         raise DataError(f"{path}: no such file or directory")
     if format == "coco_karpathy" and split is not None:
         reader_kwargs["split"] = split
-    return READERS[format](target, strict=strict, **reader_kwargs)
+    if format != "webdataset":
+        reader_kwargs["image_root"] = image_root
+    return READERS[format](target, strict=strict, max_pixels=max_pixels, **reader_kwargs)
 
 
 def _find_in_directory(path: Path, split: str | None, format: str | None) -> tuple[str, Path]:

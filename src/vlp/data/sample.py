@@ -33,3 +33,13 @@ class Skipped:
 
     source: str
     reason: str
+
+    def __post_init__(self) -> None:
+        # Names read from bytes that are not UTF-8 (tar members, file names) or from JSON's
+        # "\udXXX" escapes can hold lone surrogates, which cannot be printed or written as
+        # UTF-8 (the trainer's skip report would crash): keep them escaped, as "\udcff".
+        self.source, self.reason = _printable(self.source), _printable(self.reason)
+
+
+def _printable(text: str) -> str:
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")

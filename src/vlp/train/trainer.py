@@ -93,7 +93,8 @@ class Trainer:
         self.precision = resolve_precision(cfg.train.precision, self.device)
         data_path = Path(cfg.data.path)
         self.dataset = open_dataset(data_path, split=cfg.data.train_split, format=cfg.data.format,
-                                    strict=cfg.data.strict)
+                                    strict=cfg.data.strict, image_root=cfg.data.image_root,
+                                    max_pixels=cfg.data.max_pixels)
         if not len(self.dataset):
             raise DataError(f"{data_path}: no usable sample in split {cfg.data.train_split!r}; "
                             f"{format_skips(self.dataset.skipped)}")
