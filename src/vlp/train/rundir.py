@@ -59,15 +59,21 @@ def holds_run(run_dir: Path) -> bool:
 
 
 def start_fresh(run_dir: Path, overwrite: bool) -> None:
-    """Refuse a directory that holds a run, or with `overwrite` remove that run's files."""
+    """Refuse a directory that holds a run, or with `overwrite` remove that run's files. Each is
+    first moved whole into `.tmp_overwritten/` (a rename), so a kill never leaves half a
+    `checkpoints/` whose `latest` names a deleted step."""
+    trash = Path(run_dir) / ".tmp_overwritten"
+    shutil.rmtree(trash, ignore_errors=True)  # left by a kill during an earlier overwrite
     if not holds_run(run_dir):
         return
     if not overwrite:
         raise RunError(f"{run_dir} already holds a run: continue it with --resume, start it over with "
                        "--overwrite, or choose a fresh --out")
+    trash.mkdir()
     for name in RUN_FILES:
-        path = Path(run_dir) / name
-        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        if (Path(run_dir) / name).exists():
+            os.replace(Path(run_dir) / name, trash / name)
+    shutil.rmtree(trash)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import random
 import shutil
 import time
 from dataclasses import fields
@@ -103,6 +104,7 @@ class Trainer:
         dist.barrier()
         self.tokenizer = prepare_tokenizer(self.run_dir, data_path, self.dataset)
         torch.manual_seed(cfg.train.seed)
+        random.seed(cfg.train.seed)  # its state is checkpointed: two runs of one seed write the same files
         self.model = build_model(cfg, self.tokenizer).to(self.device)
         self.step, self.position = 0, 0  # optimizer steps; samples drawn from the stream
         if init is not None and not resume:
