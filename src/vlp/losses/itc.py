@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from vlp.losses.momentum import soft_itc_targets
-from vlp.train.distributed import all_gather_with_grad, gather_sizes, rank
+from vlp.distributed import all_gather_with_grad, gather_sizes, rank
 
 
 def dot_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

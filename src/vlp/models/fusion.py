@@ -29,7 +29,7 @@ from vlp.losses.momentum import FeatureQueue, alpha_ramp, ema_update
 from vlp.nn.heads import itm_head
 from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.vit import VisionConfig, VisionTransformer
-from vlp.train.distributed import all_gather_padded, all_gather_with_grad, gather_sizes, rank
+from vlp.distributed import all_gather_padded, all_gather_with_grad, gather_sizes, rank
 
 
 @dataclass

@@ -14,7 +14,7 @@ import time
 import torch
 from rich.console import Console
 
-from vlp.train import distributed as dist
+from vlp import distributed as dist
 
 console = Console(stderr=True)
 

@@ -36,7 +36,7 @@ from vlp.data.transforms import train_transform
 from vlp.models import create_model
 from vlp.models.registry import recipe_classes, text_config
 from vlp.train import checkpoint as ckpt
-from vlp.train import distributed as dist
+from vlp import distributed as dist
 from vlp.train import rundir
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
 from vlp.train.precision import resolve_device, resolve_precision

@@ -1,4 +1,5 @@
-"""Process-group helpers: the same entry point runs alone or under `torchrun` (gloo/NCCL)."""
+"""Process-group helpers, a base module every layer may use: the same entry point runs alone or
+under `torchrun` (gloo/NCCL)."""
 
 from __future__ import annotations
 
