@@ -190,7 +190,8 @@ def test_caption_and_qa_text_mixes_captions_and_written_questions(shapes_dir):
     one of its question-answer pairs written as BLIP-2's VQA prompt and the answer, the same
     every time it is drawn."""
     from vlp.data.formats import open_dataset
-    from vlp.data.loader import QA_PROMPT, TrainSet
+    from vlp.data.loader import TrainSet
+    from vlp.prompts import QA_PROMPT
 
     base = open_dataset(shapes_dir, split="train")
     mixed = TrainSet(base, None, seed=0, text="caption+qa")

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import vlp
 from vlp.cli import app
-from vlp.data.image_tokenizer import ImageTokenizer, patchify
+from vlp.nn.image_tokenizer import ImageTokenizer, patchify
 from vlp.losses.mim import block_mask
 
 TOKENS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}

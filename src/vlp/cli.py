@@ -72,11 +72,11 @@ def tokenizer_image(
     image_size: Annotated[int, typer.Option(help="Image side the model sees.")] = 64,
 ) -> None:
     """Fit the visual-token codebook for masked image modeling (k-means over patches; see
-    vlp.data.image_tokenizer for how it differs from BEiT v2's VQ-KD)."""
+    vlp.nn.image_tokenizer for how it differs from BEiT v2's VQ-KD)."""
     import torch
 
     from vlp.data.formats import open_dataset
-    from vlp.data.image_tokenizer import ImageTokenizer
+    from vlp.nn.image_tokenizer import ImageTokenizer
     from vlp.data.sample import Skipped
     from vlp.data.transforms import eval_transform
 

@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from vlp.data.formats import CaptionDataset
 from vlp.data.sample import Sample, Skipped
 from vlp.data.tokenizer import Tokenizer
+from vlp.prompts import QA_PROMPT
 
 
 def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
@@ -27,7 +28,6 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(f"{seed}:{epoch}:{index}")
 
 
-QA_PROMPT = "Question: {} Answer:"  # BLIP-2's zero-shot VQA prompt (Sec. 4.2); its answer follows
 TEXT_MODES = ("caption", "qa", "caption+qa")
 
 

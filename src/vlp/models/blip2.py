@@ -22,7 +22,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.data.loader import QA_PROMPT
 from vlp.losses.itc import itc_loss, max_query_similarity
 from vlp.losses.lm import lm_loss
 from vlp.models.blip import with_first_token
@@ -31,6 +30,7 @@ from vlp.models.registry import register
 from vlp.nn.heads import TokenPredictionHead, itm_head
 from vlp.nn.qformer import QFormer, QFormerConfig
 from vlp.nn.vit import VisionConfig, VisionTransformer
+from vlp.prompts import QA_PROMPT
 
 OBJECTIVES = ("itc", "itg", "itm")
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.data.image_tokenizer import ImageTokenizer
+from vlp.nn.image_tokenizer import ImageTokenizer
 from vlp.losses.itc import itc_loss
 from vlp.losses.mim import block_mask
 from vlp.losses.mlm import IGNORE, mask_caption, mlm_loss
