@@ -137,7 +137,7 @@ def test_captioning_checkpoint_converts_and_captions_from_the_command_line(tmp_p
 def test_vlp_blip_saves_for_transformers(tmp_path, tokenizer, task):
     """A vlp BLIP (ITC + ITM + LM, decoder sharing the encoder's weights) written as one of
     transformers' task models gives the same scores there."""
-    from vlp.train.trainer import build_model
+    from vlp.models.registry import build_model
     from vlp.config import RunConfig
 
     text = {"context_length": 32, "width": 32, "layers": 2, "heads": 2, "causal": False, "pool": "cls",

@@ -12,9 +12,9 @@ from torch import nn
 from vlp.config import RunConfig, from_dict, load_yaml, to_dict
 from vlp.data.tokenizer import Tokenizer
 from vlp.interop.pretrained import is_pretrained_dir, load_pretrained, save_hf
+from vlp.models.registry import build_model
 from vlp.train.checkpoint import load_weights, run_of, save_checkpoint, weights_of
 from vlp.train.rundir import RunError, holds_run
-from vlp.train.trainer import build_model
 
 
 def load(path: str | Path, device: str = "cpu", strict: bool = True) -> nn.Module:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -200,7 +201,8 @@ class RunConfig:
 
 
 def load_run_config(recipe: str | None = None, path: str | Path | None = None,
-                    overrides: list[str] | None = None, pretrained: dict[str, Any] | None = None) -> RunConfig:
+                    overrides: list[str] | None = None, pretrained: dict[str, Any] | None = None,
+                    model_fields: Callable[[str], set[str]] | None = None) -> RunConfig:
     """A run config from a YAML file (default: the named config's tiny.yaml) plus overrides.
 
     A shipped config may name another recipe: `configs/blip_caption/` fine-tunes `blip`.
@@ -208,6 +210,8 @@ def load_run_config(recipe: str | None = None, path: str | Path | None = None,
     file's, which then only needs what the fine-tuning changes; but the shipped config of the
     pretrained run's own recipe (`configs/clip/` to continue a `clip` run) describes a
     from-scratch architecture, so its model section is left out (overrides still apply).
+    `model_fields(recipe)` names a recipe's model config fields (`vlp.models.config_fields`);
+    it is needed when `pretrained` is of another recipe.
     """
     explicit = path is not None
     if path is None:
@@ -220,20 +224,22 @@ def load_run_config(recipe: str | None = None, path: str | Path | None = None,
         if explicit and data["recipe"] != recipe:
             raise ConfigError(f"{path}: config is for recipe {data['recipe']!r}, not {recipe!r}")
     if pretrained is not None:
-        data["model"] = _model_from_pretrained(pretrained, data, own=not explicit and data["recipe"] == recipe)
+        data["model"] = _model_from_pretrained(pretrained, data, not explicit and data["recipe"] == recipe,
+                                               model_fields)
     apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
 
 
-def _model_from_pretrained(pretrained: dict[str, Any], data: dict[str, Any], own: bool) -> dict[str, Any]:
+def _model_from_pretrained(pretrained: dict[str, Any], data: dict[str, Any], own: bool,
+                           model_fields: Callable[[str], set[str]] | None) -> dict[str, Any]:
     """The model section of a run that starts from `pretrained` (see `load_run_config`). From
     another recipe only the sections both configs have carry over (a CLIP's `vision` tower
     for BLIP-2)."""
-    from vlp.models.registry import recipe_classes
-
     base = pretrained.get("model") or {}
     if pretrained.get("recipe") != data["recipe"]:
-        fields = {f.name for f in dataclasses.fields(recipe_classes(data["recipe"])[1])}
+        if model_fields is None:
+            raise ValueError("load_run_config: a pretrained run of another recipe needs model_fields")
+        fields = model_fields(data["recipe"])
         base = {k: v for k, v in base.items() if k in fields}
     elif own:
         return dict(base)

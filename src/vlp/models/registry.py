@@ -1,12 +1,17 @@
-"""Recipe registry: a name -> (model class, config dataclass), filled by `@register`."""
+"""Recipe registry: a name -> (model class, config dataclass), filled by `@register`, and the
+one factory that builds a recipe's model (`create_model`, `build_model` for a run config)."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from dataclasses import fields
+from typing import TYPE_CHECKING, Any, Callable
 
 from torch import nn
 
-from vlp.config import from_dict
+from vlp.config import RunConfig, from_dict
+
+if TYPE_CHECKING:
+    from vlp.data.tokenizer import Tokenizer
 
 _RECIPES: dict[str, tuple[type[nn.Module], type]] = {}
 
@@ -32,12 +37,28 @@ def recipe_classes(name: str) -> tuple[type[nn.Module], type]:
     return _RECIPES[name]
 
 
+def config_fields(recipe: str) -> set[str]:
+    """The field names of a recipe's model config."""
+    return {f.name for f in fields(recipe_classes(recipe)[1])}
+
+
 def create_model(recipe: str, config: dict[str, Any] | Any | None = None) -> nn.Module:
     """Build a recipe's model from its config (a dataclass or a plain dict of its fields)."""
     model_cls, config_cls = recipe_classes(recipe)
     if not isinstance(config, config_cls):
         config = from_dict(config_cls, config, where="model.")
     return model_cls(config)
+
+
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> nn.Module:
+    """The model of a run config, its text vocabulary sized to the tokenizer (and, for recipes
+    that use special tokens such as [MASK] or [DEC], their ids in this vocabulary)."""
+    model_cls = recipe_classes(cfg.recipe)[0]
+    model_cfg, section = dict(cfg.model), getattr(model_cls, "text_section", "text")
+    model_cfg[section] = {**model_cfg.get(section, {}), "vocab_size": tokenizer.vocab_size}
+    if "tokens" in config_fields(cfg.recipe):
+        model_cfg["tokens"] = {**tokenizer.special_ids(), **model_cfg.get("tokens", {})}
+    return create_model(cfg.recipe, model_cfg)
 
 
 def text_config(model: nn.Module) -> Any:

@@ -16,27 +16,30 @@ import json
 import random
 import shutil
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from torch import nn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from torch.nn.parallel import DistributedDataParallel
 
+from vlp import distributed as dist
 from vlp.config import RunConfig, to_dict
 from vlp.data.formats import format_skips, open_dataset
 from vlp.data.loader import Collator, TrainSet, train_loader
 from vlp.data.sample import DataError, Skipped
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import train_transform
-from vlp.models import create_model
-from vlp.models.registry import recipe_classes, text_config
+from vlp.models.registry import build_model, config_fields, text_config
 from vlp.train import checkpoint as ckpt
-from vlp import distributed as dist
 from vlp.train import rundir
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
 from vlp.train.precision import resolve_device, resolve_precision
@@ -56,17 +59,6 @@ def prepare_tokenizer(run_dir: Path, data_path: Path, dataset) -> Tokenizer:
     if dist.is_main():
         tokenizer.save(run_dir / "tokenizer.json")
     return tokenizer
-
-
-def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> nn.Module:
-    """The recipe's model with its text vocabulary sized to the tokenizer (and, for recipes
-    that use special tokens such as [MASK] or [DEC], their ids in this vocabulary)."""
-    model_cls, config_cls = recipe_classes(cfg.recipe)
-    model_cfg, section = dict(cfg.model), getattr(model_cls, "text_section", "text")
-    model_cfg[section] = {**model_cfg.get(section, {}), "vocab_size": tokenizer.vocab_size}
-    if "tokens" in {f.name for f in fields(config_cls)}:
-        model_cfg["tokens"] = {**tokenizer.special_ids(), **model_cfg.get("tokens", {})}
-    return create_model(cfg.recipe, model_cfg)
 
 
 class Trainer:
@@ -332,5 +324,5 @@ def train_run(recipe: str, out: Path, config: Path | None = None, overrides: lis
         cfg = rundir.resume_config(Path(out), recipe, config, overrides, allow_changes)
     else:
         pretrained = load_yaml(ckpt.run_of(init) / "config.yaml") if init is not None else None
-        cfg = load_run_config(recipe, config, list(overrides or []), pretrained=pretrained)
+        cfg = load_run_config(recipe, config, list(overrides or []), pretrained=pretrained, model_fields=config_fields)
     return Trainer(cfg, out, resume=resume, init=init, progress=progress, overwrite=overwrite).fit()
