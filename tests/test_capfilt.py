@@ -181,3 +181,38 @@ def test_rank_mode_scores_candidates_with_a_clip_model(shapes_dir):
     torch.testing.assert_close(torch.tensor(scores[0]), expected, atol=1e-5, rtol=0)
     kept = select([{"score": s} for s in scores[0]], CapFiltOptions(mode="rank", keep=2))
     assert sum(kept) == 2 and not kept[int(torch.tensor(scores[0]).argmin())]
+
+
+def test_run_from_python_refuses_bad_arguments_first_then_writes_what_the_command_does(tmp_path, noisy_dir,
+                                                                                      monkeypatch):
+    """`run` without the CLI: the command's argument errors as ValueError before any work, then
+    the whole run (the fine-tuned models replaced by the known ones, so no training here)."""
+    import vlp
+    from vlp.apps import capfilt
+
+    def run(out, **kwargs):
+        return capfilt.run(tmp_path / "blip", noisy_dir, noisy_dir, out, progress=False, **kwargs)
+
+    for kwargs, message in [({"options": CapFiltOptions(mode="rank")}, "--mode rank needs --ranker"),
+                            ({"options": CapFiltOptions(method="greedy")}, "--method must be nucleus or beam"),
+                            ({"format": "parquet"}, "output format")]:
+        with pytest.raises(ValueError, match=message):
+            run(tmp_path / "boot", **kwargs)
+    with pytest.raises(ValueError, match="did not write"):
+        run(noisy_dir)
+    assert not (tmp_path / "boot").exists() and not (noisy_dir / "captioner").exists()
+    captioner, scorer, _ = known_models(open_dataset(noisy_dir, split="train"))
+    monkeypatch.setattr(capfilt, "fine_tune", lambda init, clean, out, steps, progress: (out / "c", out / "f"))
+    monkeypatch.setattr(vlp, "load", lambda path: path)
+    monkeypatch.setattr(capfilt, "model_captioner", lambda model, options: captioner)
+    monkeypatch.setattr(capfilt, "itm_scorer", lambda model: scorer)
+    stats, written = run(tmp_path / "boot", options=CapFiltOptions(limit=12))
+    lines = [json.loads(line) for line in written.read_text().splitlines()]
+    assert written == tmp_path / "boot" / "train.jsonl" and len(lines) == stats["images"] == 12
+    assert stats["web_removed"] == sum(line["noisy"] for line in lines) and stats["synthetic_added"] == 12
+    assert json.loads((tmp_path / "boot" / "capfilt.json").read_text()) == stats
+    assert (tmp_path / "boot" / "report.html").is_file()
+    for name in ("tokenizer.json", "info.json"):  # training on the output finds them
+        assert (tmp_path / "boot" / name).read_bytes() == (noisy_dir / name).read_bytes()
+    summary = capfilt.summary_lines(stats)
+    assert len(summary) == 3 and summary[0].startswith(f"{stats['web_removed']} of 12 web captions removed, ")

@@ -260,46 +260,19 @@ def capfilt(
     were removed and synthetic ones added, and (with the shapes world's noise flags) the filter's
     precision and recall; out/report.html has the precision/recall curve.
     """
-    import json
-
-    from rich.progress import MofNCompleteColumn, Progress
-
-    import vlp
     from vlp.apps import capfilt as cf
-    from vlp.data.formats import open_dataset
 
-    if mode == "rank" and ranker is None:
-        raise typer.BadParameter("--mode rank needs --ranker (a CLIP run)")
-    if method not in ("nucleus", "beam"):
-        raise typer.BadParameter(f"--method must be nucleus or beam, got {method!r}")
-    try:
-        cf.check_output(out, fmt)  # before any fine-tuning
-    except ValueError as err:
-        raise typer.BadParameter(str(err)) from err
     options = cf.CapFiltOptions(synthetic=synthetic, method=method, max_new_tokens=max_new_tokens,
                                 threshold=threshold, mode=mode, keep=keep, limit=limit, seed=seed)
-    captioner_run, filter_run = cf.fine_tune(init, clean, out, steps, progress)
-    scorer = cf.embedding_scorer(vlp.load(ranker)) if mode == "rank" else cf.itm_scorer(vlp.load(filter_run))
-    source = open_dataset(data, split="train")
-    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not progress) as bar:
-        task = bar.add_task("capfilt", total=min(len(source), limit or len(source)))
-        written = cf.bootstrap(source, out, cf.model_captioner(vlp.load(captioner_run), options), scorer, options,
-                               progress=lambda n: bar.advance(task, n), format=fmt)
-    for name in ("tokenizer.json", "info.json"):  # so that `vlp train --data OUT` finds them
-        if (data / name).is_file():
-            (out / name).write_bytes((data / name).read_bytes())
-    stats = cf.summarize(out)
-    (out / "capfilt.json").write_text(json.dumps(stats, indent=2))
-    typer.echo(f"{stats['web_removed']} of {stats['web_captions']} web captions removed, "
-               f"{stats['synthetic_added']} of {stats['synthetic_generated']} synthetic captions added, "
-               f"{stats['images_kept']} of {stats['images']} images kept")
-    if "filter_at_threshold" in stats:
-        chosen = stats["filter_at_threshold"]
-        typer.echo(f"filter on noisy web captions: precision {chosen['precision']:.1f} %, recall {chosen['recall']:.1f} %")
-    if "truth" in stats:
-        typer.echo(f"captions true of their image: {stats['truth']['web_true']:.1f} % of the web ones, "
-                   f"{stats['truth'].get('kept_true', 0.0):.1f} % of the kept ones")
-    typer.echo(f"data: {written}; report: {cf.write_report(out, stats)}")
+    try:
+        cf.check_run(out, options, ranker, fmt)  # before any fine-tuning
+    except ValueError as err:
+        raise typer.BadParameter(str(err)) from err
+    stats, written = cf.run(init, data, clean, out, steps=steps, options=options, ranker=ranker, format=fmt,
+                            progress=progress)
+    for line in cf.summary_lines(stats):
+        typer.echo(line)
+    typer.echo(f"data: {written}; report: {out / 'report.html'}")
 
 
 @app.command("report")

@@ -12,6 +12,9 @@ The output is a data set (`train.jsonl` with images under `images/`, or webdatas
 candidate with its `source` (web or synthetic), `score` and whether it was `kept`. Work is done
 in parts of `chunk` samples, each written atomically: a killed run continues where it stopped,
 with the same output (sampling is seeded per part).
+
+`run` is the whole of it as `vlp capfilt` does it (fine-tuning both models first); `bootstrap`
+takes any captioner and scorer.
 """
 
 from __future__ import annotations
@@ -329,3 +332,64 @@ def write_report(out: Path, stats: dict[str, Any]) -> Path:
     path = out / "report.html"
     path.write_text(f"<!doctype html><meta charset=utf-8><style>{STYLE}</style>{''.join(parts)}")
     return path
+
+
+def check_run(out: Path | str, options: CapFiltOptions, ranker: Path | str | None = None,
+              format: str = "jsonl") -> None:
+    """The argument errors `run` refuses before any work (fine-tuning takes a while): rank mode
+    without a ranker, an unknown caption method, and the output `check_output` refuses."""
+    if options.mode == "rank" and ranker is None:
+        raise ValueError("--mode rank needs --ranker (a CLIP run)")
+    if options.method not in ("nucleus", "beam"):
+        raise ValueError(f"--method must be nucleus or beam, got {options.method!r}")
+    check_output(Path(out), format)
+
+
+def run(init: Path | str, data: Path | str, clean: Path | str, out: Path | str, *, steps: int = 200,
+        options: CapFiltOptions | None = None, ranker: Path | str | None = None, format: str = "jsonl",
+        progress: bool = True) -> tuple[dict[str, Any], Path]:
+    """CapFilt end to end, as `vlp capfilt` runs it: fine-tune the captioner and the filter from
+    `init` on `clean` (`fine_tune`, runs under `out`), bootstrap the train split of `data` into
+    `out` (in `format`) with them, or with the CLIP run `ranker` as scorer in rank mode, copy
+    the source's tokenizer.json and info.json (so that training on `out` finds them), and write
+    out/capfilt.json (the `summarize` stats) and out/report.html. Resumable like `bootstrap`.
+    Raises ValueError for invalid arguments (`check_run`) before any work. Returns the stats and
+    the path of the written split."""
+    from rich.progress import MofNCompleteColumn, Progress
+
+    import vlp
+    from vlp.data.formats import open_dataset
+
+    options = options or CapFiltOptions()
+    data, out = Path(data), Path(out)
+    check_run(out, options, ranker, format)
+    captioner_run, filter_run = fine_tune(Path(init), Path(clean), out, steps, progress)
+    scorer = embedding_scorer(vlp.load(ranker)) if options.mode == "rank" else itm_scorer(vlp.load(filter_run))
+    source = open_dataset(data, split="train")
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not progress) as bar:
+        task = bar.add_task("capfilt", total=min(len(source), options.limit or len(source)))
+        written = bootstrap(source, out, model_captioner(vlp.load(captioner_run), options), scorer, options,
+                            progress=lambda n: bar.advance(task, n), format=format)
+    for name in ("tokenizer.json", "info.json"):  # so that `vlp train --data OUT` finds them
+        if (data / name).is_file():
+            (out / name).write_bytes((data / name).read_bytes())
+    stats = summarize(out)
+    (out / "capfilt.json").write_text(json.dumps(stats, indent=2))
+    write_report(out, stats)
+    return stats, written
+
+
+def summary_lines(stats: dict[str, Any]) -> list[str]:
+    """What `vlp capfilt` prints of the `summarize` stats: the counts, and the filter's precision
+    and recall and the % of true captions where the source says (shapes world)."""
+    lines = [(f"{stats['web_removed']} of {stats['web_captions']} web captions removed, "
+              f"{stats['synthetic_added']} of {stats['synthetic_generated']} synthetic captions added, "
+              f"{stats['images_kept']} of {stats['images']} images kept")]
+    if "filter_at_threshold" in stats:
+        chosen = stats["filter_at_threshold"]
+        lines.append(f"filter on noisy web captions: precision {chosen['precision']:.1f} %, "
+                     f"recall {chosen['recall']:.1f} %")
+    if "truth" in stats:
+        lines.append(f"captions true of their image: {stats['truth']['web_true']:.1f} % of the web ones, "
+                     f"{stats['truth'].get('kept_true', 0.0):.1f} % of the kept ones")
+    return lines
