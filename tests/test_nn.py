@@ -1,8 +1,11 @@
+import math
+
 import pytest
 import torch
 
 from vlp.config import ConfigError, apply_overrides, from_dict, load_run_config
 from vlp.nn.attention import KVCache, causal_mask
+from vlp.nn.heads import clamped_scale, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer, tie_except_self_attention
 from vlp.nn.vit import VisionConfig, VisionTransformer
 
@@ -136,3 +139,14 @@ def test_decoder_shares_all_but_self_attention():
     separate = {name for name, p in decoder.named_parameters() if id(p) not in enc_params}
     assert separate and all(".attn." in name or ".norm1." in name for name in separate)
     assert len(separate) == 3 * 6  # per layer: qkv and out (weight, bias), norm1 (weight, bias)
+
+
+def test_contrastive_temperature_starts_at_clip_value_and_is_clamped():
+    """CLIP Sec. 2.5: T = 0.07 at the start (a logit scale of 1/0.07), the scale clamped."""
+    logit_scale = log_temperature(0.07)
+    assert isinstance(logit_scale, torch.nn.Parameter) and logit_scale.shape == ()
+    torch.testing.assert_close(clamped_scale(logit_scale, 100.0), torch.tensor(1 / 0.07))
+    with torch.no_grad():
+        logit_scale.fill_(math.log(500.0))
+    assert clamped_scale(logit_scale, 100.0).item() == 100.0
+    torch.testing.assert_close(clamped_scale(logit_scale, 1000.0), torch.tensor(500.0))

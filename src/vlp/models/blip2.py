@@ -13,7 +13,6 @@ attention mask (`vlp.nn.qformer.qformer_mask`):
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +26,7 @@ from vlp.losses.lm import lm_loss
 from vlp.models.blip import with_first_token
 from vlp.models.fusion import itm_inputs
 from vlp.models.registry import register
-from vlp.nn.heads import TokenPredictionHead, itm_head
+from vlp.nn.heads import TokenPredictionHead, clamped_scale, itm_head, log_temperature
 from vlp.nn.qformer import QFormer, QFormerConfig
 from vlp.nn.vit import VisionConfig, VisionTransformer
 from vlp.prompts import QA_PROMPT
@@ -42,6 +41,7 @@ class BLIP2Config:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)
     embed_dim: int = 256
     init_temperature: float = 0.07
+    max_logit_scale: float = 100.0  # CLIP's clamp (Sec. 2.5)
     hard_negatives: bool = True
     label_smoothing: float = 0.1
     objectives: tuple[str, ...] = OBJECTIVES
@@ -94,7 +94,7 @@ class BLIP2Stage1(QueryingModel):
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = itm_head(width)
         self.lm_head = TokenPredictionHead(width, self.qformer.text.token_embed, cfg.qformer.act, cfg.qformer.eps)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.logit_scale = log_temperature(cfg.init_temperature)
         self.has_unused_parameters = self.objectives != set(OBJECTIVES)
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
@@ -106,7 +106,7 @@ class BLIP2Stage1(QueryingModel):
         return F.normalize(self.text_proj(self.qformer(None, input_ids, attention_mask)[1][:, 0]), dim=-1)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=100.0)
+        return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
     def itm_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
         """What `itm_score` takes of an image: the frozen encoder's features."""

@@ -6,7 +6,6 @@ clamped so that the logit scale never exceeds 100.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from vlp.losses.itc import itc_loss
 from vlp.models.registry import register
+from vlp.nn.heads import clamped_scale, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.vit import VisionConfig, VisionTransformer
 
@@ -42,7 +42,7 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=cfg.vision.width ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=cfg.text.width ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.logit_scale = log_temperature(cfg.init_temperature)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         emb = self.image_proj(self.visual(images)[0])
@@ -55,7 +55,7 @@ class CLIP(nn.Module):
 
     def scale(self) -> torch.Tensor:
         """exp(log-scale) clamped at `max_logit_scale`."""
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         image_emb = self.encode_image(batch["images"])

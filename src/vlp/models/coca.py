@@ -11,7 +11,6 @@ pass of each text stack per step.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -23,7 +22,7 @@ from vlp.losses.itc import itc_loss
 from vlp.losses.lm import lm_loss
 from vlp.models.registry import register
 from vlp.nn.attention import KVCache
-from vlp.nn.heads import AttentionalPooler
+from vlp.nn.heads import AttentionalPooler, clamped_scale, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.transformer import Transformer
 from vlp.nn.vit import VisionConfig, VisionTransformer
@@ -68,10 +67,10 @@ class CoCa(nn.Module):
         self.lm_head = nn.Linear(width, cfg.text.vocab_size)
         self.image_proj = nn.Linear(vision_width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(width, cfg.embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.logit_scale = log_temperature(cfg.init_temperature)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         return self.scale() * image_emb @ text_emb.T

@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -26,7 +25,7 @@ from torch import nn
 from vlp.losses.itc import dot_similarity, itc_loss, momentum_itc_loss
 from vlp.losses.itm import caption_keys, hard_negatives, positive_mask
 from vlp.losses.momentum import FeatureQueue, alpha_ramp, ema_update
-from vlp.nn.heads import itm_head
+from vlp.nn.heads import clamped_scale, itm_head, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.vit import VisionConfig, VisionTransformer
 from vlp.distributed import all_gather_padded, all_gather_with_grad, gather_sizes, rank
@@ -69,14 +68,14 @@ class Contrast(nn.Module):
     def __init__(self, cfg: ContrastiveConfig):
         super().__init__()
         self.cfg = cfg
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.logit_scale = log_temperature(cfg.init_temperature)
         self.register_buffer("step", torch.zeros((), dtype=torch.long))
         if cfg.momentum and cfg.queue_size:
             self.image_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)
             self.text_queue = FeatureQueue(cfg.queue_size, cfg.embed_dim)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
     def alpha(self) -> float:
         return alpha_ramp(self.cfg.alpha, int(self.step), self.cfg.alpha_ramp_steps)

@@ -17,7 +17,6 @@ language modeling on text (`text_mlm`, text-only mode) with the attention and V-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field, fields, replace
 
 import torch
@@ -31,7 +30,7 @@ from vlp.losses.mlm import IGNORE, mask_caption, mlm_loss
 from vlp.models.fusion import itm_inputs
 from vlp.models.registry import register
 from vlp.nn.attention import padding_mask
-from vlp.nn.heads import TokenPredictionHead, itm_head
+from vlp.nn.heads import TokenPredictionHead, clamped_scale, itm_head, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.transformer import Transformer, TransformerConfig, init_weights
 from vlp.nn.vit import VisionConfig, VisionTransformer
@@ -47,6 +46,7 @@ class VLMoConfig:
     fusion_layers: int = 2  # top blocks with a VL-FFN (VLMo-base: 2 of 12)
     embed_dim: int = 128
     init_temperature: float = 0.07
+    max_logit_scale: float = 100.0  # CLIP's clamp (Sec. 2.5)
     hard_negatives: bool = True
     mlm_probability: float = 0.15  # text tokens masked in image-text pairs (fusion mode)
     text_mlm_probability: float = 0.15  # text-only MLM
@@ -88,7 +88,7 @@ class VLMo(nn.Module):
         self.text_proj = nn.Linear(width, cfg.embed_dim)
         self.itm_head = itm_head(width)
         self.mlm_head = TokenPredictionHead(width, self.text_embed.token_embed, cfg.vision.act, cfg.vision.eps)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
+        self.logit_scale = log_temperature(cfg.init_temperature)
         self.mask_token = nn.Parameter(torch.zeros(width))
         self.mim_head = nn.Linear(width, cfg.codebook_size)
         self.image_tokenizer = (ImageTokenizer.load(cfg.image_tokenizer) if cfg.image_tokenizer
@@ -99,7 +99,7 @@ class VLMo(nn.Module):
         self.has_unused_parameters = True  # a VL-FFN is idle in dual-encoder steps, experts in others
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=100.0)
+        return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
     def image_embeddings(self, images: torch.Tensor) -> torch.Tensor:
         return self.vision_embed.embed(images) + self.type_embed.weight[IMAGE]

@@ -1,7 +1,9 @@
-"""Output heads shared by the recipes: token prediction (MLM and LM), image-text matching and
-attentional pooling."""
+"""Output heads shared by the recipes: token prediction (MLM and LM), image-text matching,
+attentional pooling and the contrastive temperature."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -26,6 +28,21 @@ class TokenPredictionHead(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.norm(self.act(self.dense(x))))
+
+
+def log_temperature(init_temperature: float) -> nn.Parameter:
+    """The learnable contrastive temperature, stored as the log of the logit scale 1/T (CLIP,
+    Radford et al. 2021, Sec. 2.5: T initialised to 0.07, learned in log space so that it stays
+    positive). A recipe keeps it as its own `logit_scale` attribute: that name is the
+    state-dict key transformers and open_clip checkpoints use."""
+    return nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
+
+
+def clamped_scale(logit_scale: torch.Tensor, max_logit_scale: float) -> torch.Tensor:
+    """exp(`logit_scale`) clamped at `max_logit_scale`, so that training cannot sharpen the
+    softmax without bound (CLIP Sec. 2.5 clamps at 100; ALBEF clamps the temperature at 0.001,
+    a scale of 1000)."""
+    return logit_scale.exp().clamp(max=max_logit_scale)
 
 
 def itm_head(width: int) -> nn.Linear:
