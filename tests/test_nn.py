@@ -7,6 +7,7 @@ from vlp.config import ConfigError, apply_overrides, from_dict, load_run_config
 from vlp.nn.attention import KVCache, causal_mask
 from vlp.nn.heads import clamped_scale, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer, tie_except_self_attention
+from vlp.nn.tokens import cap_new_tokens, require_tokens
 from vlp.nn.vit import VisionConfig, VisionTransformer
 
 
@@ -150,3 +151,15 @@ def test_contrastive_temperature_starts_at_clip_value_and_is_clamped():
         logit_scale.fill_(math.log(500.0))
     assert clamped_scale(logit_scale, 100.0).item() == 100.0
     torch.testing.assert_close(clamped_scale(logit_scale, 1000.0), torch.tensor(500.0))
+
+
+def test_require_tokens_names_the_missing_ids():
+    require_tokens({"pad": 0, "cls": 1, "sep": 2}, ("pad", "cls"))
+    with pytest.raises(ValueError, match=r"lacks the ids of \['mask', 'sep'\] \(the tokenizer's\)"):
+        require_tokens({"pad": 0, "cls": 1}, ("pad", "sep", "mask"))
+
+
+def test_new_tokens_capped_at_the_room_the_prompt_leaves():
+    assert cap_new_tokens({}, 32, 4) == {"max_new_tokens": 20, "min_new_tokens": 0}
+    capped = cap_new_tokens({"max_new_tokens": 30, "min_new_tokens": 10, "num_beams": 3}, 16, 10)
+    assert capped == {"max_new_tokens": 6, "min_new_tokens": 6, "num_beams": 3}

@@ -22,6 +22,7 @@ from vlp.models.registry import register
 from vlp.nn.attention import KVCache, padding_mask
 from vlp.nn.heads import TokenPredictionHead
 from vlp.nn.text import TextConfig, TextTransformer, bert_text_config, tie_except_self_attention
+from vlp.nn.tokens import cap_new_tokens
 from vlp.nn.vit import VisionConfig
 
 
@@ -110,9 +111,7 @@ class BLIP(FusionModel):
 
     def _decode(self, prompt: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
                 method: str, **options) -> torch.Tensor:
-        room = self.cfg.text.context_length - prompt.shape[1]
-        options["max_new_tokens"] = min(options.get("max_new_tokens", 20), room)
-        options["min_new_tokens"] = min(options.get("min_new_tokens", 0), options["max_new_tokens"])
+        options = cap_new_tokens(options, self.cfg.text.context_length, prompt.shape[1])
         return generate(GroundedDecoder(self), prompt, (KVCache(), context, context_mask), method,
                         eos_id=self.cfg.tokens["sep"], pad_id=self.cfg.tokens["pad"], **options)
 

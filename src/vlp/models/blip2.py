@@ -28,6 +28,7 @@ from vlp.models.fusion import itm_inputs
 from vlp.models.registry import register
 from vlp.nn.heads import TokenPredictionHead, clamped_scale, itm_head, log_temperature
 from vlp.nn.qformer import QFormer, QFormerConfig
+from vlp.nn.tokens import require_tokens
 from vlp.nn.vit import VisionConfig, VisionTransformer
 from vlp.prompts import QA_PROMPT
 
@@ -81,9 +82,7 @@ class BLIP2Stage1(QueryingModel):
     embedding_similarity = staticmethod(max_query_similarity)  # image embeddings are [B, Q, D]
 
     def __init__(self, cfg: BLIP2Config):
-        missing = {"pad", "cls", "sep", "dec"} - set(cfg.tokens)
-        if missing:
-            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
+        require_tokens(cfg.tokens, ("pad", "cls", "sep", "dec"))
         if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
             raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}, "
                              f"got {list(cfg.objectives)}")

@@ -20,6 +20,7 @@ from torch import nn
 
 from vlp.models.registry import register
 from vlp.nn.text import TextConfig
+from vlp.nn.tokens import require_tokens
 
 
 @dataclass
@@ -37,9 +38,7 @@ class CaptionLM(nn.Module):
         super().__init__()
         from transformers import OPTConfig, OPTForCausalLM
 
-        missing = {"pad", "sot", "eot"} - set(cfg.tokens)
-        if missing:
-            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
+        require_tokens(cfg.tokens, ("pad", "sot", "eot"))
         t = cfg.text
         self.cfg = cfg
         self.lm = OPTForCausalLM(OPTConfig(

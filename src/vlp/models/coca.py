@@ -24,6 +24,7 @@ from vlp.models.registry import register
 from vlp.nn.attention import KVCache
 from vlp.nn.heads import AttentionalPooler, clamped_scale, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer
+from vlp.nn.tokens import cap_new_tokens, require_tokens
 from vlp.nn.transformer import Transformer
 from vlp.nn.vit import VisionConfig, VisionTransformer
 
@@ -48,9 +49,7 @@ class CoCa(nn.Module):
 
     def __init__(self, cfg: CoCaConfig):
         super().__init__()
-        missing = {"pad", "sot", "eot"} - set(cfg.tokens)
-        if missing:
-            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
+        require_tokens(cfg.tokens, ("pad", "sot", "eot"))
         if not cfg.text.causal:
             raise ValueError("coca: model.text.causal must be true (the text stack is a decoder)")
         self.cfg = cfg
@@ -122,9 +121,7 @@ class CoCa(nn.Module):
         batch = images.shape[0]
         start = torch.full((batch, 1), self.cfg.tokens["sot"], dtype=torch.long, device=images.device)
         prompt = start if prompt_ids is None else torch.cat([start, prompt_ids.expand(batch, -1)], dim=1)
-        room = self.cfg.text.context_length - prompt.shape[1]
-        options["max_new_tokens"] = min(options.get("max_new_tokens", 20), room)
-        options["min_new_tokens"] = min(options.get("min_new_tokens", 0), options["max_new_tokens"])
+        options = cap_new_tokens(options, self.cfg.text.context_length, prompt.shape[1])
         state = (KVCache(), KVCache(), self.image_outputs(images)[1])
         return generate(CaptionDecoder(self), prompt, state, method, eos_id=self.cfg.tokens["eot"],
                         pad_id=self.cfg.tokens["pad"], **options)

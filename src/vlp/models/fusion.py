@@ -27,6 +27,7 @@ from vlp.losses.itm import caption_keys, hard_negatives, positive_mask
 from vlp.losses.momentum import FeatureQueue, alpha_ramp, ema_update
 from vlp.nn.heads import clamped_scale, itm_head, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer
+from vlp.nn.tokens import require_tokens
 from vlp.nn.vit import VisionConfig, VisionTransformer
 from vlp.distributed import all_gather_padded, all_gather_with_grad, gather_sizes, rank
 
@@ -113,9 +114,7 @@ class FusionModel(nn.Module):
     def __init__(self, vision: VisionConfig, text: TextConfig, contrastive: ContrastiveConfig,
                  tokens: dict[str, int], objectives: tuple[str, ...]):
         super().__init__()
-        missing = set(self.required_tokens) - set(tokens)
-        if missing:
-            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
+        require_tokens(tokens, self.required_tokens)
         if not objectives or set(objectives) - set(self.objective_names):
             raise ValueError(f"model.objectives must be a non-empty subset of "
                              f"{list(self.objective_names)}; got {list(objectives)}")

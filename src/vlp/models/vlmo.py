@@ -32,6 +32,7 @@ from vlp.models.registry import register
 from vlp.nn.attention import padding_mask
 from vlp.nn.heads import TokenPredictionHead, clamped_scale, itm_head, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer
+from vlp.nn.tokens import require_tokens
 from vlp.nn.transformer import Transformer, TransformerConfig, init_weights
 from vlp.nn.vit import VisionConfig, VisionTransformer
 
@@ -64,9 +65,7 @@ class VLMo(nn.Module):
 
     def __init__(self, cfg: VLMoConfig):
         super().__init__()
-        missing = {"pad", "cls", "sep", "mask"} - set(cfg.tokens)
-        if missing:
-            raise ValueError(f"model.tokens lacks the ids of {sorted(missing)} (the tokenizer's)")
+        require_tokens(cfg.tokens, ("pad", "cls", "sep", "mask"))
         if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
             raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}")
         if not 0 <= cfg.fusion_layers <= cfg.vision.layers:
