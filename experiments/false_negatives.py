@@ -26,7 +26,7 @@ import vlp
 from vlp.data.formats import open_dataset
 from vlp.data.shapes import caption_is_true
 from vlp.eval.retrieval import blockwise_topk
-from vlp.eval.run import texts_of, embed_images, embed_texts, has_itm, itm_scorer, similarity_of
+from vlp.eval.run import texts_of, embed_images, embed_texts, itm_scorer
 
 
 def mean(values: list[float]) -> float | None:
@@ -48,7 +48,7 @@ def main() -> None:
     objects = [dataset.meta(i)["objects"] for i in kept]
     rows = range(min(args.images, len(kept)))
     top = blockwise_topk(image_emb[:len(rows)], embed_texts(model, texts), args.top + 5,
-                         similarity=similarity_of(model))
+                         similarity=model.embedding_similarity)
     others = {row: [j for j in top[row].tolist() if owner[j] != row][:args.top] for row in rows}
     random_texts = torch.randint(len(texts), (len(rows), args.top))
     truth = {row: [caption_is_true(texts[j], objects[row]) for j in others[row]] for row in rows}
@@ -61,7 +61,7 @@ def main() -> None:
         "itc_hardest_other_true": 100 * mean([truth[row][0] for row in rows]),
         "itc_top1_true": 100 * mean([caption_is_true(texts[top[row, 0]], objects[row]) for row in rows]),
     }
-    if has_itm(model):
+    if model.has_itm():
         score = itm_scorer(model, dataset, kept, texts)
         own = (owner < len(rows)).nonzero().flatten()  # the captions of the scored images
         result["itm_own"] = mean(score(owner[own], own).tolist())

@@ -81,7 +81,7 @@ def test_captions_and_prompted_answers_equal_cache_free_generation(stage2):
     images = torch.randn(2, 3, 32, 32)
     for prompt in ("", "Question: what color is the circle? Answer:"):
         cached = vlp.caption(model, images, method="greedy", prompt=prompt, max_new_tokens=6)
-        uncached = model.captions(images, prompt, "greedy", max_new_tokens=6, use_cache=False)
+        uncached = model.caption(images, prompt, "greedy", max_new_tokens=6, use_cache=False)
         assert cached == uncached and len(cached) == 2
     records = [json.loads(line) for line in (stage2[2] / "metrics.jsonl").read_text().splitlines()]
     init = next(r for r in records if r.get("event") == "init")
@@ -136,8 +136,8 @@ def test_encoder_decoder_lm_trains_with_the_prefix_lm_loss(tmp_path, stage2, sha
         {"ln_vision", "qformer", "language_projection"}
     model.eval()
     images = torch.randn(2, 3, 32, 32)
-    cached = model.captions(images, "Question: what color is the circle? Answer:", "greedy", max_new_tokens=5)
-    assert cached == model.captions(images, "Question: what color is the circle? Answer:", "greedy",
+    cached = model.caption(images, "Question: what color is the circle? Answer:", "greedy", max_new_tokens=5)
+    assert cached == model.caption(images, "Question: what color is the circle? Answer:", "greedy",
                                     max_new_tokens=5, use_cache=False)
 
 

@@ -158,7 +158,7 @@ def evaluate(
     from vlp.train.checkpoint import run_of
 
     model = vlp.load(run)
-    if data is None and not hasattr(model, "run_config"):
+    if data is None and model.run_config is None:
         raise typer.BadParameter(f"{run} is not a vlp run: pass --data")
     run_dir = run if is_pretrained_dir(run) else run_of(run)
     results = run_eval(model, data or Path(model.run_config.data.path), run_dir,
@@ -206,7 +206,7 @@ def caption(
         raise typer.Exit(1)
     model = vlp.load(run)
     batch = model_images(model, [image for _, image in loaded])
-    texts = vlp.caption(model, batch, prompt=prompt, **decoding_options(decoding))
+    texts = model.caption(batch, prompt=prompt, **decoding_options(decoding))
     for (path, _), text in zip(loaded, texts):
         typer.echo(f"{path}\t{text}")
 

@@ -235,8 +235,6 @@ def _precision_recall(removed: list[bool], noisy: list[bool]) -> dict[str, float
 def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
     """`options.synthetic` captions per image from a vlp captioner (nucleus sampling with the
     part's generator, or beam search: then one caption, repeated); none with `synthetic` 0."""
-    import vlp
-
     decoding = {**decoding_preset(options.method), "max_new_tokens": options.max_new_tokens}
     if options.method == "nucleus":
         decoding["top_p"] = options.top_p
@@ -247,7 +245,7 @@ def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
             return [[] for _ in images]
         batch = model_images(model, images).repeat_interleave(options.synthetic, dim=0)
         extra = {"generator": generator} if options.method == "nucleus" else {}
-        texts = vlp.caption(model, batch, **decoding, **extra)
+        texts = model.caption(batch, **decoding, **extra)
         k = options.synthetic
         return [texts[i * k:(i + 1) * k] for i in range(len(images))]
 
@@ -281,11 +279,11 @@ def embedding_scorer(model: Any) -> Scorer:
     """BLIP-2's ranking: the image-text similarity of a contrastive model (CLIP)."""
     @torch.no_grad()
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
-        from vlp.eval.run import embed_texts, paired, similarity_of
+        from vlp.eval.run import embed_texts, paired
 
         image_emb = model.encode_image(model_images(model, images)).cpu()
         texts, rows = _flatten(candidates)
-        return _regroup(paired(similarity_of(model))(image_emb[rows], embed_texts(model, texts)), candidates)
+        return _regroup(paired(model.embedding_similarity)(image_emb[rows], embed_texts(model, texts)), candidates)
 
     return score
 

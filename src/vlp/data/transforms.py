@@ -112,6 +112,6 @@ def eval_transform(
 
 def model_images(model: torch.nn.Module, images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL `images` as a batch for `model`: its eval transform, stacked on its device."""
-    transform = eval_transform(model.cfg.vision.image_size)
+    transform = eval_transform(model.image_size())
     device = next(model.parameters()).device
     return torch.stack([transform(image.convert("RGB")) for image in images]).to(device)

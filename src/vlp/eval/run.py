@@ -35,8 +35,6 @@ from vlp.data.transforms import model_images
 from vlp.eval.probe import swap_probe_accuracy
 from vlp.eval.retrieval import blockwise_topk, recall_at_k, reranked_recall_at_k
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
-from vlp.losses.itc import dot_similarity
-from vlp.models.registry import text_config
 
 TASKS = ("zeroshot", "retrieval", "probe", "caption", "vqa")
 console = Console()
@@ -58,16 +56,6 @@ def decoding_preset(method: str) -> dict[str, Any]:
     return options
 
 
-def similarity_of(model: nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """How a model scores its image embeddings against its text embeddings (default: dot)."""
-    return getattr(model, "embedding_similarity", dot_similarity)
-
-
-def has_itm(model: nn.Module) -> bool:
-    """Whether the model has an ITM head that was trained (not one left out of its objectives)."""
-    return hasattr(model, "itm_score") and "itm" in getattr(model, "objectives", {"itm"})
-
-
 def paired(similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
            block: int = 256) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Row i of the images against row i of the texts, for any image-text `similarity`."""
@@ -85,7 +73,7 @@ def _batches(items: list, size: int) -> Iterable[list]:
 @torch.no_grad()
 def tokenize_texts(model: nn.Module, texts: list[str]) -> dict[str, torch.Tensor]:
     """`texts` encoded by the model's own tokenizer at its text context length."""
-    return model.tokenizer(texts, max_length=text_config(model).context_length, style=model.tokenizer_style)
+    return model.tokenizer(texts, max_length=model.text_config().context_length, style=model.tokenizer_style)
 
 
 def embed_texts(model: nn.Module, texts: list[str], batch_size: int = 256) -> torch.Tensor:
@@ -142,7 +130,7 @@ def zeroshot(model: nn.Module, dataset: CaptionDataset, info: dict[str, Any],
     for task, names in info["classes"].items():
         class_emb = class_embeddings(lambda t: embed_texts(model, t), names, info["prompt_templates"])
         labels = torch.tensor([names.index(dataset.meta(i)["labels"][task]) for i in kept])
-        results[f"{task}_top1"] = zeroshot_accuracy(image_emb, labels, class_emb, similarity_of(model))
+        results[f"{task}_top1"] = zeroshot_accuracy(image_emb, labels, class_emb, model.embedding_similarity)
     return results
 
 
@@ -167,14 +155,14 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0, k_te
     _record(skipped, lost)
     texts, owner = texts_of(dataset, kept)
     text_emb = embed_texts(model, texts)
-    metrics = recall_at_k(image_emb, text_emb, owner, similarity=similarity_of(model))
+    metrics = recall_at_k(image_emb, text_emb, owner, similarity=model.embedding_similarity)
     metrics["seconds"] = time.perf_counter() - start
     reranked = None
-    if k_test and has_itm(model):
+    if k_test and model.has_itm():
         reranked = _itm_reranked(model, dataset, kept, image_emb, texts, owner, text_emb, k_test)
     shown = []
     if examples:
-        top = blockwise_topk(image_emb[:examples], text_emb, 5, similarity=similarity_of(model))
+        top = blockwise_topk(image_emb[:examples], text_emb, 5, similarity=model.embedding_similarity)
         for row, indices in enumerate(top.tolist()):
             shown.append({"index": kept[row], "truth": dataset.captions(kept[row]),
                           "top5": [{"caption": texts[j], "correct": int(owner[j]) == row} for j in indices]})
@@ -230,7 +218,7 @@ def _itm_reranked(model: nn.Module, dataset: CaptionDataset, kept: list[int], im
         pairs += len(image_idx)
         return itm(image_idx, text_idx)
 
-    metrics = reranked_recall_at_k(image_emb, text_emb, owner, score, k_test, similarity=similarity_of(model))
+    metrics = reranked_recall_at_k(image_emb, text_emb, owner, score, k_test, similarity=model.embedding_similarity)
     metrics.update(extra_seconds=time.perf_counter() - start, k_test=k_test, itm_pairs=pairs)
     return metrics
 
@@ -241,13 +229,12 @@ def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, An
     """BLEU-4, CIDEr (and METEOR with Java) of generated captions against each test image's
     references, and their diversity; returns the metrics and the captions by sample index.
     Images that do not decode are appended to `skipped`."""
-    from vlp.api import caption
     from vlp.eval.captioning import caption_diversity, caption_metrics
 
     start = time.perf_counter()
     generated: dict[int, str] = {}
     for indices, images in image_batches(model, dataset, [] if skipped is None else skipped, batch_size):
-        generated.update(zip(indices, caption(model, images, **decoding)))
+        generated.update(zip(indices, model.caption(images, **decoding)))
     metrics = caption_metrics(generated, {i: dataset.captions(i) for i in generated})
     metrics.update(caption_diversity(list(generated.values())))
     metrics.update(seconds=time.perf_counter() - start, decoding=[f"{k}={v}" for k, v in decoding.items()])
@@ -287,9 +274,9 @@ def probe(model: nn.Module, dataset: CaptionDataset, skipped: list[Skipped] | No
         return {}
     owner = torch.tensor([row for row, _ in pairs])
     true, false = [swap["true"] for _, swap in pairs], [swap["false"] for _, swap in pairs]
-    images, pairwise = image_emb[owner], paired(similarity_of(model))
+    images, pairwise = image_emb[owner], paired(model.embedding_similarity)
     scores = {"": (pairwise(images, embed_texts(model, true)), pairwise(images, embed_texts(model, false)))}
-    if has_itm(model):
+    if model.has_itm():
         itm = itm_scorer(model, dataset, kept, true + false)
         scores["itm_"] = itm(owner.repeat(2), torch.arange(2 * len(pairs))).chunk(2)  # true, then false
     kinds = [swap["kind"] for _, swap in pairs]
@@ -312,11 +299,11 @@ def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
     if unknown:
         raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {list(TASKS)}")
     info = json.loads((data / "info.json").read_text())
-    supported = getattr(model, "eval_tasks", TASKS)
+    supported = model.eval_tasks
     tasks = list(supported if tasks is None else tasks)
     if set(tasks) - set(supported):
         console.print(f"[yellow]skipping {sorted(set(tasks) - set(supported))}: recipe "
-                      f"{getattr(model, 'recipe', '?')} supports {list(supported)}")
+                      f"{model.recipe} supports {list(supported)}")
     tasks = [task for task in tasks if task in supported]
     results: dict[str, Any] = {"data": str(data)}
     shown: list = []

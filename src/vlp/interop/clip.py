@@ -41,7 +41,7 @@ def config_from_hf(hf: dict[str, Any], tokens: dict[str, int]) -> tuple[str, dic
 
 def config_to_hf(model: Any, architecture: str) -> dict[str, Any]:
     """transformers `CLIPConfig` kwargs of a vlp CLIP; errors name what HF cannot express."""
-    cfg, tokenizer = model.cfg, getattr(model, "tokenizer", None)
+    cfg, tokenizer = model.cfg, model.tokenizer
     v, t = cfg.vision, cfg.text
     require({"vision.pool": (v.pool, "cls"), "vision.ln_pre": (v.ln_pre, True),
              "vision.patch_bias": (v.patch_bias, False), "vision.stem": (v.stem, "patch"),

@@ -144,7 +144,7 @@ def load_pretrained(source: str | Path, strict: bool = True) -> nn.Module:
     recipe, model_cfg = fmt.config_from(config, tokenizer.special_ids() if tokenizer else {})
     source, architecture = read_state_dict(path), fmt.architecture_of(config)
     if fmt.build is None:
-        model = create_model(recipe, model_cfg)
+        model = create_model(recipe, model_cfg, tokenizer=tokenizer)
     else:
         model_cls, config_cls = recipe_classes(recipe)
         model = fmt.build(model_cls, from_dict(config_cls, model_cfg, where="model."), config, path, source)
@@ -153,7 +153,6 @@ def load_pretrained(source: str | Path, strict: bool = True) -> nn.Module:
     report.missing = [k for k in report.missing if not k.startswith(fmt.absent(model, architecture))]
     report.check(str(path), strict)
     model.load_state_dict(state, strict=False)
-    model.tokenizer = tokenizer
     return model.eval()
 
 
@@ -179,7 +178,7 @@ def save_hf(model: nn.Module, out: str | Path, task: str | None = None) -> Path:
     hf_model.load_state_dict(state, strict=False)
     out = Path(out)
     hf_model.save_pretrained(out)
-    tokenizer = getattr(model, "tokenizer", None)
+    tokenizer = model.tokenizer
     if tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")
     return out

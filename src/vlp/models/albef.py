@@ -9,6 +9,7 @@ hard negatives, MLM conditioned on the image. Sec. 3.3: momentum distillation on
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,10 @@ from vlp.models.registry import register
 from vlp.nn.heads import TokenPredictionHead
 from vlp.nn.text import TextConfig, TextTransformer, bert_text_config
 from vlp.nn.vit import VisionConfig
+
+if TYPE_CHECKING:
+    from vlp.config import RunConfig
+    from vlp.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -37,14 +42,13 @@ class ALBEF(FusionModel):
     required_tokens = ("pad", "cls", "sep", "mask")
     objective_names = ("itc", "itm", "mlm")
 
-    def __init__(self, cfg: ALBEFConfig):
+    def __init__(self, cfg: ALBEFConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         split = cfg.text.cross_attention_from
         if not 0 < split < cfg.text.layers:
             raise ValueError("model.text.cross_attention_from must split the text layers into a "
                              f"text part and a fusion part, got {split} of {cfg.text.layers}")
         cfg.text = replace(cfg.text, context_dim=cfg.vision.width)
-        super().__init__(cfg.vision, cfg.text, cfg.contrastive, cfg.tokens, cfg.objectives)
-        self.cfg = cfg
+        super().__init__(cfg, tokenizer, run_config)
         self.text_layers, self.fusion_layers = slice(0, split), slice(split, None)
         self.mlm_head = TokenPredictionHead(cfg.text.width, self.text.token_embed, cfg.text.act,
                                             cfg.text.eps)

@@ -11,6 +11,7 @@ encoders and queues for ITC (as ALBEF), hard negatives for ITM, label smoothing 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -21,9 +22,18 @@ from vlp.models.fusion import ContrastiveConfig, FusionModel
 from vlp.models.registry import register
 from vlp.nn.attention import KVCache, padding_mask
 from vlp.nn.heads import TokenPredictionHead
-from vlp.nn.text import TextConfig, TextTransformer, bert_text_config, tie_except_self_attention
+from vlp.nn.text import (
+    TextConfig,
+    TextTransformer,
+    bert_text_config,
+    tie_except_self_attention,
+)
 from vlp.nn.tokens import cap_new_tokens
 from vlp.nn.vit import VisionConfig
+
+if TYPE_CHECKING:
+    from vlp.config import RunConfig
+    from vlp.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -49,10 +59,9 @@ class BLIP(FusionModel):
     required_tokens = ("pad", "cls", "sep", "enc", "dec")
     objective_names = ("itc", "itm", "lm")
 
-    def __init__(self, cfg: BLIPConfig):
+    def __init__(self, cfg: BLIPConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         cfg.text = replace(cfg.text, context_dim=cfg.vision.width)
-        super().__init__(cfg.vision, cfg.text, cfg.contrastive, cfg.tokens, cfg.objectives)
-        self.cfg = cfg
+        super().__init__(cfg, tokenizer, run_config)
         self.decoder = TextTransformer(replace(cfg.text, causal=True, context_dim=self.decoder_context_width()))
         if cfg.share_decoder:
             tie_except_self_attention(self.text, self.decoder)
@@ -60,6 +69,10 @@ class BLIP(FusionModel):
                                            cfg.text.eps)
         if "itc" in self.objectives:
             self._add_momentum()
+
+    @property
+    def can_caption(self) -> bool:
+        return "lm" in self.objectives
 
     @property
     def eval_tasks(self) -> tuple[str, ...]:
@@ -173,11 +186,11 @@ class BLIPVQA(BLIP):
 
     eval_tasks = ("vqa",)
 
-    def __init__(self, cfg: BLIPConfig):
+    def __init__(self, cfg: BLIPConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         if cfg.share_decoder:
             raise ValueError("blip_vqa: model.share_decoder must be false (the answer decoder "
                              "cross-attends to question states, not to image tokens)")
-        super().__init__(cfg)
+        super().__init__(cfg, tokenizer, run_config)
         for unused in (self.image_proj, self.text_proj, self.itm_head, self.contrast):
             unused.requires_grad_(False)  # kept so pretrained runs load without surprises
 

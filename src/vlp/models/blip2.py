@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -25,12 +25,17 @@ from vlp.losses.itc import itc_loss, max_query_similarity
 from vlp.losses.lm import lm_loss
 from vlp.models.blip import with_first_token
 from vlp.models.fusion import itm_inputs
+from vlp.models.recipe import Recipe
 from vlp.models.registry import register
 from vlp.nn.heads import TokenPredictionHead, clamped_scale, itm_head, log_temperature
 from vlp.nn.qformer import QFormer, QFormerConfig
 from vlp.nn.tokens import require_tokens
 from vlp.nn.vit import VisionConfig, VisionTransformer
 from vlp.prompts import QA_PROMPT
+
+if TYPE_CHECKING:
+    from vlp.config import RunConfig
+    from vlp.data.tokenizer import Tokenizer
 
 OBJECTIVES = ("itc", "itg", "itm")
 
@@ -49,16 +54,16 @@ class BLIP2Config:
     tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
 
 
-class QueryingModel(nn.Module):
+class QueryingModel(Recipe):
     """What both stages share: the frozen image tower, `ln_vision` and the Q-Former."""
 
     tokenizer_style = "bert"
     text_section = "qformer"  # the config section whose vocab_size follows the tokenizer
 
-    def __init__(self, cfg: BLIP2Config | BLIP2Stage2Config):
-        super().__init__()
+    def __init__(self, cfg: BLIP2Config | BLIP2Stage2Config, tokenizer: Tokenizer | None = None,
+                 run_config: RunConfig | None = None):
         cfg.qformer = replace(cfg.qformer, context_dim=cfg.vision.width)
-        self.cfg = cfg
+        super().__init__(cfg, tokenizer, run_config)
         self.visual = VisionTransformer(cfg.vision).requires_grad_(False)
         self.ln_vision = nn.LayerNorm(cfg.vision.width)
         self.qformer = QFormer(cfg.qformer)
@@ -79,14 +84,13 @@ class QueryingModel(nn.Module):
 @register("blip2_stage1", BLIP2Config)
 class BLIP2Stage1(QueryingModel):
     eval_tasks = ("zeroshot", "retrieval", "probe")
-    embedding_similarity = staticmethod(max_query_similarity)  # image embeddings are [B, Q, D]
 
-    def __init__(self, cfg: BLIP2Config):
+    def __init__(self, cfg: BLIP2Config, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         require_tokens(cfg.tokens, ("pad", "cls", "sep", "dec"))
         if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
             raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}, "
                              f"got {list(cfg.objectives)}")
-        super().__init__(cfg)
+        super().__init__(cfg, tokenizer, run_config)
         self.objectives = set(cfg.objectives)
         width = cfg.qformer.width
         self.vision_proj = nn.Linear(width, cfg.embed_dim)
@@ -95,6 +99,13 @@ class BLIP2Stage1(QueryingModel):
         self.lm_head = TokenPredictionHead(width, self.qformer.text.token_embed, cfg.qformer.act, cfg.qformer.eps)
         self.logit_scale = log_temperature(cfg.init_temperature)
         self.has_unused_parameters = self.objectives != set(OBJECTIVES)
+
+    def embedding_similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+        """Image embeddings are [B, Q, D]: a text scores its best query (Sec. 3.2)."""
+        return max_query_similarity(image_emb, text_emb)
+
+    def has_itm(self) -> bool:
+        return "itm" in self.objectives
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         """Normalised per-query embeddings [B, Q, D]."""
@@ -169,15 +180,22 @@ class BLIP2Stage2(QueryingModel):
     """
 
     eval_tasks = ("caption", "vqa")
+    can_caption = True
     vqa_prompt = QA_PROMPT  # zero-shot VQA (Sec. 4.2)
 
-    def __init__(self, cfg: BLIP2Stage2Config, lm: nn.Module | None = None, lm_tokenizer: Any = None):
+    def __init__(self, cfg: BLIP2Stage2Config, tokenizer: Tokenizer | None = None,
+                 run_config: RunConfig | None = None, lm: nn.Module | None = None, lm_tokenizer: Any = None):
         """`lm` and `lm_tokenizer` replace loading `model.lm` (a checkpoint that holds its LM)."""
         if lm is None and not cfg.lm:
             raise ValueError("model.lm must name a transformers causal LM directory (docs/recipes.md shows "
                              "how to train a small one on the shapes world)")
-        super().__init__(cfg)
-        from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+        super().__init__(cfg, tokenizer, run_config)
+        from transformers import (
+            AutoConfig,
+            AutoModelForCausalLM,
+            AutoModelForSeq2SeqLM,
+            AutoTokenizer,
+        )
 
         if lm is None:
             if not Path(cfg.lm).is_dir():
@@ -191,13 +209,13 @@ class BLIP2Stage2(QueryingModel):
         self.language_projection = nn.Linear(cfg.qformer.width, lm.config.hidden_size)
         self.has_unused_parameters = True  # the Q-Former's text stream has no part in stage 2
 
-    def save_lm(self, out: Path) -> Path:
-        """Write the frozen LM and its tokenizer as a transformers directory (a vlp run of this
-        model points `model.lm` there)."""
-        self.lm.save_pretrained(out)
+    def save_files(self, out: Path) -> None:
+        """Write the frozen LM and its tokenizer as a transformers directory, `out/lm`, and point
+        `model.lm` there (the saved run's config then loads it)."""
+        self.lm.save_pretrained(out / "lm")
         if self.lm_tokenizer is not None:
-            self.lm_tokenizer.save_pretrained(out)
-        return out
+            self.lm_tokenizer.save_pretrained(out / "lm")
+        self.cfg.lm = str(out / "lm")
 
     def _apply(self, fn, recurse: bool = True) -> BLIP2Stage2:
         super()._apply(fn, recurse)
@@ -259,7 +277,7 @@ class BLIP2Stage2(QueryingModel):
         return self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
 
     @torch.no_grad()
-    def captions(self, images: torch.Tensor, prompt: str | list[str] | None = None, method: str = "beam",
+    def caption(self, images: torch.Tensor, prompt: str | list[str] | None = None, method: str = "beam",
                  max_new_tokens: int = 20, min_new_tokens: int = 0, **options) -> list[str]:
         """Zero-shot captions (or, with a prompt such as "Question: ... Answer:", answers) from
         the frozen LM's `generate`, as text after the prompt (one prompt, or one per image)."""
@@ -275,7 +293,7 @@ class BLIP2Stage2(QueryingModel):
 
     def answer_texts(self, images: torch.Tensor, questions: list[str]) -> list[str]:
         """Zero-shot answers: greedy generation after "Question: ... Answer:"."""
-        return self.captions(images, [self.vqa_prompt.format(q) for q in questions], "greedy", max_new_tokens=5)
+        return self.caption(images, [self.vqa_prompt.format(q) for q in questions], "greedy", max_new_tokens=5)
 
 
 def hf_decoding(method: str, options: dict) -> dict:

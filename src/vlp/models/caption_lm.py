@@ -14,13 +14,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
+from vlp.models.recipe import Recipe
 from vlp.models.registry import register
 from vlp.nn.text import TextConfig
 from vlp.nn.tokens import require_tokens
+
+if TYPE_CHECKING:
+    from vlp.config import RunConfig
+    from vlp.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -30,12 +35,13 @@ class CaptionLMConfig:
 
 
 @register("caption_lm", CaptionLMConfig)
-class CaptionLM(nn.Module):
+class CaptionLM(Recipe):
     tokenizer_style = "clip"  # <|startoftext|> caption <|endoftext|>: OPT's bos ... eos
     eval_tasks: tuple[str, ...] = ()
 
-    def __init__(self, cfg: CaptionLMConfig):
-        super().__init__()
+    def __init__(self, cfg: CaptionLMConfig, tokenizer: Tokenizer | None = None,
+                 run_config: RunConfig | None = None):
+        super().__init__(cfg, tokenizer, run_config)
         from transformers import OPTConfig, OPTForCausalLM
 
         require_tokens(cfg.tokens, ("pad", "sot", "eot"))
@@ -46,6 +52,9 @@ class CaptionLM(nn.Module):
             ffn_dim=t.mlp_dim or int(t.width * t.mlp_ratio), max_position_embeddings=t.context_length,
             word_embed_proj_dim=t.width, bos_token_id=cfg.tokens["sot"], eos_token_id=cfg.tokens["eot"],
             pad_token_id=cfg.tokens["pad"], dropout=0.0, attention_dropout=0.0))
+
+    def image_size(self) -> None:
+        return None  # text only
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Next-token loss on the texts (padding not scored); images are not used. In training
@@ -60,6 +69,8 @@ class CaptionLM(nn.Module):
             shift = torch.randint(0, room + 1, (len(ids), 1), device=ids.device)
             positions = shift + torch.arange(ids.shape[1], device=ids.device)
         return {"lm": self.lm(input_ids=ids, attention_mask=mask, labels=labels, position_ids=positions).loss}
+
+    writes_own_hf = True
 
     def save_hf(self, out: Path) -> Path:
         """The OPT model and a tokenizer directory `AutoTokenizer` reads (bos/eos/pad named)."""

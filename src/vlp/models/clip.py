@@ -7,16 +7,22 @@ clamped so that the logit scale never exceeds 100.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from vlp.losses.itc import itc_loss
+from vlp.models.recipe import Recipe
 from vlp.models.registry import register
 from vlp.nn.heads import clamped_scale, log_temperature
 from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.vit import VisionConfig, VisionTransformer
+
+if TYPE_CHECKING:
+    from vlp.config import RunConfig
+    from vlp.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -29,13 +35,12 @@ class CLIPConfig:
 
 
 @register("clip", CLIPConfig)
-class CLIP(nn.Module):
+class CLIP(Recipe):
     tokenizer_style = "clip"  # <|startoftext|> ... <|endoftext|>, EOS pooling
     eval_tasks = ("zeroshot", "retrieval", "probe")
 
-    def __init__(self, cfg: CLIPConfig):
-        super().__init__()
-        self.cfg = cfg
+    def __init__(self, cfg: CLIPConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
+        super().__init__(cfg, tokenizer, run_config)
         self.visual = VisionTransformer(cfg.vision)
         self.text = TextTransformer(cfg.text)
         self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)

@@ -12,6 +12,7 @@ pass of each text stack per step.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +21,7 @@ from torch import nn
 from vlp.generate import generate
 from vlp.losses.itc import itc_loss
 from vlp.losses.lm import lm_loss
+from vlp.models.recipe import Recipe
 from vlp.models.registry import register
 from vlp.nn.attention import KVCache
 from vlp.nn.heads import AttentionalPooler, clamped_scale, log_temperature
@@ -27,6 +29,10 @@ from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.tokens import cap_new_tokens, require_tokens
 from vlp.nn.transformer import Transformer
 from vlp.nn.vit import VisionConfig, VisionTransformer
+
+if TYPE_CHECKING:
+    from vlp.config import RunConfig
+    from vlp.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -43,12 +49,13 @@ class CoCaConfig:
 
 
 @register("coca", CoCaConfig)
-class CoCa(nn.Module):
+class CoCa(Recipe):
     tokenizer_style = "clip"  # <|startoftext|> ... <|endoftext|>
     eval_tasks = ("zeroshot", "retrieval", "probe", "caption")
+    can_caption = True
 
-    def __init__(self, cfg: CoCaConfig):
-        super().__init__()
+    def __init__(self, cfg: CoCaConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
+        super().__init__(cfg, tokenizer, run_config)
         require_tokens(cfg.tokens, ("pad", "sot", "eot"))
         if not cfg.text.causal:
             raise ValueError("coca: model.text.causal must be true (the text stack is a decoder)")

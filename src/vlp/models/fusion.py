@@ -16,20 +16,25 @@ from __future__ import annotations
 import copy
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlp.distributed import all_gather_padded, all_gather_with_grad, gather_sizes, rank
 from vlp.losses.itc import dot_similarity, itc_loss, momentum_itc_loss
 from vlp.losses.itm import caption_keys, hard_negatives, positive_mask
 from vlp.losses.momentum import FeatureQueue, alpha_ramp, ema_update
+from vlp.models.recipe import Recipe
 from vlp.nn.heads import clamped_scale, itm_head, log_temperature
-from vlp.nn.text import TextConfig, TextTransformer
+from vlp.nn.text import TextTransformer
 from vlp.nn.tokens import require_tokens
-from vlp.nn.vit import VisionConfig, VisionTransformer
-from vlp.distributed import all_gather_padded, all_gather_with_grad, gather_sizes, rank
+from vlp.nn.vit import VisionTransformer
+
+if TYPE_CHECKING:
+    from vlp.config import RunConfig
+    from vlp.data.tokenizer import Tokenizer
 
 
 @dataclass
@@ -98,7 +103,7 @@ class Contrast(nn.Module):
         return loss
 
 
-class FusionModel(nn.Module):
+class FusionModel(Recipe):
     """ViT + text encoder aligned by ITC, with an ITM head over their fusion (ALBEF, BLIP).
 
     Subclasses add their fusion path and objectives; `text_layers` are the text encoder's
@@ -111,10 +116,11 @@ class FusionModel(nn.Module):
     objective_names: tuple[str, ...] = ("itc", "itm")
     text_layers = slice(None)
 
-    def __init__(self, vision: VisionConfig, text: TextConfig, contrastive: ContrastiveConfig,
-                 tokens: dict[str, int], objectives: tuple[str, ...]):
-        super().__init__()
-        require_tokens(tokens, self.required_tokens)
+    def __init__(self, cfg: Any, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
+        """`cfg` has `vision`, `text`, `contrastive`, `tokens` and `objectives` (ALBEF's, BLIP's)."""
+        super().__init__(cfg, tokenizer, run_config)
+        vision, text, contrastive, objectives = cfg.vision, cfg.text, cfg.contrastive, cfg.objectives
+        require_tokens(cfg.tokens, self.required_tokens)
         if not objectives or set(objectives) - set(self.objective_names):
             raise ValueError(f"model.objectives must be a non-empty subset of "
                              f"{list(self.objective_names)}; got {list(objectives)}")
@@ -177,6 +183,9 @@ class FusionModel(nn.Module):
         scale = self.contrast.scale() if self.contrast.cfg.hard_negatives else torch.zeros(())
         return itm_inputs(aligned["image_tokens"], text, batch["attention_mask"], batch["input_ids"],
                           aligned["image_feat"], aligned["text_feat"], scale)
+
+    def has_itm(self) -> bool:
+        return "itm" in self.objectives
 
     def after_optimizer_step(self) -> None:
         self.contrast.step += 1

@@ -6,20 +6,20 @@ from __future__ import annotations
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any, Callable
 
-from torch import nn
 
 from vlp.config import RunConfig, from_dict
 
 if TYPE_CHECKING:
     from vlp.data.tokenizer import Tokenizer
+    from vlp.models.recipe import Recipe
 
-_RECIPES: dict[str, tuple[type[nn.Module], type]] = {}
+_RECIPES: dict[str, tuple[type[Recipe], type]] = {}
 
 
-def register(name: str, config_cls: type) -> Callable[[type[nn.Module]], type[nn.Module]]:
+def register(name: str, config_cls: type) -> Callable[[type[Recipe]], type[Recipe]]:
     """Class decorator: make a recipe available to `create_model(name, ...)` and the CLI."""
 
-    def add(model_cls: type[nn.Module]) -> type[nn.Module]:
+    def add(model_cls: type[Recipe]) -> type[Recipe]:
         _RECIPES[name] = (model_cls, config_cls)
         model_cls.recipe = name
         return model_cls
@@ -31,7 +31,7 @@ def recipes() -> list[str]:
     return sorted(_RECIPES)
 
 
-def recipe_classes(name: str) -> tuple[type[nn.Module], type]:
+def recipe_classes(name: str) -> tuple[type[Recipe], type]:
     if name not in _RECIPES:
         raise KeyError(f"unknown recipe {name!r}; available: {recipes()}")
     return _RECIPES[name]
@@ -42,25 +42,23 @@ def config_fields(recipe: str) -> set[str]:
     return {f.name for f in fields(recipe_classes(recipe)[1])}
 
 
-def create_model(recipe: str, config: dict[str, Any] | Any | None = None) -> nn.Module:
-    """Build a recipe's model from its config (a dataclass or a plain dict of its fields)."""
+def create_model(recipe: str, config: dict[str, Any] | Any | None = None, tokenizer: Tokenizer | None = None,
+                 run_config: RunConfig | None = None) -> Recipe:
+    """Build a recipe's model from its config (a dataclass or a plain dict of its fields), with
+    the tokenizer and run config it was trained with, where known."""
     model_cls, config_cls = recipe_classes(recipe)
     if not isinstance(config, config_cls):
         config = from_dict(config_cls, config, where="model.")
-    return model_cls(config)
+    return model_cls(config, tokenizer=tokenizer, run_config=run_config)
 
 
-def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> nn.Module:
+def build_model(cfg: RunConfig, tokenizer: Tokenizer) -> Recipe:
     """The model of a run config, its text vocabulary sized to the tokenizer (and, for recipes
-    that use special tokens such as [MASK] or [DEC], their ids in this vocabulary)."""
+    that use special tokens such as [MASK] or [DEC], their ids in this vocabulary); the model
+    holds both."""
     model_cls = recipe_classes(cfg.recipe)[0]
-    model_cfg, section = dict(cfg.model), getattr(model_cls, "text_section", "text")
+    model_cfg, section = dict(cfg.model), model_cls.text_section
     model_cfg[section] = {**model_cfg.get(section, {}), "vocab_size": tokenizer.vocab_size}
     if "tokens" in config_fields(cfg.recipe):
         model_cfg["tokens"] = {**tokenizer.special_ids(), **model_cfg.get("tokens", {})}
-    return create_model(cfg.recipe, model_cfg)
-
-
-def text_config(model: nn.Module) -> Any:
-    """The config of a model's text tower (`cfg.text`, or the section its `text_section` names)."""
-    return getattr(model.cfg, getattr(model, "text_section", "text"))
+    return create_model(cfg.recipe, model_cfg, tokenizer=tokenizer, run_config=cfg)

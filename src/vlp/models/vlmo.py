@@ -18,23 +18,29 @@ language modeling on text (`text_mlm`, text-only mode) with the attention and V-
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vlp.nn.image_tokenizer import ImageTokenizer
 from vlp.losses.itc import itc_loss
 from vlp.losses.mim import block_mask
 from vlp.losses.mlm import IGNORE, mask_caption, mlm_loss
 from vlp.models.fusion import itm_inputs
+from vlp.models.recipe import Recipe
 from vlp.models.registry import register
 from vlp.nn.attention import padding_mask
 from vlp.nn.heads import TokenPredictionHead, clamped_scale, itm_head, log_temperature
+from vlp.nn.image_tokenizer import ImageTokenizer
 from vlp.nn.text import TextConfig, TextTransformer
 from vlp.nn.tokens import require_tokens
 from vlp.nn.transformer import Transformer, TransformerConfig, init_weights
 from vlp.nn.vit import VisionConfig, VisionTransformer
+
+if TYPE_CHECKING:
+    from vlp.config import RunConfig
+    from vlp.data.tokenizer import Tokenizer
 
 OBJECTIVES = ("itc", "itm", "mlm", "mim", "text_mlm")
 IMAGE, TEXT = 0, 1
@@ -59,12 +65,12 @@ class VLMoConfig:
 
 
 @register("vlmo", VLMoConfig)
-class VLMo(nn.Module):
+class VLMo(Recipe):
     tokenizer_style = "bert"
     eval_tasks = ("zeroshot", "retrieval", "probe")
 
-    def __init__(self, cfg: VLMoConfig):
-        super().__init__()
+    def __init__(self, cfg: VLMoConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
+        super().__init__(cfg, tokenizer, run_config)
         require_tokens(cfg.tokens, ("pad", "cls", "sep", "mask"))
         if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
             raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}")
@@ -148,6 +154,9 @@ class VLMo(nn.Module):
         if image_rows is not None:
             image_embeddings = image_embeddings[image_rows]
         return self.itm_head(self.fused_states(image_embeddings, input_ids, attention_mask)[:, 0])
+
+    def has_itm(self) -> bool:
+        return "itm" in self.objectives
 
     def itm_score(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:

@@ -38,7 +38,7 @@ from vlp.data.loader import Collator, TrainSet, train_loader
 from vlp.data.sample import DataError, Skipped
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import train_transform
-from vlp.models.registry import build_model, config_fields, text_config
+from vlp.models.registry import build_model, config_fields
 from vlp.train import checkpoint as ckpt
 from vlp.train import rundir
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
@@ -116,8 +116,7 @@ class Trainer:
         if dist.is_main():
             ckpt.write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self._log({"event": "start", "device": str(self.device), "precision": self.precision})
-        unused = getattr(self.model, "has_unused_parameters", False)
-        self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=unused)
+        self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=self.model.has_unused_parameters)
                     if dist.is_distributed() else None)
         self.pending_skips: dict[int, list[Skipped]] = {}
         self.epoch = max(self.position - 1, 0) // len(self.dataset)  # of the last sample drawn
@@ -238,8 +237,7 @@ class Trainer:
                                                                         self.cfg.train.grad_clip))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        if hasattr(self.model, "after_optimizer_step"):  # e.g. momentum (EMA) encoders
-            self.model.after_optimizer_step()
+        self.model.after_optimizer_step()  # e.g. momentum (EMA) encoders
         totals["lr"] = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
         self.step += 1
@@ -257,9 +255,9 @@ class Trainer:
         cfg = self.cfg.train
         last = min(cfg.steps, stop_at or cfg.steps)
         self.model.train()
-        vision = getattr(self.model.cfg, "vision", None)  # text-only recipes: no images decoded
-        transform = train_transform(vision.image_size, scale=self.cfg.data.crop_scale) if vision else None
-        collator = Collator(self.tokenizer, text_config(self.model).context_length, self.model.tokenizer_style,
+        image_size = self.model.image_size()  # None: a text-only recipe, no images decoded
+        transform = train_transform(image_size, scale=self.cfg.data.crop_scale) if image_size else None
+        collator = Collator(self.tokenizer, self.model.text_config().context_length, self.model.tokenizer_style,
                             self.cfg.data.prompt)
         loader = train_loader(TrainSet(self.dataset, transform, cfg.seed, self.cfg.data.text), collator,
                               self.global_batch(), cfg.seed, self.position,
