@@ -30,7 +30,7 @@ def data_shapes(
     fmt: Annotated[str, typer.Option("--format", help="wds (webdataset shards), jsonl or csv.")] = "wds",
     vocab_size: Annotated[int, typer.Option(help="Size of the tokenizer trained on the captions.")] = 4096,
 ) -> None:
-    """Write the synthetic shapes world (DESIGN.md) and a tokenizer trained on its captions."""
+    """Write the synthetic shapes world (docs/data.md) and a tokenizer trained on its captions."""
     from vlp.data.shapes import PROMPT_TEMPLATES, write_shapes
     from vlp.data.formats import open_dataset
     from vlp.data.tokenizer import Tokenizer

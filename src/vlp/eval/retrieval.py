@@ -1,4 +1,4 @@
-"""Image-text retrieval Recall@K in both directions (DESIGN.md "Evaluation protocols").
+"""Image-text retrieval Recall@K in both directions (docs/design.md, "Evaluation protocols").
 
 Similarities are computed one tile (a block of queries x a block of the gallery) at a time,
 keeping only each query's running top-K, so memory is O(block x gallery block) beyond the
