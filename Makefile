@@ -7,7 +7,7 @@ DEV_STAMP := $(VENV)/.installed-dev-stamp
 DEMO_DATA := data/shapes
 DEMO_RUN := runs/demo
 
-.PHONY: install demo test test-slow bench clean
+.PHONY: install demo test test-slow lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,11 @@ test: $(DEV_STAMP)
 
 test-slow: $(DEV_STAMP)
 	$(BIN)/python -m pytest -m slow
+
+# ruff's settings are in pyproject.toml; `ruff format` (without --check) fixes the layout.
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check src tests bench experiments
+	$(BIN)/ruff format --check src tests bench experiments
 
 bench: $(DEV_STAMP)
 	$(BIN)/python bench/clip_tiny.py --precision fp32

@@ -15,17 +15,19 @@ from __future__ import annotations
 import math
 
 import torch
+from clip_tiny import bench_arguments, compare, report, vocab_batch  # noqa: E402  (bench/ is the script's folder)
 
 import vlp
-from clip_tiny import bench_arguments, compare, report, vocab_batch  # noqa: E402  (bench/ is the script's folder)
 from vlp.config import load_run_config
 from vlp.data.tokenizer import SPECIAL_TOKENS
 from vlp.generate import Recomputing, greedy
 from vlp.models.blip import GroundedDecoder
 from vlp.nn.attention import KVCache
 
-TOKENS = {name: SPECIAL_TOKENS.index(token) for name, token in
-          zip(("pad", "unk", "cls", "sep", "mask", "enc", "dec"), SPECIAL_TOKENS)}
+TOKENS = {
+    name: SPECIAL_TOKENS.index(token)
+    for name, token in zip(("pad", "unk", "cls", "sep", "mask", "enc", "dec"), SPECIAL_TOKENS)
+}
 
 
 def bert_batch(cfg, size: int) -> dict[str, torch.Tensor]:
@@ -54,6 +56,7 @@ def checked_steps(models: dict[str, torch.nn.Module], batch: dict) -> tuple[dict
             sum(model(batch).values()).backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         return step
 
     return {name: train(model) for name, model in models.items()}, losses
@@ -71,8 +74,10 @@ def naive_step(model, batch):
 
 def recomputed_logits(model):
     """The decoder without a cache: every step re-runs the whole prefix."""
+
     def logits(prefix, image_tokens):
         return model.lm_head(model.decoder(prefix, torch.ones_like(prefix), context=image_tokens)[1][:, -1])
+
     return logits
 
 
@@ -90,11 +95,15 @@ def main() -> None:
             loss_fn().backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+
         return step
 
     steps = {"vlp": train(lambda: sum(model(batch).values())), "naive": train(lambda: naive_step(model, batch))}
-    rows = [compare("BLIP train step (samples/s)", steps, args.reps, args.warmup, args.precision, args.batch,
-                    baseline="naive")]
+    rows = [
+        compare(
+            "BLIP train step (samples/s)", steps, args.reps, args.warmup, args.precision, args.batch, baseline="naive"
+        )
+    ]
 
     model.eval()
     images = batch["images"][:16]  # 16 captions (fewer with --batch below 16)
@@ -105,10 +114,21 @@ def main() -> None:
     cached = greedy(GroundedDecoder(model), start, (KVCache(), image_tokens, None), **options)
     uncached = greedy(Recomputing(recomputed_logits(model)), start, (None, image_tokens), **options)
     assert torch.equal(cached, uncached), "KV-cache decoding must give the same tokens"
-    decode = {"vlp": lambda: greedy(GroundedDecoder(model), start, (KVCache(), image_tokens, None), **options),
-              "naive": lambda: greedy(Recomputing(recomputed_logits(model)), start, (None, image_tokens), **options)}
-    rows.append(compare("greedy generation, batch 16 (tokens/s)", decode, args.reps, args.warmup,
-                        args.precision, len(images) * 20, baseline="naive"))
+    decode = {
+        "vlp": lambda: greedy(GroundedDecoder(model), start, (KVCache(), image_tokens, None), **options),
+        "naive": lambda: greedy(Recomputing(recomputed_logits(model)), start, (None, image_tokens), **options),
+    }
+    rows.append(
+        compare(
+            "greedy generation, batch 16 (tokens/s)",
+            decode,
+            args.reps,
+            args.warmup,
+            args.precision,
+            len(images) * 20,
+            baseline="naive",
+        )
+    )
     report(rows, args.out)
 
 

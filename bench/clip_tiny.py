@@ -36,10 +36,16 @@ def vlp_model(cfg):
 
 def open_clip_model(cfg):
     v, t = cfg.model["vision"], cfg.model["text"]
-    vision = CLIPVisionCfg(layers=v["layers"], width=v["width"], head_width=v["width"] // v["heads"],
-                           patch_size=v["patch_size"], image_size=v["image_size"])
-    text = CLIPTextCfg(context_length=t["context_length"], vocab_size=VOCAB, width=t["width"],
-                       heads=t["heads"], layers=t["layers"])
+    vision = CLIPVisionCfg(
+        layers=v["layers"],
+        width=v["width"],
+        head_width=v["width"] // v["heads"],
+        patch_size=v["patch_size"],
+        image_size=v["image_size"],
+    )
+    text = CLIPTextCfg(
+        context_length=t["context_length"], vocab_size=VOCAB, width=t["width"], heads=t["heads"], layers=t["layers"]
+    )
     return open_clip.model.CLIP(cfg.model["embed_dim"], vision, text)
 
 
@@ -60,9 +66,11 @@ def vocab_batch(cfg, size, vocab=VOCAB, length=None):
     gen = torch.Generator().manual_seed(0)
     image_size = cfg.model["vision"]["image_size"]
     length = length or cfg.model["text"]["context_length"]
-    return {"images": torch.randn(size, 3, image_size, image_size, generator=gen),
-            "input_ids": torch.randint(9, vocab, (size, length), generator=gen),
-            "attention_mask": torch.ones(size, length, dtype=torch.long)}
+    return {
+        "images": torch.randn(size, 3, image_size, image_size, generator=gen),
+        "input_ids": torch.randint(9, vocab, (size, length), generator=gen),
+        "attention_mask": torch.ones(size, length, dtype=torch.long),
+    }
 
 
 def vlp_step(model, optimizer, b):
@@ -101,8 +109,12 @@ def compare(name, fns, reps, warmup, precision, items, baseline="open_clip"):
             results[lib] += timed(fn, 1, warmup, precision)
         warmup = 0
     rates = {lib: items / statistics.median(times) for lib, times in results.items()}
-    return {"benchmark": name, "precision": precision, **{f"{lib}_per_s": round(r, 1) for lib, r in rates.items()},
-            f"ratio_vlp_over_{baseline}": round(rates["vlp"] / rates[baseline], 3)}
+    return {
+        "benchmark": name,
+        "precision": precision,
+        **{f"{lib}_per_s": round(r, 1) for lib, r in rates.items()},
+        f"ratio_vlp_over_{baseline}": round(rates["vlp"] / rates[baseline], 3),
+    }
 
 
 def report(rows: list[dict], out: Path | None, meta: dict | None = None) -> None:
@@ -130,11 +142,15 @@ def main() -> None:
     cfg = load_run_config("clip", recipe_config_path("clip", args.size))
     torch.manual_seed(0)
     models = {"vlp": vlp_model(cfg), "open_clip": open_clip_model(cfg)}
-    optimizers = {"vlp": build_optimizer(models["vlp"], cfg.train),  # each library's own training optimizer
-                  "open_clip": torch.optim.AdamW(models["open_clip"].parameters(), lr=1e-4)}
+    optimizers = {
+        "vlp": build_optimizer(models["vlp"], cfg.train),  # each library's own training optimizer
+        "open_clip": torch.optim.AdamW(models["open_clip"].parameters(), lr=1e-4),
+    }
     b = vocab_batch(cfg, args.batch)
-    steps = {"vlp": lambda: vlp_step(models["vlp"], optimizers["vlp"], b),
-             "open_clip": lambda: open_clip_step(models["open_clip"], optimizers["open_clip"], b)}
+    steps = {
+        "vlp": lambda: vlp_step(models["vlp"], optimizers["vlp"], b),
+        "open_clip": lambda: open_clip_step(models["open_clip"], optimizers["open_clip"], b),
+    }
     rows = [compare("train step (samples/s)", steps, args.reps, args.warmup, args.precision, args.batch)]
     inputs = vocab_batch(cfg, 256)
     images, ids, mask = inputs["images"], inputs["input_ids"], inputs["attention_mask"]
@@ -142,25 +158,54 @@ def main() -> None:
     with torch.no_grad():
         hf_features = hf.get_image_features(pixel_values=images)  # transformers 5: an output object
         hf_features = getattr(hf_features, "pooler_output", hf_features)
-        torch.testing.assert_close(hf_features, models["vlp"].encode_image(images, normalize=False),
-                                   atol=1e-4, rtol=0)  # the competitor runs the same weights
+        torch.testing.assert_close(
+            hf_features, models["vlp"].encode_image(images, normalize=False), atol=1e-4, rtol=0
+        )  # the competitor runs the same weights
         for name, fns, items in (
-                ("image encoder (images/s)", {"vlp": lambda: models["vlp"].encode_image(images),
-                                              "open_clip": lambda: models["open_clip"].encode_image(images)}, 256),
-                ("image encoder vs transformers CLIPModel (images/s)",
-                 {"vlp": lambda: models["vlp"].encode_image(images),
-                  "transformers": lambda: hf.get_image_features(pixel_values=images)}, 256),
-                ("text encoder (texts/s)", {"vlp": lambda: models["vlp"].encode_text(ids, mask),
-                                            "open_clip": lambda: models["open_clip"].encode_text(ids)}, 256),
-                ("text encoder vs transformers CLIPModel (texts/s)",
-                 {"vlp": lambda: models["vlp"].encode_text(ids, mask),
-                  "transformers": lambda: hf.get_text_features(input_ids=ids, attention_mask=mask)}, 256)):
+            (
+                "image encoder (images/s)",
+                {
+                    "vlp": lambda: models["vlp"].encode_image(images),
+                    "open_clip": lambda: models["open_clip"].encode_image(images),
+                },
+                256,
+            ),
+            (
+                "image encoder vs transformers CLIPModel (images/s)",
+                {
+                    "vlp": lambda: models["vlp"].encode_image(images),
+                    "transformers": lambda: hf.get_image_features(pixel_values=images),
+                },
+                256,
+            ),
+            (
+                "text encoder (texts/s)",
+                {
+                    "vlp": lambda: models["vlp"].encode_text(ids, mask),
+                    "open_clip": lambda: models["open_clip"].encode_text(ids),
+                },
+                256,
+            ),
+            (
+                "text encoder vs transformers CLIPModel (texts/s)",
+                {
+                    "vlp": lambda: models["vlp"].encode_text(ids, mask),
+                    "transformers": lambda: hf.get_text_features(input_ids=ids, attention_mask=mask),
+                },
+                256,
+            ),
+        ):
             baseline = next(lib for lib in fns if lib != "vlp")
             rows.append(compare(name, fns, args.reps, args.warmup, args.precision, items, baseline=baseline))
-    meta = {"torch": torch.__version__, "open_clip": open_clip.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(), "batch": args.batch,
-            "params_vlp": sum(p.numel() for p in models["vlp"].parameters()),
-            "params_open_clip": sum(p.numel() for p in models["open_clip"].parameters())}
+    meta = {
+        "torch": torch.__version__,
+        "open_clip": open_clip.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "batch": args.batch,
+        "params_vlp": sum(p.numel() for p in models["vlp"].parameters()),
+        "params_open_clip": sum(p.numel() for p in models["open_clip"].parameters()),
+    }
     report(rows, args.out, meta)
 
 

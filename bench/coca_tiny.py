@@ -13,37 +13,67 @@ BLIP's three passes, in one process with alternating repetitions (medians, ratio
 from __future__ import annotations
 
 import torch
+from clip_tiny import bench_arguments, compare, report, vocab_batch  # noqa: E402  (bench/ is the script's folder)
 from open_clip.coca_model import CoCa, MultimodalCfg
 from open_clip.loss import CoCaLoss
 from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 
 import vlp
-from clip_tiny import bench_arguments, compare, report, vocab_batch  # noqa: E402  (bench/ is the script's folder)
 from vlp.config import load_run_config
 from vlp.data.tokenizer import SPECIAL_TOKENS
 
 VOCAB = 512
-TOKENS = {name: SPECIAL_TOKENS.index(token) for name, token in
-          (("pad", "[PAD]"), ("cls", "[CLS]"), ("sep", "[SEP]"), ("enc", "[ENC]"), ("dec", "[DEC]"),
-           ("sot", "<|startoftext|>"), ("eot", "<|endoftext|>"))}
+TOKENS = {
+    name: SPECIAL_TOKENS.index(token)
+    for name, token in (
+        ("pad", "[PAD]"),
+        ("cls", "[CLS]"),
+        ("sep", "[SEP]"),
+        ("enc", "[ENC]"),
+        ("dec", "[DEC]"),
+        ("sot", "<|startoftext|>"),
+        ("eot", "<|endoftext|>"),
+    )
+}
 
 
 def vlp_model(recipe: str):
     cfg = load_run_config(recipe)
-    return vlp.create_model(recipe, {**cfg.model, "text": {**cfg.model["text"], "vocab_size": VOCAB},
-                                     "tokens": TOKENS}), cfg
+    return vlp.create_model(
+        recipe, {**cfg.model, "text": {**cfg.model["text"], "vocab_size": VOCAB}, "tokens": TOKENS}
+    ), cfg
 
 
 def open_clip_coca(cfg):
     m = cfg.model
     v, t = m["vision"], m["text"]
-    vision = CLIPVisionCfg(layers=v["layers"], width=v["width"], head_width=v["width"] // v["heads"],
-                           patch_size=v["patch_size"], image_size=v["image_size"], attentional_pool=True,
-                           attn_pooler_queries=m["caption_queries"], attn_pooler_heads=t["heads"], output_tokens=True)
-    text = CLIPTextCfg(context_length=t["context_length"], vocab_size=VOCAB, width=t["width"], heads=t["heads"],
-                       layers=t["layers"], embed_cls=True, output_tokens=True)
-    multimodal = MultimodalCfg(context_length=t["context_length"], vocab_size=VOCAB, width=t["width"],
-                               heads=t["heads"], layers=m["multimodal_layers"])
+    vision = CLIPVisionCfg(
+        layers=v["layers"],
+        width=v["width"],
+        head_width=v["width"] // v["heads"],
+        patch_size=v["patch_size"],
+        image_size=v["image_size"],
+        attentional_pool=True,
+        attn_pooler_queries=m["caption_queries"],
+        attn_pooler_heads=t["heads"],
+        output_tokens=True,
+    )
+    text = CLIPTextCfg(
+        context_length=t["context_length"],
+        vocab_size=VOCAB,
+        width=t["width"],
+        heads=t["heads"],
+        layers=t["layers"],
+        embed_cls=True,
+        output_tokens=True,
+    )
+    multimodal = MultimodalCfg(
+        context_length=t["context_length"],
+        vocab_size=VOCAB,
+        width=t["width"],
+        heads=t["heads"],
+        layers=m["multimodal_layers"],
+    )
     return CoCa(m["embed_dim"], multimodal, text, vision)
 
 
@@ -52,6 +82,7 @@ def step(loss_fn, model, optimizer):
         loss_fn().backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+
     return run
 
 
@@ -64,8 +95,10 @@ def main() -> None:
     weights = cfg.train.loss_weights
     # open_clip pads its text to the context and appends [CLS]: give it context - 1 tokens.
     b = vocab_batch(cfg, args.batch, VOCAB, length=cfg.model["text"]["context_length"] - 1)
-    optimizers = {name: torch.optim.AdamW(m.parameters(), lr=1e-4) for name, m in
-                  (("vlp", coca), ("open_clip", reference), ("blip", blip))}
+    optimizers = {
+        name: torch.optim.AdamW(m.parameters(), lr=1e-4)
+        for name, m in (("vlp", coca), ("open_clip", reference), ("blip", blip))
+    }
     coca_loss = CoCaLoss(caption_loss_weight=weights.get("caption", 2.0), clip_loss_weight=weights.get("itc", 1.0))
 
     def vlp_loss():
@@ -74,18 +107,36 @@ def main() -> None:
 
     def open_clip_loss():
         out = reference(b["images"], b["input_ids"])
-        clip_loss, caption_loss = coca_loss(out["image_features"], out["text_features"], out["logits"],
-                                            out["labels"], out["logit_scale"])  # already weighted
+        clip_loss, caption_loss = coca_loss(
+            out["image_features"], out["text_features"], out["logits"], out["labels"], out["logit_scale"]
+        )  # already weighted
         return clip_loss + caption_loss
 
-    rows = [compare("CoCa train step (samples/s)", {"vlp": step(vlp_loss, coca, optimizers["vlp"]),
-                                                    "open_clip": step(open_clip_loss, reference,
-                                                                      optimizers["open_clip"])},
-                    args.reps, args.warmup, args.precision, args.batch),
-            compare("step: vlp CoCa (one pass per stack) vs vlp BLIP (three text passes), samples/s",
-                    {"vlp": step(vlp_loss, coca, optimizers["vlp"]),
-                     "blip": step(lambda: sum(blip(b).values()), blip, optimizers["blip"])},
-                    args.reps, args.warmup, args.precision, args.batch, baseline="blip")]
+    rows = [
+        compare(
+            "CoCa train step (samples/s)",
+            {
+                "vlp": step(vlp_loss, coca, optimizers["vlp"]),
+                "open_clip": step(open_clip_loss, reference, optimizers["open_clip"]),
+            },
+            args.reps,
+            args.warmup,
+            args.precision,
+            args.batch,
+        ),
+        compare(
+            "step: vlp CoCa (one pass per stack) vs vlp BLIP (three text passes), samples/s",
+            {
+                "vlp": step(vlp_loss, coca, optimizers["vlp"]),
+                "blip": step(lambda: sum(blip(b).values()), blip, optimizers["blip"]),
+            },
+            args.reps,
+            args.warmup,
+            args.precision,
+            args.batch,
+            baseline="blip",
+        ),
+    ]
     report(rows, args.out)
 
 

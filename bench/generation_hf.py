@@ -11,11 +11,11 @@ from __future__ import annotations
 import tempfile
 
 import torch
+from blip_tiny import TOKENS  # noqa: E402  (bench/ is the script's folder)
+from clip_tiny import bench_arguments, compare, report
 from transformers import BlipForConditionalGeneration
 
 import vlp
-from blip_tiny import TOKENS  # noqa: E402  (bench/ is the script's folder)
-from clip_tiny import bench_arguments, compare, report
 from vlp.config import load_run_config
 from vlp.data.tokenizer import Tokenizer
 
@@ -29,9 +29,16 @@ def hf_compatible_blip(contrastive: dict | None = None) -> tuple[torch.nn.Module
     cfg = load_run_config("blip")
     torch.manual_seed(0)
     vision = {**cfg.model["vision"], "ln_pre": False, "patch_bias": True}
-    model = vlp.create_model("blip", {**cfg.model, "vision": vision, "tokens": TOKENS,
-                                      "contrastive": {**cfg.model["contrastive"], **(contrastive or {})},
-                                      "text": {**cfg.model["text"], "vocab_size": VOCAB}})
+    model = vlp.create_model(
+        "blip",
+        {
+            **cfg.model,
+            "vision": vision,
+            "tokens": TOKENS,
+            "contrastive": {**cfg.model["contrastive"], **(contrastive or {})},
+            "text": {**cfg.model["text"], "vocab_size": VOCAB},
+        },
+    )
     model.tokenizer = Tokenizer.train([f"word{i}" for i in range(VOCAB)], vocab_size=VOCAB)  # ids only
     return model, cfg
 
@@ -57,16 +64,25 @@ def main() -> None:
             options = {"max_new_tokens": NEW_TOKENS} | ({"num_beams": beams} if method == "beam" else {})
             with torch.no_grad():
                 ours = model.generate(images, method=method, **options)
-                theirs = hf.generate(pixel_values=images, do_sample=False, num_beams=beams,
-                                     max_new_tokens=NEW_TOKENS)
+                theirs = hf.generate(pixel_values=images, do_sample=False, num_beams=beams, max_new_tokens=NEW_TOKENS)
             length = min(ours.shape[1], theirs.shape[1])
             differ = int((ours[:, :length] != theirs[:, :length]).any(dim=1).sum())
-            fns = {"vlp": lambda: model.generate(images, method=method, **options),
-                   "transformers": lambda: hf.generate(pixel_values=images, do_sample=False, num_beams=beams,
-                                                       max_new_tokens=NEW_TOKENS)}
+            fns = {
+                "vlp": lambda: model.generate(images, method=method, **options),
+                "transformers": lambda: hf.generate(
+                    pixel_values=images, do_sample=False, num_beams=beams, max_new_tokens=NEW_TOKENS
+                ),
+            }
             with torch.no_grad():
-                row = compare(f"{method} (beams {beams}), batch {batch} (tokens/s)", fns, args.reps, args.warmup,
-                              args.precision, batch * NEW_TOKENS, baseline="transformers")
+                row = compare(
+                    f"{method} (beams {beams}), batch {batch} (tokens/s)",
+                    fns,
+                    args.reps,
+                    args.warmup,
+                    args.precision,
+                    batch * NEW_TOKENS,
+                    baseline="transformers",
+                )
             rows.append({**row, "sequences_differing": differ})
     report(rows, args.out)
 

@@ -12,9 +12,18 @@ measured in the same run: the best of 20 square matmuls of side 1024 in the benc
 from __future__ import annotations
 
 import torch
+from clip_tiny import (
+    bench_arguments,
+    compare,
+    open_clip_model,
+    open_clip_step,
+    report,
+    vlp_model,
+    vlp_step,
+    vocab_batch,
+)
 from torch.utils.flop_counter import FlopCounterMode
 
-from clip_tiny import bench_arguments, compare, open_clip_model, open_clip_step, report, vlp_model, vlp_step, vocab_batch
 from vlp.config import load_run_config, recipe_config_path
 from vlp.train.optim import build_optimizer
 from vlp.train.precision import matmul_seconds
@@ -25,7 +34,7 @@ MATMUL = 1024
 def matmul_peak(precision: str, reps: int = 20) -> float:
     """Best FLOP/s of a square matmul of side `MATMUL` in `precision` ("fp32" or "bf16")."""
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    return 2 * MATMUL ** 3 / matmul_seconds(dtype, MATMUL, reps)
+    return 2 * MATMUL**3 / matmul_seconds(dtype, MATMUL, reps)
 
 
 def step_flops(step) -> int:
@@ -49,11 +58,15 @@ def clip_steps(size: str, batch: int) -> dict:
     cfg = load_run_config("clip", recipe_config_path("clip", size))
     torch.manual_seed(0)
     models = {"vlp": vlp_model(cfg), "open_clip": open_clip_model(cfg)}
-    optimizers = {"vlp": build_optimizer(models["vlp"], cfg.train),
-                  "open_clip": torch.optim.AdamW(models["open_clip"].parameters(), lr=1e-4)}
+    optimizers = {
+        "vlp": build_optimizer(models["vlp"], cfg.train),
+        "open_clip": torch.optim.AdamW(models["open_clip"].parameters(), lr=1e-4),
+    }
     b = vocab_batch(cfg, batch)
-    return {"vlp": lambda: vlp_step(models["vlp"], optimizers["vlp"], b),
-            "open_clip": lambda: open_clip_step(models["open_clip"], optimizers["open_clip"], b)}
+    return {
+        "vlp": lambda: vlp_step(models["vlp"], optimizers["vlp"], b),
+        "open_clip": lambda: open_clip_step(models["open_clip"], optimizers["open_clip"], b),
+    }
 
 
 def main() -> None:
@@ -62,12 +75,21 @@ def main() -> None:
     timed = []
     for size in args.size.split(","):
         steps = clip_steps(size, args.batch)
-        timed.append((compare(f"CLIP {size} train step (samples/s)", steps, args.reps, args.warmup,
-                              args.precision, args.batch), steps))
+        timed.append(
+            (
+                compare(
+                    f"CLIP {size} train step (samples/s)", steps, args.reps, args.warmup, args.precision, args.batch
+                ),
+                steps,
+            )
+        )
     peak = max(peak, matmul_peak(args.precision))  # measured before and after the steps: the best
     rows = [add_mfu(row, steps, args.batch, peak) for row, steps in timed]
-    meta = {f"{args.precision}_peak_gflops": round(peak / 1e9, 1), "threads": torch.get_num_threads(),
-            "batch": args.batch}
+    meta = {
+        f"{args.precision}_peak_gflops": round(peak / 1e9, 1),
+        "threads": torch.get_num_threads(),
+        "batch": args.batch,
+    }
     report(rows, args.out, meta)
 
 

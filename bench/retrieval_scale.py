@@ -23,9 +23,9 @@ from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+from generation_hf import hf_compatible_blip  # noqa: E402  (bench/ is the script's folder)
 from PIL import Image
 
-from generation_hf import hf_compatible_blip  # noqa: E402  (bench/ is the script's folder)
 from vlp.eval.retrieval import blockwise_topk, rerank
 from vlp.eval.run import itm_scorer
 
@@ -55,6 +55,7 @@ def reranking(items: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor
     def search(queries: torch.Tensor, gallery: torch.Tensor) -> torch.Tensor:
         top = blockwise_topk(queries, gallery, max(K, K_TEST))
         return rerank(top, K_TEST, lambda query, image: score(image, query))[:, :K]
+
     return search
 
 
@@ -62,22 +63,29 @@ def run_case(items: int, method: str) -> dict:
     gen = torch.Generator().manual_seed(0)
     gallery = torch.empty(items, DIM)  # filled in chunks: no temporaries to inflate the baseline peak
     for start in range(0, items, 10_000):
-        chunk = gallery[start:start + 10_000]
+        chunk = gallery[start : start + 10_000]
         chunk.copy_(F.normalize(torch.randn(chunk.shape, generator=gen), dim=-1))
     queries = F.normalize(torch.randn(QUERIES, DIM, generator=gen), dim=-1)
     if method == RERANKED:
         search = reranking(items)
     else:
-        search = {"vlp": lambda q, g: blockwise_topk(q, g, K),
-                  "full matrix": lambda q, g: (q @ g.T).topk(K, dim=1).indices}[method]
+        search = {
+            "vlp": lambda q, g: blockwise_topk(q, g, K),
+            "full matrix": lambda q, g: (q @ g.T).topk(K, dim=1).indices,
+        }[method]
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
     top = search(queries, gallery)
     seconds = time.perf_counter() - start
     extra = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before  # KiB on Linux
-    return {"items": items, "method": method, "seconds": round(seconds, 3),
-            "extra_peak_MiB": round(extra / 1024, 1), "embeddings_MiB": round(items * DIM * 4 / 2 ** 20, 1),
-            "checksum": int(top[:, 0].sum())}
+    return {
+        "items": items,
+        "method": method,
+        "seconds": round(seconds, 3),
+        "extra_peak_MiB": round(extra / 1024, 1),
+        "embeddings_MiB": round(items * DIM * 4 / 2**20, 1),
+        "checksum": int(top[:, 0].sum()),
+    }
 
 
 def main() -> None:
@@ -94,8 +102,9 @@ def main() -> None:
             if method == "full matrix" and items > 100_000:
                 rows.append({"items": items, "method": method, "skipped": "a 1000 x 1M float matrix is 4 GB"})
                 continue
-            out = subprocess.run([sys.executable, __file__, "--case", str(items), method], capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--case", str(items), method], capture_output=True, text=True, check=True
+            )
             rows.append(json.loads(out.stdout))
             print(json.dumps(rows[-1]))
     if args.out:

@@ -29,12 +29,20 @@ def blind_answers(lm_dir: Path, questions: list[str], batch_size: int = 256) -> 
     lm = AutoModelForCausalLM.from_pretrained(lm_dir).eval()
     answers = []
     for start in range(0, len(questions), batch_size):
-        prompts = [QA_PROMPT.format(q) for q in questions[start:start + batch_size]]
+        prompts = [QA_PROMPT.format(q) for q in questions[start : start + batch_size]]
         inputs = tokenizer(prompts, return_tensors="pt", padding=True)
-        out = lm.generate(**inputs, max_new_tokens=5, do_sample=False, num_beams=1,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        answers += [text.strip() for text in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1]:],
-                                                                    skip_special_tokens=True)]
+        out = lm.generate(
+            **inputs,
+            max_new_tokens=5,
+            do_sample=False,
+            num_beams=1,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        answers += [
+            text.strip()
+            for text in tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        ]
     return answers
 
 
@@ -47,8 +55,12 @@ def main() -> None:
     dataset = open_dataset(args.data, split=args.split)
     pairs = [qa for i in range(len(dataset)) for qa in dataset.meta(i).get("qa", [])]
     predictions = blind_answers(args.lm, [qa["question"] for qa in pairs])
-    print(json.dumps({"vqa_blind": vqa_accuracy(predictions, [qa["answer"] for qa in pairs],
-                                                [qa["type"] for qa in pairs])}, indent=2))
+    print(
+        json.dumps(
+            {"vqa_blind": vqa_accuracy(predictions, [qa["answer"] for qa in pairs], [qa["type"] for qa in pairs])},
+            indent=2,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -22,8 +22,11 @@ from vlp.train.trainer import Trainer
 
 def step_flops(recipe: str, data: str, overrides: list[str]) -> int:
     """FLOPs of the first training step of `recipe` (tiny config and `overrides`) on `data`."""
-    cfg = load_run_config(recipe, recipe_config_path(recipe, "tiny"),
-                          [f"data.path={data}", "data.workers=0", "train.ckpt_every=1000000", *overrides])
+    cfg = load_run_config(
+        recipe,
+        recipe_config_path(recipe, "tiny"),
+        [f"data.path={data}", "data.workers=0", "train.ckpt_every=1000000", *overrides],
+    )
     with tempfile.TemporaryDirectory() as run, FlopCounterMode(display=False) as counter:
         Trainer(cfg, run, progress=False).fit(stop_at=1)
     return counter.get_total_flops()
@@ -34,8 +37,13 @@ def main() -> None:
     parser.add_argument("recipes", nargs="+")
     parser.add_argument("--data", default="data/shapes")
     parser.add_argument("--budget", required=True, help="RECIPE:STEPS whose compute every recipe gets")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override for every recipe (e.g. model.image_tokenizer=PATH)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every recipe (e.g. model.image_tokenizer=PATH)",
+    )
     args = parser.parse_args()
     reference, steps = args.budget.split(":")
     flops = {recipe: step_flops(recipe, args.data, args.set) for recipe in dict.fromkeys([reference, *args.recipes])}

@@ -26,7 +26,7 @@ import vlp
 from vlp.data.formats import open_dataset
 from vlp.data.shapes import caption_is_true
 from vlp.eval.retrieval import blockwise_topk
-from vlp.eval.run import texts_of, embed_images, embed_texts, itm_scorer
+from vlp.eval.run import embed_images, embed_texts, itm_scorer, texts_of
 
 
 def mean(values: list[float]) -> float | None:
@@ -47,16 +47,24 @@ def main() -> None:
     texts, owner = texts_of(dataset, kept)
     objects = [dataset.meta(i)["objects"] for i in kept]
     rows = range(min(args.images, len(kept)))
-    top = blockwise_topk(image_emb[:len(rows)], embed_texts(model, texts), args.top + 5,
-                         similarity=model.embedding_similarity)
-    others = {row: [j for j in top[row].tolist() if owner[j] != row][:args.top] for row in rows}
+    top = blockwise_topk(
+        image_emb[: len(rows)], embed_texts(model, texts), args.top + 5, similarity=model.embedding_similarity
+    )
+    others = {row: [j for j in top[row].tolist() if owner[j] != row][: args.top] for row in rows}
     random_texts = torch.randint(len(texts), (len(rows), args.top))
     truth = {row: [caption_is_true(texts[j], objects[row]) for j in others[row]] for row in rows}
     result = {
-        "images": len(rows), "top": args.top,
-        "random_other_true": 100 * mean([caption_is_true(texts[j], objects[row])
-                                         for row in rows for j in random_texts[row].tolist()
-                                         if owner[j] != row]),
+        "images": len(rows),
+        "top": args.top,
+        "random_other_true": 100
+        * mean(
+            [
+                caption_is_true(texts[j], objects[row])
+                for row in rows
+                for j in random_texts[row].tolist()
+                if owner[j] != row
+            ]
+        ),
         "itc_top_other_true": 100 * mean([t for row in rows for t in truth[row]]),
         "itc_hardest_other_true": 100 * mean([truth[row][0] for row in rows]),
         "itc_top1_true": 100 * mean([caption_is_true(texts[top[row, 0]], objects[row]) for row in rows]),
@@ -65,8 +73,10 @@ def main() -> None:
         score = itm_scorer(model, dataset, kept, texts)
         own = (owner < len(rows)).nonzero().flatten()  # the captions of the scored images
         result["itm_own"] = mean(score(owner[own], own).tolist())
-        other_scores = score(torch.tensor([row for row in rows for _ in others[row]]),
-                             torch.tensor([j for row in rows for j in others[row]]))
+        other_scores = score(
+            torch.tensor([row for row in rows for _ in others[row]]),
+            torch.tensor([j for row in rows for j in others[row]]),
+        )
         true = torch.tensor([t for row in rows for t in truth[row]])
         result["itm_other_true"] = mean(other_scores[true].tolist())
         result["itm_other_false"] = mean(other_scores[~true].tolist())

@@ -37,8 +37,7 @@ def cell(values: list[float]) -> str:
 def summarize(root: Path, metrics: list[str], file: str = "eval.json") -> str:
     """One row per variant (sub-folder of `root` holding `file`), one column per metric, plus the
     seed count."""
-    lines = ["| variant | seeds | " + " | ".join(metrics) + " |",
-             "|---|---:|" + "---:|" * len(metrics)]
+    lines = ["| variant | seeds | " + " | ".join(metrics) + " |", "|---|---:|" + "---:|" * len(metrics)]
     for variant in sorted(p for p in root.iterdir() if p.is_dir()):
         runs = [json.loads(f.read_text()) for f in sorted(variant.glob(f"seed*/{file}"))]
         if not runs:

@@ -10,9 +10,11 @@ COUNTS = {"train": 96, "val": 8, "test": 24, "clean": 8, "classify": 24, "compos
 
 TINY_CONFIG = {
     "recipe": "clip",
-    "model": {"embed_dim": 32,
-              "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
-              "text": {"context_length": 32, "width": 32, "layers": 2, "heads": 2}},
+    "model": {
+        "embed_dim": 32,
+        "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
+        "text": {"context_length": 32, "width": 32, "layers": 2, "heads": 2},
+    },
     "data": {"batch_size": 16, "workers": 0},
     "train": {"steps": 6, "lr": 1e-3, "warmup": 2, "log_every": 1, "ckpt_every": 3},
 }

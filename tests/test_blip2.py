@@ -12,10 +12,21 @@ from vlp.nn.qformer import QFormer, QFormerConfig, qformer_mask
 from vlp.train.trainer import Trainer
 
 TOKENS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "enc": 5, "dec": 6}
-QFORMER = {"num_queries": 3, "context_length": 16, "width": 32, "layers": 4, "heads": 2,
-           "cross_attention_every": 2, "vocab_size": 60}
-MODEL = {"vision": {"image_size": 32, "patch_size": 8, "width": 24, "layers": 3, "heads": 2},
-         "qformer": QFORMER, "embed_dim": 16, "tokens": TOKENS}
+QFORMER = {
+    "num_queries": 3,
+    "context_length": 16,
+    "width": 32,
+    "layers": 4,
+    "heads": 2,
+    "cross_attention_every": 2,
+    "vocab_size": 60,
+}
+MODEL = {
+    "vision": {"image_size": 32, "patch_size": 8, "width": 24, "layers": 3, "heads": 2},
+    "qformer": QFORMER,
+    "embed_dim": 16,
+    "tokens": TOKENS,
+}
 
 
 def texts(seed: int = 0, size: int = 2):
@@ -94,9 +105,12 @@ def test_queries_cross_attend_every_second_layer_and_have_their_own_feed_forward
 def blip2_config(tmp_path, shapes_dir):
     model = {k: v for k, v in MODEL.items() if k != "tokens"}
     model["qformer"] = {k: v for k, v in QFORMER.items() if k != "vocab_size"}
-    config = {"recipe": "blip2_stage1", "model": model,
-              "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
-              "train": {"steps": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "ckpt_every": 4}}
+    config = {
+        "recipe": "blip2_stage1",
+        "model": model,
+        "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
+        "train": {"steps": 4, "lr": 1e-3, "warmup": 1, "log_every": 1, "ckpt_every": 4},
+    }
     path = tmp_path / "blip2.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
@@ -144,15 +158,33 @@ def test_stage1_starts_from_a_trained_clip_image_tower(tmp_path, tiny_config, sh
     from vlp.cli import app
 
     runner = CliRunner()
-    assert runner.invoke(app, ["train", "clip", "--config", str(tiny_config), "--out", str(tmp_path / "clip"),
-                               "--no-progress"]).exit_code == 0
-    config = {"recipe": "blip2_stage1",
-              "model": {"qformer": {k: v for k, v in QFORMER.items() if k != "vocab_size"}, "embed_dim": 16},
-              "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
-              "train": {"steps": 2, "warmup": 1, "log_every": 1, "ckpt_every": 2}}
+    assert (
+        runner.invoke(
+            app, ["train", "clip", "--config", str(tiny_config), "--out", str(tmp_path / "clip"), "--no-progress"]
+        ).exit_code
+        == 0
+    )
+    config = {
+        "recipe": "blip2_stage1",
+        "model": {"qformer": {k: v for k, v in QFORMER.items() if k != "vocab_size"}, "embed_dim": 16},
+        "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
+        "train": {"steps": 2, "warmup": 1, "log_every": 1, "ckpt_every": 2},
+    }
     (tmp_path / "blip2.yaml").write_text(yaml.safe_dump(config))
-    result = runner.invoke(app, ["train", "blip2_stage1", "--config", str(tmp_path / "blip2.yaml"), "--init",
-                                 str(tmp_path / "clip"), "--out", str(tmp_path / "blip2"), "--no-progress"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "blip2_stage1",
+            "--config",
+            str(tmp_path / "blip2.yaml"),
+            "--init",
+            str(tmp_path / "clip"),
+            "--out",
+            str(tmp_path / "blip2"),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     clip, blip2 = vlp.load(tmp_path / "clip").state_dict(), vlp.load(tmp_path / "blip2").state_dict()
     tower = [k for k in clip if k.startswith("visual.")]

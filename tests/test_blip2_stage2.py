@@ -17,8 +17,12 @@ VISION = {"image_size": 32, "patch_size": 8, "width": 24, "layers": 2, "heads": 
 
 
 def write(path, recipe, model, shapes_dir, steps=3):
-    config = {"recipe": recipe, "model": model, "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
-              "train": {"steps": steps, "lr": 1e-3, "warmup": 1, "log_every": 1, "ckpt_every": steps}}
+    config = {
+        "recipe": recipe,
+        "model": model,
+        "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
+        "train": {"steps": steps, "lr": 1e-3, "warmup": 1, "log_every": 1, "ckpt_every": steps},
+    }
     path.write_text(yaml.safe_dump(config))
     return path
 
@@ -29,16 +33,20 @@ def stage2(tmp_path_factory, shapes_dir):
     root, runner = tmp_path_factory.mktemp("blip2"), CliRunner()
 
     def train(recipe, config, out, *extra):
-        result = runner.invoke(app, ["train", recipe, "--config", str(config), "--out", str(root / out),
-                                     "--no-progress", *extra])
+        result = runner.invoke(
+            app, ["train", recipe, "--config", str(config), "--out", str(root / out), "--no-progress", *extra]
+        )
         assert result.exit_code == 0, result.output
 
     lm_model = {"text": {"context_length": 40, "width": 32, "layers": 2, "heads": 2}}
     train("caption_lm", write(root / "lm.yaml", "caption_lm", lm_model, shapes_dir, steps=20), "lm")
     result = runner.invoke(app, ["convert", str(root / "lm"), str(root / "lm_hf"), "--to", "hf"])
     assert result.exit_code == 0, result.output
-    train("blip2_stage1", write(root / "s1.yaml", "blip2_stage1", {"vision": VISION, "qformer": QFORMER,
-                                                                   "embed_dim": 16}, shapes_dir), "s1")
+    train(
+        "blip2_stage1",
+        write(root / "s1.yaml", "blip2_stage1", {"vision": VISION, "qformer": QFORMER, "embed_dim": 16}, shapes_dir),
+        "s1",
+    )
     s2 = write(root / "s2.yaml", "blip2_stage2", {"prompt": ""}, shapes_dir, steps=4)
     train("blip2_stage2", s2, "s2", "--init", str(root / "s1"), "--lm", str(root / "lm_hf"))
     return root / "s1", root / "lm_hf", root / "s2"
@@ -96,7 +104,7 @@ def test_zero_shot_vqa_one_prompt_per_image(stage2, shapes_dir):
     images = torch.randn(2, 3, 32, 32)
     questions = ["what color is the circle?", "how many shapes are there in this picture?"]
     together = model.answer_texts(images, questions)
-    alone = [model.answer_texts(images[i:i + 1], [q])[0] for i, q in enumerate(questions)]
+    alone = [model.answer_texts(images[i : i + 1], [q])[0] for i, q in enumerate(questions)]
     assert together == alone
     results = evaluate(model, shapes_dir, tasks=["vqa"])
     assert {"accuracy", "accuracy_color"} <= set(results["vqa"])
@@ -112,45 +120,78 @@ def test_encoder_decoder_lm_trains_with_the_prefix_lm_loss(tmp_path, stage2, sha
 
     tokenizer = Tokenizer.load(shapes_dir)
     torch.manual_seed(0)
-    t5 = T5ForConditionalGeneration(T5Config(
-        vocab_size=tokenizer.vocab_size, d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1,
-        num_heads=2, decoder_start_token_id=tokenizer.pad_id, eos_token_id=tokenizer.eot_id,
-        pad_token_id=tokenizer.pad_id))
+    t5 = T5ForConditionalGeneration(
+        T5Config(
+            vocab_size=tokenizer.vocab_size,
+            d_model=32,
+            d_kv=16,
+            d_ff=64,
+            num_layers=1,
+            num_decoder_layers=1,
+            num_heads=2,
+            decoder_start_token_id=tokenizer.pad_id,
+            eos_token_id=tokenizer.eot_id,
+            pad_token_id=tokenizer.pad_id,
+        )
+    )
     t5.save_pretrained(tmp_path / "t5")
     library = tokenizer._tok  # T5 style: the end token after every text
     library.post_processor = processors.TemplateProcessing(
-        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", tokenizer.eot_id)])
+        single="$A <|endoftext|>", special_tokens=[("<|endoftext|>", tokenizer.eot_id)]
+    )
     library.save(str(tmp_path / "t5" / "tokenizer.json"))
-    (tmp_path / "t5" / "tokenizer_config.json").write_text(json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "[PAD]"}))
+    (tmp_path / "t5" / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|endoftext|>", "pad_token": "[PAD]"})
+    )
     config = write(tmp_path / "t5.yaml", "blip2_stage2", {"lm": str(tmp_path / "t5")}, shapes_dir, steps=3)
-    result = CliRunner().invoke(app, ["train", "blip2_stage2", "--config", str(config), "--init", str(stage2[0]),
-                                      "--out", str(tmp_path / "run"), "--no-progress"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "blip2_stage2",
+            "--config",
+            str(config),
+            "--init",
+            str(stage2[0]),
+            "--out",
+            str(tmp_path / "run"),
+            "--no-progress",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = vlp.load(tmp_path / "run")
     assert model.lm.config.is_encoder_decoder
     torch.manual_seed(1)
     loss = model.train()({"images": torch.randn(2, 3, 32, 32), "texts": ["a small red circle", "two shapes"]})["lm"]
     loss.backward()
-    assert {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None} == \
-        {"ln_vision", "qformer", "language_projection"}
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.grad is not None} == {
+        "ln_vision",
+        "qformer",
+        "language_projection",
+    }
     model.eval()
     images = torch.randn(2, 3, 32, 32)
     cached = model.caption(images, "Question: what color is the circle? Answer:", "greedy", max_new_tokens=5)
-    assert cached == model.caption(images, "Question: what color is the circle? Answer:", "greedy",
-                                    max_new_tokens=5, use_cache=False)
+    assert cached == model.caption(
+        images, "Question: what color is the circle? Answer:", "greedy", max_new_tokens=5, use_cache=False
+    )
 
 
 def test_the_caption_lm_learns_every_position_of_its_context():
     """Training puts each text at a random offset (BLIP-2's visual prompt shifts the text right);
     evaluation reads texts from position 0, as transformers does without position ids."""
     torch.manual_seed(0)
-    model = vlp.create_model("caption_lm", {"text": {"vocab_size": 30, "context_length": 16, "width": 16,
-                                                     "layers": 1, "heads": 2},
-                                            "tokens": {"pad": 0, "sot": 1, "eot": 2}})
+    model = vlp.create_model(
+        "caption_lm",
+        {
+            "text": {"vocab_size": 30, "context_length": 16, "width": 16, "layers": 1, "heads": 2},
+            "tokens": {"pad": 0, "sot": 1, "eot": 2},
+        },
+    )
     seen = []
     model.lm.model.decoder.embed_positions.register_forward_hook(
-        lambda module, args, kwargs, output: seen.append(kwargs.get("position_ids")), with_kwargs=True)
+        lambda module, args, kwargs, output: seen.append(kwargs.get("position_ids")), with_kwargs=True
+    )
     ids = torch.randint(3, 30, (64, 6))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     model.train()(batch)

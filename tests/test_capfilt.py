@@ -16,8 +16,30 @@ from vlp.data.formats import open_dataset
 @pytest.fixture(scope="module")
 def noisy_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("noisy")
-    args = ["data", "shapes", "--out", str(out), "--image-size", "32", "--vocab-size", "512", "--noise", "0.4",
-            "--train", "40", "--val", "2", "--test", "8", "--clean", "16", "--classify", "8", "--compositional", "2"]
+    args = [
+        "data",
+        "shapes",
+        "--out",
+        str(out),
+        "--image-size",
+        "32",
+        "--vocab-size",
+        "512",
+        "--noise",
+        "0.4",
+        "--train",
+        "40",
+        "--val",
+        "2",
+        "--test",
+        "8",
+        "--clean",
+        "16",
+        "--classify",
+        "8",
+        "--compositional",
+        "2",
+    ]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     return out
@@ -37,8 +59,7 @@ def known_models(dataset):
     noisy = {c for i in range(len(dataset)) if dataset.meta(i)["noisy"] for c in dataset.captions(i)}
 
     def captioner(images, generator):
-        return [[f"synthetic {torch.randint(1000, (1,), generator=generator).item()}", "bad synthetic"]
-                for _ in images]
+        return [[f"synthetic {torch.randint(1000, (1,), generator=generator).item()}", "bad synthetic"] for _ in images]
 
     def scorer(images, candidates):
         return [[0.1 if text in noisy or text.startswith("bad") else 0.9 for text in group] for group in candidates]
@@ -122,18 +143,40 @@ def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
     model = model_config("blip")
     model.pop("tokens")
     model["text"].pop("vocab_size")
-    config = {"recipe": "blip", "model": model, "data": {"path": str(noisy_dir), "batch_size": 8, "workers": 0},
-              "train": {"steps": 2, "warmup": 1, "log_every": 1, "ckpt_every": 2}}
+    config = {
+        "recipe": "blip",
+        "model": model,
+        "data": {"path": str(noisy_dir), "batch_size": 8, "workers": 0},
+        "train": {"steps": 2, "warmup": 1, "log_every": 1, "ckpt_every": 2},
+    }
     (tmp_path / "blip.yaml").write_text(yaml.safe_dump(config))
     runner = CliRunner()
-    result = runner.invoke(app, ["train", "blip", "--config", str(tmp_path / "blip.yaml"), "--out",
-                                 str(tmp_path / "blip"), "--no-progress"])
+    result = runner.invoke(
+        app,
+        ["train", "blip", "--config", str(tmp_path / "blip.yaml"), "--out", str(tmp_path / "blip"), "--no-progress"],
+    )
     assert result.exit_code == 0, result.output
-    args = ["capfilt", "--init", str(tmp_path / "blip"), "--data", str(noisy_dir), "--clean", str(noisy_dir),
-            "--out", str(tmp_path / "boot"), "--steps", "2", "--limit", "12", "--synthetic", "2", "--no-progress"]
+    args = [
+        "capfilt",
+        "--init",
+        str(tmp_path / "blip"),
+        "--data",
+        str(noisy_dir),
+        "--clean",
+        str(noisy_dir),
+        "--out",
+        str(tmp_path / "boot"),
+        "--steps",
+        "2",
+        "--limit",
+        "12",
+        "--synthetic",
+        "2",
+        "--no-progress",
+    ]
 
     def writing_to(out):
-        return args[:args.index("--out") + 1] + [str(out)] + args[args.index("--out") + 2:]
+        return args[: args.index("--out") + 1] + [str(out)] + args[args.index("--out") + 2 :]
 
     result = runner.invoke(app, writing_to(noisy_dir))  # refused before any work: the source is not overwritten
     assert result.exit_code == 2 and not (noisy_dir / "captioner").exists(), result.output
@@ -159,15 +202,19 @@ def test_rank_mode_scores_candidates_with_a_clip_model(shapes_dir):
     """BLIP-2's variant: candidates scored by CLIP similarity, the best `keep` kept."""
     import vlp
     from vlp.apps.capfilt import embedding_scorer
-    from vlp.data.transforms import model_images
     from vlp.data.tokenizer import Tokenizer
+    from vlp.data.transforms import model_images
 
     tokenizer = Tokenizer.load(shapes_dir)
     torch.manual_seed(0)
-    model = vlp.create_model("clip", {"embed_dim": 16, "vision": {"image_size": 32, "patch_size": 8, "width": 32,
-                                                                  "layers": 1, "heads": 2},
-                                      "text": {"vocab_size": tokenizer.vocab_size, "width": 32, "layers": 1,
-                                               "heads": 2}}).eval()
+    model = vlp.create_model(
+        "clip",
+        {
+            "embed_dim": 16,
+            "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+            "text": {"vocab_size": tokenizer.vocab_size, "width": 32, "layers": 1, "heads": 2},
+        },
+    ).eval()
     model.tokenizer = tokenizer
     dataset = open_dataset(shapes_dir, split="test")
     images = [dataset[0].image, dataset[1].image]
@@ -183,8 +230,9 @@ def test_rank_mode_scores_candidates_with_a_clip_model(shapes_dir):
     assert sum(kept) == 2 and not kept[int(torch.tensor(scores[0]).argmin())]
 
 
-def test_run_from_python_refuses_bad_arguments_first_then_writes_what_the_command_does(tmp_path, noisy_dir,
-                                                                                      monkeypatch):
+def test_run_from_python_refuses_bad_arguments_first_then_writes_what_the_command_does(
+    tmp_path, noisy_dir, monkeypatch
+):
     """`run` without the CLI: the command's argument errors as ValueError before any work, then
     the whole run (the fine-tuned models replaced by the known ones, so no training here)."""
     import vlp
@@ -193,9 +241,11 @@ def test_run_from_python_refuses_bad_arguments_first_then_writes_what_the_comman
     def run(out, **kwargs):
         return capfilt.run(tmp_path / "blip", noisy_dir, noisy_dir, out, progress=False, **kwargs)
 
-    for kwargs, message in [({"options": CapFiltOptions(mode="rank")}, "--mode rank needs --ranker"),
-                            ({"options": CapFiltOptions(method="greedy")}, "--method must be nucleus or beam"),
-                            ({"format": "parquet"}, "output format")]:
+    for kwargs, message in [
+        ({"options": CapFiltOptions(mode="rank")}, "--mode rank needs --ranker"),
+        ({"options": CapFiltOptions(method="greedy")}, "--method must be nucleus or beam"),
+        ({"format": "parquet"}, "output format"),
+    ]:
         with pytest.raises(ValueError, match=message):
             run(tmp_path / "boot", **kwargs)
     with pytest.raises(ValueError, match="did not write"):

@@ -16,8 +16,21 @@ def test_help_on_every_command():
 
 def test_train_eval_report_end_to_end(tmp_path, tiny_config, shapes_dir):
     run = tmp_path / "run"
-    result = runner.invoke(app, ["train", "clip", "--config", str(tiny_config), "--out", str(run),
-                                 "--steps", "4", "--no-progress", "train.ckpt_every=2"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "clip",
+            "--config",
+            str(tiny_config),
+            "--out",
+            str(run),
+            "--steps",
+            "4",
+            "--no-progress",
+            "train.ckpt_every=2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert (run / "checkpoints" / "latest").read_text() == "step_0000004"
     result = runner.invoke(app, ["eval", str(run)])
@@ -32,15 +45,17 @@ def test_train_eval_report_end_to_end(tmp_path, tiny_config, shapes_dir):
 
 
 def test_bad_override_names_the_key(tmp_path, tiny_config):
-    result = runner.invoke(app, ["train", "clip", "--config", str(tiny_config), "--out", str(tmp_path / "r"),
-                                 "train.lrr=0.1"])
+    result = runner.invoke(
+        app, ["train", "clip", "--config", str(tiny_config), "--out", str(tmp_path / "r"), "train.lrr=0.1"]
+    )
     assert result.exit_code != 0
     assert "train.lrr" in str(result.exception)
 
 
 def test_tokenizer_train_command(tmp_path, shapes_dir):
-    result = runner.invoke(app, ["tokenizer", "train", str(shapes_dir), "--out", str(tmp_path / "tok.json"),
-                                 "--vocab-size", "300"])
+    result = runner.invoke(
+        app, ["tokenizer", "train", str(shapes_dir), "--out", str(tmp_path / "tok.json"), "--vocab-size", "300"]
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "tok.json").is_file()
 
@@ -53,9 +68,25 @@ def test_torchrun_two_processes(tmp_path, tiny_config):
 
     run = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vlp.cli", "train", "clip", "--config", str(tiny_config), "--out", str(run),
-           "--steps", "3", "--no-progress"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vlp.cli",
+        "train",
+        "clip",
+        "--config",
+        str(tiny_config),
+        "--out",
+        str(run),
+        "--steps",
+        "3",
+        "--no-progress",
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -13,9 +13,14 @@ from vlp.generate import Recomputing, generate
 from vlp.train.trainer import Trainer
 
 TOKENS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "enc": 5, "dec": 6, "sot": 7, "eot": 8}
-MODEL = {"embed_dim": 16, "caption_queries": 5, "multimodal_layers": 2, "tokens": TOKENS,
-         "vision": {"image_size": 32, "patch_size": 8, "width": 24, "layers": 2, "heads": 2},
-         "text": {"context_length": 16, "width": 32, "layers": 2, "heads": 2, "vocab_size": 50}}
+MODEL = {
+    "embed_dim": 16,
+    "caption_queries": 5,
+    "multimodal_layers": 2,
+    "tokens": TOKENS,
+    "vision": {"image_size": 32, "patch_size": 8, "width": 24, "layers": 2, "heads": 2},
+    "text": {"context_length": 16, "width": 32, "layers": 2, "heads": 2, "vocab_size": 50},
+}
 
 
 def batch(size: int = 3, seed: int = 0) -> dict:
@@ -43,8 +48,11 @@ def test_poolers_give_one_contrastive_and_n_caption_tokens(model):
 
 def test_one_forward_of_each_text_stack_per_step(model):
     calls = {"unimodal": 0, "multimodal": 0, "vision": 0}
-    for name, module in (("unimodal", model.text.transformer), ("multimodal", model.multimodal),
-                         ("vision", model.visual)):
+    for name, module in (
+        ("unimodal", model.text.transformer),
+        ("multimodal", model.multimodal),
+        ("vision", model.visual),
+    ):
         module.register_forward_hook(lambda *_, name=name: calls.__setitem__(name, calls[name] + 1))
     losses = model(batch())
     assert set(losses) == {"itc", "caption"} and calls == {"unimodal": 1, "multimodal": 1, "vision": 1}
@@ -71,10 +79,19 @@ def test_cached_generation_equals_recomputing(model, method, options):
     cached = model.generate(images, method=method, max_new_tokens=6, **options)
     start = torch.full((3, 1), TOKENS["sot"])
     with torch.no_grad():
-        decoder = Recomputing(lambda prefix, context: model.caption_logits(
-            model.text(prefix, torch.ones_like(prefix))[1], context)[:, -1])
-        reference = generate(decoder, start, (None, model.image_outputs(images)[1]), method,
-                             max_new_tokens=6, eos_id=TOKENS["eot"], pad_id=TOKENS["pad"], **options)
+        decoder = Recomputing(
+            lambda prefix, context: model.caption_logits(model.text(prefix, torch.ones_like(prefix))[1], context)[:, -1]
+        )
+        reference = generate(
+            decoder,
+            start,
+            (None, model.image_outputs(images)[1]),
+            method,
+            max_new_tokens=6,
+            eos_id=TOKENS["eot"],
+            pad_id=TOKENS["pad"],
+            **options,
+        )
     assert torch.equal(cached, reference)
 
 
@@ -82,13 +99,22 @@ def test_training_lowers_both_losses(tmp_path, shapes_dir):
     model = {k: v for k, v in MODEL.items() if k != "tokens"}
     model["text"] = {**model["text"], "context_length": 32}
     model["text"].pop("vocab_size")
-    config = {"recipe": "coca", "model": model, "data": {"path": str(shapes_dir), "batch_size": 16, "workers": 0},
-              "train": {"steps": 60, "lr": 2e-3, "warmup": 2, "log_every": 5, "ckpt_every": 60,
-                        "loss_weights": {"caption": 2.0}}}
+    config = {
+        "recipe": "coca",
+        "model": model,
+        "data": {"path": str(shapes_dir), "batch_size": 16, "workers": 0},
+        "train": {
+            "steps": 60,
+            "lr": 2e-3,
+            "warmup": 2,
+            "log_every": 5,
+            "ckpt_every": 60,
+            "loss_weights": {"caption": 2.0},
+        },
+    }
     (tmp_path / "coca.yaml").write_text(yaml.safe_dump(config))
     Trainer(load_run_config("coca", tmp_path / "coca.yaml"), tmp_path / "run", progress=False).fit()
-    logged = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
-              if "loss" in r]
+    logged = [r for r in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
     # ITC on 16 pairs from chance (ln 16 = 2.77); with some inits it leaves that plateau only after
     # about 40 steps, hence 60
     for name, factor in (("itc", 0.95), ("caption", 0.8)):

@@ -33,12 +33,27 @@ STEPS, CKPT_EVERY, KILLS = 30, 2, 10
 POLL = 0.002  # s; a checkpoint write of these tiny models takes 10-100 ms, so polling catches it
 ATTEMPT_TIMEOUT = 180  # s for one training process, start-up included
 TIMING_KEYS = {"steps_per_s", "samples_per_s"}  # the only logged values allowed to differ
-RUN = ["data.workers=2", f"train.steps={STEPS}", "train.log_every=1", f"train.ckpt_every={CKPT_EVERY}",
-       "train.keep_checkpoints=0"]  # 0: keep every checkpoint, so each one can be compared
-BLIP_TINIER = ["data.batch_size=16", "model.vision.image_size=32", "model.vision.width=32",
-               "model.vision.layers=2", "model.vision.heads=2", "model.text.width=32", "model.text.layers=2",
-               "model.text.heads=2", "model.contrastive.embed_dim=32", "model.contrastive.queue_size=64",
-               "model.contrastive.alpha_ramp_steps=8", "train.warmup=2"]  # ~60 ms a step; the queue wraps
+RUN = [
+    "data.workers=2",
+    f"train.steps={STEPS}",
+    "train.log_every=1",
+    f"train.ckpt_every={CKPT_EVERY}",
+    "train.keep_checkpoints=0",
+]  # 0: keep every checkpoint, so each one can be compared
+BLIP_TINIER = [
+    "data.batch_size=16",
+    "model.vision.image_size=32",
+    "model.vision.width=32",
+    "model.vision.layers=2",
+    "model.vision.heads=2",
+    "model.text.width=32",
+    "model.text.layers=2",
+    "model.text.heads=2",
+    "model.contrastive.embed_dim=32",
+    "model.contrastive.queue_size=64",
+    "model.contrastive.alpha_ramp_steps=8",
+    "train.warmup=2",
+]  # ~60 ms a step; the queue wraps
 BEFORE_FIRST, IN_WRITE, ELSEWHERE = "before the first checkpoint", "during a checkpoint write", "elsewhere"
 
 
@@ -53,12 +68,26 @@ def recipe_command(recipe: str, tmp_path: Path, shapes_dir: Path):
         overrides = [f"data.path={shapes_dir}", *BLIP_TINIER, *RUN]
 
     def command(out: Path, resume: bool) -> list[str]:
-        return [sys.executable, "-m", "vlp.cli", "train", recipe, "--config", str(config), "--out", str(out),
-                "--no-progress", "--resume" if resume else "--overwrite", *overrides]
+        return [
+            sys.executable,
+            "-m",
+            "vlp.cli",
+            "train",
+            recipe,
+            "--config",
+            str(config),
+            "--out",
+            str(out),
+            "--no-progress",
+            "--resume" if resume else "--overwrite",
+            *overrides,
+        ]
+
     return command
 
 
 # --- watching and killing a training process ------------------------------------------------
+
 
 def identities(directory: Path) -> dict[str, tuple[int, int]]:
     """Each entry's (inode, ctime): it changes when a name is written anew, so a temporary
@@ -101,10 +130,13 @@ class Trigger:
         self.starts = sum(map(is_start, read_metrics(run / "metrics.jsonl")))  # earlier processes'
         self.first_loss, self.stamp, self.mine = None, None, []  # `mine`: steps this process logged
         done = latest_step(run) or 0
-        ahead = [c for c in range(done + CKPT_EVERY, done + 3 * CKPT_EVERY + 1, CKPT_EVERY)
-                 if c < STEPS or last and c == STEPS]
+        ahead = [
+            c
+            for c in range(done + CKPT_EVERY, done + 3 * CKPT_EVERY + 1, CKPT_EVERY)
+            if c < STEPS or last and c == STEPS
+        ]
         if kind == "write" and not ahead:  # only the final checkpoint is left: a kill after it would
-            self.kind = kind = "step"      # complete the run, so kill inside a step instead
+            self.kind = kind = "step"  # complete the run, so kill inside a step instead
         if kind == "startup":  # (the first process, which has no checkpoint yet, within 60%)
             self.at = self.spawned + rng.uniform(0.1, 0.6 if first else 1.0) * timing["startup"]
         elif kind == "step":  # in the step after `target` (which stays short of the end)
@@ -120,8 +152,11 @@ class Trigger:
         if self.kind == "startup":  # at the latest when it logs its first step
             return time.monotonic() >= self.at or self._step_reached(None)
         if self.at is None:
-            reached = self._write_started() if self.kind == "write" else \
-                self._step_reached(self.target if self.kind == "step" else None)
+            reached = (
+                self._write_started()
+                if self.kind == "write"
+                else self._step_reached(self.target if self.kind == "step" else None)
+            )
             if not reached or self.kind == "watch":
                 return False
             self.at = time.monotonic() + self.extra
@@ -166,7 +201,7 @@ def group_members(pgid: int) -> list[int]:
             stat = Path(entry.path, "stat").read_text() if entry.name.isdigit() else ""
         except OSError:
             continue
-        fields = stat[stat.rfind(")") + 2:].split()  # after "pid (comm) ": state, ppid, pgrp, ...
+        fields = stat[stat.rfind(")") + 2 :].split()  # after "pid (comm) ": state, ppid, pgrp, ...
         if len(fields) > 2 and int(fields[2]) == pgid and fields[0] != "Z":
             members.append(int(entry.name))
     return members
@@ -205,14 +240,18 @@ def tail(log: Path, lines: int = 40) -> str:
 
 # --- the runs -----------------------------------------------------------------------------------
 
+
 def reference_run(command, run: Path, log: Path) -> dict:
     """The unbroken run; returns its timing (start-up to the first logged step, seconds per step)
     to place the victim's kills."""
     watch = Trigger("watch", random.Random(0), run, {}, first=True, last=False)
     status = run_process(command(run, resume=False), log, watch)
     assert status == 0, tail(log)
-    per_step = [1 / r["steps_per_s"] for r in read_metrics(run / "metrics.jsonl") if r.get("step", 0) >= 2
-                and r.get("steps_per_s")]
+    per_step = [
+        1 / r["steps_per_s"]
+        for r in read_metrics(run / "metrics.jsonl")
+        if r.get("step", 0) >= 2 and r.get("steps_per_s")
+    ]
     return {"startup": watch.first_loss, "step": median(per_step)}
 
 
@@ -243,30 +282,42 @@ def crash_until_done(command, run: Path, log: Path, timing: dict, rng: random.Ra
         before = identities(run / "checkpoints")
         trigger = Trigger(kind, rng, run, timing, first=number == 0, last=last)
         status = run_process(command(run, resume), log, trigger)
-        assert status == -signal.SIGKILL, \
+        assert status == -signal.SIGKILL, (
             f"attempt {number} ({kind}, resume={resume}) ended with status {status} before its kill:\n{tail(log)}"
+        )
         where = where_it_landed(run, before)
         landed[where] += 1
-        target = f" {'after' if trigger.kind == 'step' else 'of'} step {trigger.target}" if hasattr(trigger, "target") else ""
-        print(f"kill {number + 1}, {trigger.kind}{target}, {'resumed at step ' if resume else 'fresh'}"
-              f"{start if resume else ''}: {where}")
-    status = run_process(command(run, latest_step(run) is not None), log, Trigger("watch", rng, run, timing, False, False))
+        target = (
+            f" {'after' if trigger.kind == 'step' else 'of'} step {trigger.target}"
+            if hasattr(trigger, "target")
+            else ""
+        )
+        print(
+            f"kill {number + 1}, {trigger.kind}{target}, {'resumed at step ' if resume else 'fresh'}"
+            f"{start if resume else ''}: {where}"
+        )
+    status = run_process(
+        command(run, latest_step(run) is not None), log, Trigger("watch", rng, run, timing, False, False)
+    )
     assert status == 0, tail(log)
     return landed
 
 
 # --- comparing two runs ---------------------------------------------------------------------------
 
+
 def assert_same(a, b, where: str) -> None:
     """Nested dicts/lists/tuples of tensors and plain values equal bit for bit."""
     if torch.is_tensor(a) or torch.is_tensor(b):
         assert torch.is_tensor(a) and torch.is_tensor(b), f"{where}: {type(a)} vs {type(b)}"
-        assert a.dtype == b.dtype and a.shape == b.shape, \
+        assert a.dtype == b.dtype and a.shape == b.shape, (
             f"{where}: {a.dtype}{list(a.shape)} vs {b.dtype}{list(b.shape)}"
+        )
         assert torch.equal(a, b), f"{where}: tensors differ ({(a != b).sum().item()} of {a.numel()} elements)"
     elif isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: keys {sorted(map(str, a))} vs " \
-            f"{sorted(map(str, b)) if isinstance(b, dict) else type(b)}"
+        assert isinstance(b, dict) and a.keys() == b.keys(), (
+            f"{where}: keys {sorted(map(str, a))} vs {sorted(map(str, b)) if isinstance(b, dict) else type(b)}"
+        )
         for key in a:
             assert_same(a[key], b[key], f"{where}.{key}")
     elif isinstance(a, (list, tuple)):
@@ -305,13 +356,18 @@ def assert_same_checkpoints(reference: Path, victim: Path) -> None:
 def logged_steps(run: Path) -> list[dict]:
     """The records logged for the steps, less their timings (a resume drops what was logged
     after its checkpoint, so each step appears once)."""
-    return [{k: v for k, v in r.items() if k not in TIMING_KEYS}
-            for r in read_metrics(run / "metrics.jsonl") if "loss" in r]
+    return [
+        {k: v for k, v in r.items() if k not in TIMING_KEYS} for r in read_metrics(run / "metrics.jsonl") if "loss" in r
+    ]
 
 
 def temporaries(run: Path) -> list[str]:
-    return [os.path.relpath(os.path.join(root, name), run) for root, dirs, files in os.walk(run)
-            for name in dirs + files if is_temporary(name)]
+    return [
+        os.path.relpath(os.path.join(root, name), run)
+        for root, dirs, files in os.walk(run)
+        for name in dirs + files
+        if is_temporary(name)
+    ]
 
 
 @pytest.mark.slow
@@ -322,8 +378,10 @@ def test_kill_9_then_resume_equals_an_unbroken_run(recipe, tmp_path, shapes_dir)
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     timing = reference_run(command, reference, log)
     landed = crash_until_done(command, victim, log, timing, random.Random(f"crash-{recipe}"))
-    print(f"\n{recipe}: {KILLS} kills: {dict(landed)}; reference start-up {timing['startup']:.1f} s, "
-          f"{1000 * timing['step']:.0f} ms a step; {time.monotonic() - began:.0f} s in all")
+    print(
+        f"\n{recipe}: {KILLS} kills: {dict(landed)}; reference start-up {timing['startup']:.1f} s, "
+        f"{1000 * timing['step']:.0f} ms a step; {time.monotonic() - began:.0f} s in all"
+    )
     assert_same_checkpoints(reference, victim)
     ref_logged, victim_logged = logged_steps(reference), logged_steps(victim)
     assert [r["step"] for r in ref_logged] == list(range(1, STEPS + 1))

@@ -44,8 +44,11 @@ def test_the_worked_example_trains_evaluates_and_loads(tmp_path, shapes_dir):
     data["model"]["vision"]["image_size"] = 32  # the test world's images
     path = tmp_path / "align.yaml"
     path.write_text(yaml.safe_dump(data))
-    cfg = load_run_config("align", path, [f"data.path={shapes_dir}", "train.steps=6", "train.log_every=1",
-                                           "data.batch_size=16", "data.workers=0"])
+    cfg = load_run_config(
+        "align",
+        path,
+        [f"data.path={shapes_dir}", "train.steps=6", "train.log_every=1", "data.batch_size=16", "data.workers=0"],
+    )
     Trainer(cfg, tmp_path / "run", progress=False).fit()
 
     model = vlp.load(tmp_path / "run")

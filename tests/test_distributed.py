@@ -9,9 +9,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vlp.models import create_model
 
-TINY = {"embed_dim": 16,
-        "vision": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
-        "text": {"vocab_size": 50, "context_length": 8, "width": 32, "layers": 1, "heads": 2}}
+TINY = {
+    "embed_dim": 16,
+    "vision": {"image_size": 16, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+    "text": {"vocab_size": 50, "context_length": 8, "width": 32, "layers": 1, "heads": 2},
+}
 
 
 def make_model():
@@ -22,15 +24,17 @@ def make_model():
 def make_batch():
     gen = torch.Generator().manual_seed(1)
     lengths = torch.tensor([8, 5, 3, 8, 6, 4])
-    return {"images": torch.randn(6, 3, 16, 16, generator=gen, dtype=torch.float64),
-            "input_ids": torch.randint(0, 50, (6, 8), generator=gen),
-            "attention_mask": (torch.arange(8)[None] < lengths[:, None]).long()}
+    return {
+        "images": torch.randn(6, 3, 16, 16, generator=gen, dtype=torch.float64),
+        "input_ids": torch.randint(0, 50, (6, 8), generator=gen),
+        "attention_mask": (torch.arange(8)[None] < lengths[:, None]).long(),
+    }
 
 
 def worker(rank, init_file, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     model = DistributedDataParallel(make_model())
-    batch = {k: v[rank * 3:(rank + 1) * 3] for k, v in make_batch().items()}
+    batch = {k: v[rank * 3 : (rank + 1) * 3] for k, v in make_batch().items()}
     loss = model(batch)["itc"]
     loss.backward()
     dist.all_reduce(loss.detach(), op=dist.ReduceOp.AVG)
@@ -48,5 +52,6 @@ def test_two_process_gloo_matches_single_process(tmp_path):
         result = torch.load(tmp_path / f"rank{rank}.pt")
         torch.testing.assert_close(result["loss"], loss.detach(), rtol=1e-10, atol=1e-12)
         for name, param in model.named_parameters():
-            torch.testing.assert_close(result["grads"][name], param.grad, rtol=1e-8, atol=1e-10,
-                                       msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(
+                result["grads"][name], param.grad, rtol=1e-8, atol=1e-10, msg=lambda m: f"{name}: {m}"
+            )

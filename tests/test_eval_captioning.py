@@ -10,8 +10,9 @@ from vlp.data.shapes import ShapesWorld
 from vlp.eval.captioning import caption_diversity, caption_metrics, tokenize
 from vlp.eval.vqa import normalize_answer, vqa_accuracy
 
-needs_coco = pytest.mark.skipif(importlib.util.find_spec("pycocoevalcap") is None,
-                                     reason="needs pycocoevalcap (vlp[caption])")
+needs_coco = pytest.mark.skipif(
+    importlib.util.find_spec("pycocoevalcap") is None, reason="needs pycocoevalcap (vlp[caption])"
+)
 
 
 def test_tokenize_lowercases_and_drops_punctuation():
@@ -32,14 +33,19 @@ def test_caption_diversity_counts_distinct_ngrams_and_unique_captions():
 
 @needs_coco
 def test_bleu_identical_is_100_and_disjoint_is_0():
-    m = caption_metrics({0: "A red circle above a blue square."},
-                        {0: ["a red circle above a blue square"]}, metrics=("bleu1", "bleu4", "cider"))
+    m = caption_metrics(
+        {0: "A red circle above a blue square."},
+        {0: ["a red circle above a blue square"]},
+        metrics=("bleu1", "bleu4", "cider"),
+    )
     assert m["bleu1"] == pytest.approx(100.0, abs=1e-6)
     assert m["bleu4"] == pytest.approx(100.0, abs=1e-6)
     assert m["skipped"] == []
-    m = caption_metrics({0: "green triangles everywhere today"},
-                        {0: ["a red circle above a blue square", "one red circle"]},
-                        metrics=("bleu4", "cider"))
+    m = caption_metrics(
+        {0: "green triangles everywhere today"},
+        {0: ["a red circle above a blue square", "one red circle"]},
+        metrics=("bleu4", "cider"),
+    )
     assert m["bleu4"] < 1e-6
     assert m["cider"] == 0.0
 
@@ -50,9 +56,11 @@ def test_bleu4_matches_hand_computation():
     # matched / total n-grams: 1-grams 8/8 ("a" twice, twice in the reference),
     # 2-grams 6/7 (not "circle left"), 3-grams 4/6 (not "red circle left", "circle left of"),
     # 4-grams 2/5 ("left of a blue", "of a blue square").
-    m = caption_metrics({"x": "a red circle left of a blue square"},
-                        {"x": ["a red circle to the left of a blue square", "the circle is red"]},
-                        metrics=("bleu4",))
+    m = caption_metrics(
+        {"x": "a red circle left of a blue square"},
+        {"x": ["a red circle to the left of a blue square", "the circle is red"]},
+        metrics=("bleu4",),
+    )
     precisions = [8 / 8, 6 / 7, 4 / 6, 2 / 5]
     brevity = math.exp(1 - 10 / 8)
     expected = 100 * math.prod(precisions) ** (1 / 4) * brevity
@@ -77,9 +85,11 @@ def test_cider_by_document_frequency():
 @needs_coco
 @pytest.mark.skipif(shutil.which("java") is None, reason="METEOR needs java")
 def test_meteor_identical_caption_scores_high():
-    m = caption_metrics({0: "a red circle above a blue square", 1: "two green triangles"},
-                        {0: ["a red circle above a blue square"], 1: ["two green triangles"]},
-                        metrics=("meteor",))
+    m = caption_metrics(
+        {0: "a red circle above a blue square", 1: "two green triangles"},
+        {0: ["a red circle above a blue square"], 1: ["two green triangles"]},
+        metrics=("meteor",),
+    )
     assert m["meteor"] > 90
     assert m["skipped"] == []
 
@@ -103,11 +113,21 @@ def test_caption_inputs_are_checked():
         caption_metrics({"img1": "a"}, {"img1": ["a"]}, metrics=("rouge",))
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("Two.", "2"), ("2", "2"), ("ten", "10"), ("Zero", "0"), ("YES!", "yes"),
-    ("the red circle", "red circle"), ("an  Orange", "orange"), ("eleven", "eleven"),
-    ("one-two", "1 2"), ("", ""),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Two.", "2"),
+        ("2", "2"),
+        ("ten", "10"),
+        ("Zero", "0"),
+        ("YES!", "yes"),
+        ("the red circle", "red circle"),
+        ("an  Orange", "orange"),
+        ("eleven", "eleven"),
+        ("one-two", "1 2"),
+        ("", ""),
+    ],
+)
 def test_normalize_answer(text, expected):
     assert normalize_answer(text) == expected
 
@@ -119,8 +139,12 @@ def test_vqa_accuracy_per_type():
     m = vqa_accuracy(predictions, answers, types)
     assert m["accuracy"] == pytest.approx(100 * 5 / 7)
     assert m["n"] == 7
-    assert (m["accuracy_color"], m["accuracy_count"], m["accuracy_exists"], m["accuracy_shape"]) \
-        == (50.0, 50.0, 100.0, 100.0)
+    assert (m["accuracy_color"], m["accuracy_count"], m["accuracy_exists"], m["accuracy_shape"]) == (
+        50.0,
+        50.0,
+        100.0,
+        100.0,
+    )
     assert (m["n_color"], m["n_count"], m["n_exists"], m["n_shape"]) == (2, 2, 2, 1)
     with pytest.raises(ValueError, match="lengths differ"):
         vqa_accuracy(["a"], ["a", "b"], ["color"])
@@ -132,5 +156,4 @@ def test_shapes_answers_normalise():
     assert all(normalize_answer(a).isdigit() for a, q in zip(answers, qa) if q["type"] == "count")
     m = vqa_accuracy([a.upper() + "." for a in answers], answers, [q["type"] for q in qa])
     assert m["accuracy"] == 100.0
-    assert {k for k in m if k.startswith("n_")} == {"n_color", "n_shape", "n_count", "n_exists",
-                                                       "n_relation"}
+    assert {k for k in m if k.startswith("n_")} == {"n_color", "n_shape", "n_count", "n_exists", "n_relation"}

@@ -47,8 +47,12 @@ def damaged_shapes(tmp_path, shapes_dir):
     data = tmp_path / "shapes"
     shutil.copytree(shapes_dir, data)
     corrupt, uncaptioned = _keys(data / "test")[2], _keys(data / "test")[5]
-    _rewrite_shard(data / "test", lambda name, data: b"not a png" if name == f"{corrupt}.png"
-                   else None if name == f"{uncaptioned}.json" else data)
+    _rewrite_shard(
+        data / "test",
+        lambda name, data: (
+            b"not a png" if name == f"{corrupt}.png" else None if name == f"{uncaptioned}.json" else data
+        ),
+    )
     classify_key = _keys(data / "classify")[1]
     _rewrite_shard(data / "classify", lambda name, data: b"\x89PNG broken" if name == f"{classify_key}.png" else data)
     return data, {"corrupt": corrupt, "uncaptioned": uncaptioned, "classify": classify_key}
@@ -57,10 +61,14 @@ def damaged_shapes(tmp_path, shapes_dir):
 def _tiny_clip(shapes_dir: Path):
     tokenizer = Tokenizer.load(shapes_dir)
     torch.manual_seed(0)
-    model = vlp.create_model("clip", {"embed_dim": 16, "vision": {"image_size": 32, "patch_size": 8, "width": 32,
-                                                                  "layers": 1, "heads": 2},
-                                      "text": {"vocab_size": tokenizer.vocab_size, "context_length": 32,
-                                               "width": 32, "layers": 1, "heads": 2}}).eval()
+    model = vlp.create_model(
+        "clip",
+        {
+            "embed_dim": 16,
+            "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+            "text": {"vocab_size": tokenizer.vocab_size, "context_length": 32, "width": 32, "layers": 1, "heads": 2},
+        },
+    ).eval()
     model.tokenizer = tokenizer
     return model
 
@@ -98,8 +106,12 @@ def test_eval_reports_unreadable_samples_and_scores_the_rest(tmp_path, damaged_s
 
 
 def test_report_survives_a_truncated_metrics_log(tmp_path):
-    records = [{"step": 0, "event": "start"}, {"step": 1, "loss": 2.0, "lr": 1e-3},
-               {"step": 2, "loss": 1.5, "lr": 1e-3}, {"step": 3, "loss": 1.2}]  # the last lacks lr
+    records = [
+        {"step": 0, "event": "start"},
+        {"step": 1, "loss": 2.0, "lr": 1e-3},
+        {"step": 2, "loss": 1.5, "lr": 1e-3},
+        {"step": 3, "loss": 1.2},
+    ]  # the last lacks lr
     lines = [json.dumps(r) for r in records] + ["[1, 2]", '{"step": 4, "loss": 1.1, "l']  # a kill mid-write
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines))
     html = write_report(tmp_path).read_text()

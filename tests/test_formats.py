@@ -277,6 +277,7 @@ def test_deeply_nested_json_is_malformed_not_a_crash(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="c.json: not valid JSON: maximum recursion depth"):
         read_coco_karpathy(tmp_path / "c.json")
 
+
 # ---------------------------------------------------------------------------------------------
 # CSV / TSV
 
@@ -285,12 +286,7 @@ def test_csv_shapes_layout_merges_rows(tmp_path: Path) -> None:
     a = write_png(tmp_path / "train" / "a.png", 0)
     b = write_png(tmp_path / "train" / "b.png", 1)
     path = tmp_path / "train.csv"
-    path.write_text(
-        "filepath\ttitle\n"
-        "train/a.png\tfirst a\n"
-        "train/b.png\tonly b, with a comma\n"
-        "train/a.png\tsecond a\n"
-    )
+    path.write_text("filepath\ttitle\ntrain/a.png\tfirst a\ntrain/b.png\tonly b, with a comma\ntrain/a.png\tsecond a\n")
     ds = read_csv(path)
     assert len(ds) == 2 and ds.skipped == []
     assert ds.captions(0) == ["first a", "second a"]
@@ -320,14 +316,7 @@ def test_csv_missing_column_always_raises(tmp_path: Path) -> None:
 def test_csv_row_problems(tmp_path: Path) -> None:
     write_png(tmp_path / "a.png", 0)
     path = tmp_path / "c.tsv"
-    path.write_text(
-        "filepath\ttitle\n"
-        "a.png\tgood\n"
-        "a.png\t  \n"
-        "gone.png\tx\n"
-        "gone.png\ty\n"
-        "a.png\ttoo\tmany\n"
-    )
+    path.write_text("filepath\ttitle\na.png\tgood\na.png\t  \ngone.png\tx\ngone.png\ty\na.png\ttoo\tmany\n")
     ds = read_csv(path)
     assert len(ds) == 1 and ds.captions(0) == ["good"]
     assert [(s.source, s.reason.split(":")[0]) for s in ds.skipped] == [
@@ -367,13 +356,20 @@ def test_caption_that_is_not_unicode_is_skipped(tmp_path: Path) -> None:
 
 
 def test_coco_karpathy_layout(tmp_path: Path) -> None:
-    arrays = {name: write_png(tmp_path / "coco" / "val2014" / f"{name}.png", i)
-              for i, name in enumerate(["tr", "rv", "va", "te"])}
+    arrays = {
+        name: write_png(tmp_path / "coco" / "val2014" / f"{name}.png", i)
+        for i, name in enumerate(["tr", "rv", "va", "te"])
+    }
     images = [
-        {"filepath": "val2014", "filename": f"{name}.png", "split": split, "cocoid": 100 + i,
-         "imgid": i, "sentences": [{"raw": f"{name} one"}, {"raw": f"{name} two"}]}
-        for i, (name, split) in enumerate(
-            [("tr", "train"), ("rv", "restval"), ("va", "val"), ("te", "test")])
+        {
+            "filepath": "val2014",
+            "filename": f"{name}.png",
+            "split": split,
+            "cocoid": 100 + i,
+            "imgid": i,
+            "sentences": [{"raw": f"{name} one"}, {"raw": f"{name} two"}],
+        }
+        for i, (name, split) in enumerate([("tr", "train"), ("rv", "restval"), ("va", "val"), ("te", "test")])
     ]
     path = tmp_path / "dataset_coco.json"
     path.write_text(json.dumps({"images": images, "dataset": "coco"}))
@@ -397,11 +393,15 @@ def test_coco_lavis_layout(tmp_path: Path) -> None:
     a = write_png(tmp_path / "val2014" / "a.png", 0)
     write_png(tmp_path / "val2014" / "b.png", 1)
     path = tmp_path / "coco_karpathy_test.json"
-    path.write_text(json.dumps([
-        {"image": "val2014/a.png", "caption": ["a one", "a two"], "image_id": 5},
-        {"image": "val2014/b.png", "caption": "b one", "image_id": "b"},
-        {"image": "val2014/b.png", "caption": ""},
-    ]))
+    path.write_text(
+        json.dumps(
+            [
+                {"image": "val2014/a.png", "caption": ["a one", "a two"], "image_id": 5},
+                {"image": "val2014/b.png", "caption": "b one", "image_id": "b"},
+                {"image": "val2014/b.png", "caption": ""},
+            ]
+        )
+    )
     ds = read_coco_karpathy(path, split="train")  # split is ignored for this layout
     assert len(ds) == 2
     assert ds.captions(0) == ["a one", "a two"] and ds.meta(0) == {"image_id": 5}
@@ -472,8 +472,9 @@ def assert_confined(ds, data: Path, escapes: list[str], where: list[str]) -> Non
     assert [s.source for s in ds.skipped] == where
     root = data.resolve()
     for skip, escape in zip(ds.skipped, escapes):
-        assert skip.reason == (f"path outside data set: {data / escape} is not inside {root}; "
-                               "set image_root (data.image_root) to allow it")
+        assert skip.reason == (
+            f"path outside data set: {data / escape} is not inside {root}; set image_root (data.image_root) to allow it"
+        )
 
 
 def test_jsonl_and_csv_images_are_confined_to_the_listing_folder(tmp_path: Path) -> None:
@@ -502,8 +503,10 @@ def test_coco_images_are_confined_to_the_image_root(tmp_path: Path) -> None:
     where = [f"{lavis}:[{i}]" for i in range(1, 5)]
     assert_confined(read_coco_karpathy(lavis), data, escapes, where)
     karpathy = data / "dataset_coco.json"
-    records = [{"filepath": folder, "filename": name, "split": "test", "sentences": [{"raw": "c"}]}
-               for folder, name in [("", p) for p in ["ok.png", *escapes]] + [("..", "secret.png")]]
+    records = [
+        {"filepath": folder, "filename": name, "split": "test", "sentences": [{"raw": "c"}]}
+        for folder, name in [("", p) for p in ["ok.png", *escapes]] + [("..", "secret.png")]
+    ]
     karpathy.write_text(json.dumps({"images": records}))
     ds = read_coco_karpathy(karpathy)
     assert_confined(ds, data, escapes, [f"{karpathy}:images[{i}]" for i in range(1, 6)])
@@ -608,9 +611,11 @@ def test_load_image(tmp_path: Path, pixel_bomb: Path) -> None:
     assert image.mode == "RGB"
     np.testing.assert_array_equal(np.asarray(image), expected)
     (tmp_path / "bad.png").write_bytes(b"\x89PNG garbage")
-    for name, reason in [("bad.png", "corrupt image: UnidentifiedImageError: cannot identify"),
-                         ("gone.png", "missing image: no such file"),
-                         ("a.png", "image too large: 6x5 pixels, cap 29")]:
+    for name, reason in [
+        ("bad.png", "corrupt image: UnidentifiedImageError: cannot identify"),
+        ("gone.png", "missing image: no such file"),
+        ("a.png", "image too large: 6x5 pixels, cap 29"),
+    ]:
         with pytest.raises(DataError, match=f"^{tmp_path / name}: {reason}"):
             load_image(tmp_path / name, max_pixels=29)
     with pytest.raises(DataError, match=f"^{pixel_bomb}: image too large: 9000x9000 pixels, cap 5"):
@@ -638,13 +643,11 @@ def test_caption_command_skips_bad_images(tmp_path: Path) -> None:
     write_png(good, 0)
     bad.write_bytes(b"not an image")
     runner = CliRunner()
-    result = runner.invoke(app, ["caption", str(run), str(bad), str(good), str(gone),
-                                 "--decoding", "greedy"])
+    result = runner.invoke(app, ["caption", str(run), str(bad), str(good), str(gone), "--decoding", "greedy"])
     assert result.exit_code == 0, result.output
     assert result.stdout.startswith(f"{good}\t") and result.stdout.count("\n") == 1
     assert result.stderr.splitlines() == [
-        f"skipped {bad}: corrupt image: UnidentifiedImageError: cannot identify image file "
-        + repr(str(bad)),
+        f"skipped {bad}: corrupt image: UnidentifiedImageError: cannot identify image file " + repr(str(bad)),
         f"skipped {gone}: missing image: no such file",
     ]
     result = runner.invoke(app, ["caption", str(run), str(bad)])

@@ -13,10 +13,21 @@ from vlp.train.optim import build_optimizer
 from vlp.train.trainer import Trainer
 
 TOKENS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4, "enc": 5, "dec": 6}
-TEXT = {"context_length": 16, "width": 32, "layers": 4, "heads": 2, "causal": False, "pool": "cls",
-        "pre_norm": False, "embed_norm": True, "cross_attention_every": 1}
-MODEL = {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
-         "contrastive": {"embed_dim": 16, "queue_size": 64, "alpha_ramp_steps": 4, "momentum": 0.9}}
+TEXT = {
+    "context_length": 16,
+    "width": 32,
+    "layers": 4,
+    "heads": 2,
+    "causal": False,
+    "pool": "cls",
+    "pre_norm": False,
+    "embed_norm": True,
+    "cross_attention_every": 1,
+}
+MODEL = {
+    "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 2, "heads": 2},
+    "contrastive": {"embed_dim": 16, "queue_size": 64, "alpha_ramp_steps": 4, "momentum": 0.9},
+}
 
 
 def model_config(recipe: str, **overrides) -> dict:
@@ -42,11 +53,13 @@ def test_losses_and_gradients(recipe, losses):
     sum(out.values()).backward()
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and not any(n.startswith("momentum.") for n in trainable)
-    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), \
-        [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad), [
+        n for n, p in model.named_parameters() if p.requires_grad and p.grad is None
+    ]
     assert all(p.grad is None for p in model.momentum.parameters())
-    optimised = {id(p) for group in build_optimizer(model, load_run_config(recipe).train).param_groups
-                 for p in group["params"]}
+    optimised = {
+        id(p) for group in build_optimizer(model, load_run_config(recipe).train).param_groups for p in group["params"]
+    }
     assert not any(id(p) in optimised for p in model.momentum.parameters())
 
 
@@ -175,8 +188,9 @@ def test_itm_scorer_reads_images_per_block_and_equals_direct_scores(shapes_dir):
 
     tokenizer = Tokenizer.load(shapes_dir)
     torch.manual_seed(0)
-    model = vlp.create_model("blip", model_config("blip", text={**TEXT, "vocab_size": tokenizer.vocab_size},
-                                                  tokens=tokenizer.special_ids())).eval()
+    model = vlp.create_model(
+        "blip", model_config("blip", text={**TEXT, "vocab_size": tokenizer.vocab_size}, tokens=tokenizer.special_ids())
+    ).eval()
     model.tokenizer = tokenizer
     dataset = open_dataset(shapes_dir, split="test")
     kept = [0, 2, 3, 5]
@@ -203,12 +217,16 @@ def fusion_config(tmp_path, shapes_dir):
         model["contrastive"] = {**model["contrastive"], "momentum": momentum}
         model.pop("tokens")
         model["text"].pop("vocab_size")
-        config = {"recipe": recipe, "model": model,
-                  "data": {"path": str(shapes_dir), "batch_size": 16, "workers": 0},
-                  "train": {"steps": 6, "lr": 1e-3, "warmup": 2, "log_every": 1, "ckpt_every": 3, **train}}
+        config = {
+            "recipe": recipe,
+            "model": model,
+            "data": {"path": str(shapes_dir), "batch_size": 16, "workers": 0},
+            "train": {"steps": 6, "lr": 1e-3, "warmup": 2, "log_every": 1, "ckpt_every": 3, **train},
+        }
         path = tmp_path / f"{recipe}.yaml"
         path.write_text(yaml.safe_dump(config))
         return path
+
     return write
 
 
@@ -242,11 +260,13 @@ def test_blip_cli_train_eval_caption(tmp_path, fusion_config, shapes_dir):
     from vlp.cli import app
 
     runner, run = CliRunner(), tmp_path / "blip"
-    result = runner.invoke(app, ["train", "blip", "--config", str(fusion_config("blip")), "--out", str(run),
-                                 "--no-progress"])
+    result = runner.invoke(
+        app, ["train", "blip", "--config", str(fusion_config("blip")), "--out", str(run), "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["eval", str(run), "--tasks", "retrieval,caption,probe", "--k-test", "4",
-                                 "--decoding", "greedy"])
+    result = runner.invoke(
+        app, ["eval", str(run), "--tasks", "retrieval,caption,probe", "--k-test", "4", "--decoding", "greedy"]
+    )
     assert result.exit_code == 0, result.output
     results = json.loads((run / "eval.json").read_text())
     assert results["retrieval_itm"]["itm_pairs"] == 4 * (24 + 24 * 5)  # k_test per query, both ways
@@ -291,13 +311,27 @@ def test_fine_tuning_entry_points(tmp_path, fusion_config, shapes_dir):
     from vlp.cli import app
 
     runner, pretrained = CliRunner(), tmp_path / "blip"
-    assert runner.invoke(app, ["train", "blip", "--config", str(fusion_config("blip")), "--out",
-                               str(pretrained), "--no-progress"]).exit_code == 0
-    common = ["--data", str(shapes_dir), "--steps", "4", "--no-progress", "data.batch_size=8",
-              "data.workers=0", "train.ckpt_every=4", "train.log_every=1"]
+    assert (
+        runner.invoke(
+            app, ["train", "blip", "--config", str(fusion_config("blip")), "--out", str(pretrained), "--no-progress"]
+        ).exit_code
+        == 0
+    )
+    common = [
+        "--data",
+        str(shapes_dir),
+        "--steps",
+        "4",
+        "--no-progress",
+        "data.batch_size=8",
+        "data.workers=0",
+        "train.ckpt_every=4",
+        "train.log_every=1",
+    ]
     for recipe in ("blip_vqa", "blip_caption"):
-        result = runner.invoke(app, ["train", recipe, "--init", str(pretrained), "--out",
-                                     str(tmp_path / recipe), *common])
+        result = runner.invoke(
+            app, ["train", recipe, "--init", str(pretrained), "--out", str(tmp_path / recipe), *common]
+        )
         assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "blip_vqa" / "metrics.jsonl").read_text().splitlines()]
     init = next(r for r in records if r.get("event") == "init")
@@ -309,8 +343,11 @@ def test_fine_tuning_entry_points(tmp_path, fusion_config, shapes_dir):
     vqa_model, blip = vlp.load(tmp_path / "blip_vqa"), vlp.load(pretrained)
     assert vqa_model.recipe == "blip_vqa"
     # 4 steps at lr 2e-4 move a weight by < 1e-3; a fresh initialisation would be ~0.02 away.
-    for name in ("visual.patch_embed.weight", "decoder.token_embed.weight",
-                 "decoder.transformer.blocks.0.mlp.fc1.weight"):
+    for name in (
+        "visual.patch_embed.weight",
+        "decoder.token_embed.weight",
+        "decoder.transformer.blocks.0.mlp.fc1.weight",
+    ):
         moved = (vqa_model.state_dict()[name] - blip.state_dict()[name]).abs().mean()
         assert moved < 2e-3, (name, moved)
     caption_cfg = vlp.load(tmp_path / "blip_caption").run_config

@@ -34,8 +34,7 @@ from vlp.data.formats import (
 from vlp.data.sample import DataError, Sample, Skipped
 
 # bytes that matter to the formats under test: quotes, separators, newlines, bad UTF-8, paths
-INTERESTING = [b'"', b",", b"\t", b"\n", b"\r", b"{", b"]", b"\\", b"\xff", b"\xc3", b"\x00",
-               b"../", b"/"]
+INTERESTING = [b'"', b",", b"\t", b"\n", b"\r", b"{", b"]", b"\\", b"\xff", b"\xc3", b"\x00", b"../", b"/"]
 
 
 def mutate(data: bytes, rng: random.Random) -> bytes:
@@ -50,7 +49,7 @@ def mutate(data: bytes, rng: random.Random) -> bytes:
             random_bytes = rng.randbytes(rng.randint(1, 8))
             data[at:at] = rng.choice(INTERESTING) if rng.random() < 0.5 else random_bytes
         elif kind == "delete":
-            del data[at:at + rng.randint(1, 16)]
+            del data[at : at + rng.randint(1, 16)]
         elif kind == "truncate":
             del data[at:]
     return bytes(data)
@@ -83,8 +82,13 @@ def touch_everything(dataset: CaptionDataset) -> None:
     format_skips(dataset.skipped, limit=len(dataset.skipped)).encode()
 
 
-def fuzz(read: Callable[[bool], CaptionDataset], write: Callable[[bytes], None], valid: bytes,
-         count: int, whole_file_errors: tuple[str, ...] = ()) -> None:
+def fuzz(
+    read: Callable[[bool], CaptionDataset],
+    write: Callable[[bytes], None],
+    valid: bytes,
+    count: int,
+    whole_file_errors: tuple[str, ...] = (),
+) -> None:
     """Write `count` mutations of `valid` and read each, non-strict then strict.
 
     Non-strict, the only exception allowed is a DataError whose message contains one of
@@ -99,8 +103,7 @@ def fuzz(read: Callable[[bool], CaptionDataset], write: Callable[[bytes], None],
                 allowed = strict or any(e in str(error) for e in whole_file_errors)
                 assert allowed, f"seed {seed}: {error}"
             except Exception as error:
-                raise AssertionError(f"seed {seed}, strict={strict}: {type(error).__name__}: "
-                                     f"{error}") from error
+                raise AssertionError(f"seed {seed}, strict={strict}: {type(error).__name__}: {error}") from error
 
 
 @pytest.mark.parametrize("format", ["PNG", "JPEG", "WEBP"])
@@ -134,8 +137,11 @@ def tar_bytes(members: dict[str, bytes], pax: dict[str, str] | None = None) -> b
 
 
 CAPTION = json.dumps({"caption": ["x", "y"], "n": 1}).encode()
-SHARD = {f"{key}.{ext}": data for key in ("a", "b", "dir/c")
-         for ext, data in (("png", image_bytes("PNG", (4, 3))), ("json", CAPTION))}
+SHARD = {
+    f"{key}.{ext}": data
+    for key in ("a", "b", "dir/c")
+    for ext, data in (("png", image_bytes("PNG", (4, 3))), ("json", CAPTION))
+}
 
 
 @pytest.mark.parametrize("compress", [False, True])
@@ -192,9 +198,11 @@ def write_images(folder: Path) -> None:
 def test_fuzzed_jsonl(tmp_path: Path) -> None:
     """JSONL has no whole-file problem: every line is read on its own."""
     write_images(tmp_path)
-    records = [{"image": "a.png", "caption": "one", "meta": {"k": [1, 2]}},
-               {"image": "b.png", "caption": ["two", "deux"]},
-               {"image": "a.png", "caption": "three", "flag": True}]
+    records = [
+        {"image": "a.png", "caption": "one", "meta": {"k": [1, 2]}},
+        {"image": "b.png", "caption": ["two", "deux"]},
+        {"image": "a.png", "caption": "three", "flag": True},
+    ]
     listing = tmp_path / "d.jsonl"
     valid = "".join(json.dumps(r) + "\n" for r in records).encode()
     fuzz(lambda strict: read_jsonl(listing, strict=strict), listing.write_bytes, valid, count=300)
@@ -205,8 +213,13 @@ def test_fuzzed_csv(tmp_path: Path) -> None:
     write_images(tmp_path)
     listing = tmp_path / "d.csv"
     valid = b'filepath,title,source\na.png,one,web\nb.png,"two, quoted",web\na.png,three,x\n'
-    fuzz(lambda strict: read_csv(listing, strict=strict), listing.write_bytes, valid, count=300,
-         whole_file_errors=(":1: missing column", ":1: header is not UTF-8"))
+    fuzz(
+        lambda strict: read_csv(listing, strict=strict),
+        listing.write_bytes,
+        valid,
+        count=300,
+        whole_file_errors=(":1: missing column", ":1: header is not UTF-8"),
+    )
 
 
 def test_fuzzed_coco(tmp_path: Path) -> None:
@@ -214,9 +227,17 @@ def test_fuzzed_coco(tmp_path: Path) -> None:
     image of the split, is unusable."""
     write_images(tmp_path)
     sentences = [{"raw": "a"}, {"raw": "b"}]
-    data = {"images": [{"filepath": "", "filename": name, "split": "test", "cocoid": i,
-                        "sentences": sentences} for i, name in enumerate(["a.png", "b.png"])]}
+    data = {
+        "images": [
+            {"filepath": "", "filename": name, "split": "test", "cocoid": i, "sentences": sentences}
+            for i, name in enumerate(["a.png", "b.png"])
+        ]
+    }
     listing = tmp_path / "c.json"
-    fuzz(lambda strict: read_coco_karpathy(listing, strict=strict), listing.write_bytes,
-         json.dumps(data).encode(), count=200,
-         whole_file_errors=("not valid JSON", "expected Karpathy", "no images in split"))
+    fuzz(
+        lambda strict: read_coco_karpathy(listing, strict=strict),
+        listing.write_bytes,
+        json.dumps(data).encode(),
+        count=200,
+        whole_file_errors=("not valid JSON", "expected Karpathy", "no images in split"),
+    )

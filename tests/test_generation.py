@@ -20,8 +20,11 @@ class ToyLM(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.text = TextTransformer(TextConfig(vocab_size=VOCAB, context_length=40, width=32, layers=2,
-                                               heads=2, cross_attention_every=1, context_dim=8))
+        self.text = TextTransformer(
+            TextConfig(
+                vocab_size=VOCAB, context_length=40, width=32, layers=2, heads=2, cross_attention_every=1, context_dim=8
+            )
+        )
         self.head = nn.Linear(32, VOCAB)
 
     def logits(self, tokens, context, cache=None):
@@ -45,15 +48,34 @@ def inputs(batch=3):
     return torch.randint(4, VOCAB, (batch, 2), generator=gen), torch.randn(batch, 5, 8, generator=gen)
 
 
-@pytest.mark.parametrize("method, options", [("greedy", {}), ("beam", {"num_beams": 3}),
-                                             ("nucleus", {"top_p": 0.9, "temperature": 1.5})])
+@pytest.mark.parametrize(
+    "method, options", [("greedy", {}), ("beam", {"num_beams": 3}), ("nucleus", {"top_p": 0.9, "temperature": 1.5})]
+)
 def test_kv_cache_equals_recomputation(method, options):
     lm, (prompt, context) = ToyLM().eval(), inputs()
     seeded = lambda: {"generator": torch.Generator().manual_seed(7)} if method == "nucleus" else {}  # noqa: E731
-    cached = generate(Cached(lm), prompt, (KVCache(), context), method, max_new_tokens=12,
-                      eos_id=EOS, pad_id=PAD, **options, **seeded())
-    reference = generate(Recomputing(lm.logits), prompt, (None, context), method, max_new_tokens=12,
-                         eos_id=EOS, pad_id=PAD, **options, **seeded())
+    cached = generate(
+        Cached(lm),
+        prompt,
+        (KVCache(), context),
+        method,
+        max_new_tokens=12,
+        eos_id=EOS,
+        pad_id=PAD,
+        **options,
+        **seeded(),
+    )
+    reference = generate(
+        Recomputing(lm.logits),
+        prompt,
+        (None, context),
+        method,
+        max_new_tokens=12,
+        eos_id=EOS,
+        pad_id=PAD,
+        **options,
+        **seeded(),
+    )
     assert torch.equal(cached, reference)
     assert cached.shape[1] > prompt.shape[1] + 3
 
@@ -65,7 +87,7 @@ def test_beam_one_equals_greedy_and_batching_changes_nothing():
     b = beam_search(Cached(lm), prompt, (KVCache(), context), num_beams=1, **args)
     assert torch.equal(a, b)
     for row in range(3):
-        alone = greedy(Cached(lm), prompt[row:row + 1], (KVCache(), context[row:row + 1]), **args)
+        alone = greedy(Cached(lm), prompt[row : row + 1], (KVCache(), context[row : row + 1]), **args)
         assert torch.equal(alone[0], a[row, : alone.shape[1]])
 
 
@@ -123,16 +145,32 @@ def test_repetition_penalty_and_nucleus_limits():
     args = dict(max_new_tokens=8, eos_id=EOS, pad_id=PAD)
     tight = nucleus(Cached(lm), prompt, (KVCache(), context), top_p=1e-6, **args)
     assert torch.equal(tight, greedy(Cached(lm), prompt, (KVCache(), context), **args))
-    draws = [nucleus(Cached(lm), prompt, (KVCache(), context), temperature=2.0,
-                     generator=torch.Generator().manual_seed(s), **args) for s in (0, 0, 1)]
+    draws = [
+        nucleus(
+            Cached(lm),
+            prompt,
+            (KVCache(), context),
+            temperature=2.0,
+            generator=torch.Generator().manual_seed(s),
+            **args,
+        )
+        for s in (0, 0, 1)
+    ]
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
 
 
-@pytest.mark.parametrize("options, message", [
-    ({"method": "top"}, "unknown decoding method"), ({"max_new_tokens": 0}, "max_new_tokens"),
-    ({"min_new_tokens": 9, "max_new_tokens": 5}, "min_new_tokens"),
-    ({"method": "beam", "num_beams": 0}, "num_beams"), ({"method": "nucleus", "top_p": 1.5}, "top_p"),
-    ({"method": "nucleus", "temperature": 0}, "temperature"), ({"num_beams": 3}, "do not apply")])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"method": "top"}, "unknown decoding method"),
+        ({"max_new_tokens": 0}, "max_new_tokens"),
+        ({"min_new_tokens": 9, "max_new_tokens": 5}, "min_new_tokens"),
+        ({"method": "beam", "num_beams": 0}, "num_beams"),
+        ({"method": "nucleus", "top_p": 1.5}, "top_p"),
+        ({"method": "nucleus", "temperature": 0}, "temperature"),
+        ({"num_beams": 3}, "do not apply"),
+    ],
+)
 def test_option_errors_name_the_option(options, message):
     with pytest.raises(ValueError, match=message):
         generate(Table([[0.5, 0.5]] * 2), torch.zeros(1, 1, dtype=torch.long), None, **options)
@@ -140,6 +178,7 @@ def test_option_errors_name_the_option(options, message):
 
 def test_blip_generation_matches_its_full_forward():
     import sys
+
     sys.path.insert(0, __file__.rsplit("/", 1)[0])
     from test_fusion_models import model_config
 
@@ -165,9 +204,17 @@ def test_blip_beam_search_equals_recomputing():
     tokens = model.cfg.tokens
     cached = model.generate(images, method="beam", num_beams=3, max_new_tokens=8)
     with torch.no_grad():
-        decoder = Recomputing(lambda prefix, context: model.caption_logits(
-            context, prefix, torch.ones_like(prefix))[:, -1])
+        decoder = Recomputing(
+            lambda prefix, context: model.caption_logits(context, prefix, torch.ones_like(prefix))[:, -1]
+        )
         start = torch.full((3, 1), tokens["dec"])
-        reference = beam_search(decoder, start, (None, model.visual(images)[1]), num_beams=3,
-                                max_new_tokens=8, eos_id=tokens["sep"], pad_id=tokens["pad"])
+        reference = beam_search(
+            decoder,
+            start,
+            (None, model.visual(images)[1]),
+            num_beams=3,
+            max_new_tokens=8,
+            eos_id=tokens["sep"],
+            pad_id=tokens["pad"],
+        )
     assert torch.equal(cached, reference)

@@ -10,12 +10,30 @@ from vlp.data.tokenizer import Tokenizer
 transformers = pytest.importorskip("transformers")
 
 SHAPES = [
-    dict(text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2),
-         vision=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3,
-                     image_size=32, patch_size=8), image_text_hidden_size=24),
-    dict(text=dict(hidden_size=36, intermediate_size=72, num_hidden_layers=3, num_attention_heads=3),
-         vision=dict(hidden_size=40, intermediate_size=80, num_hidden_layers=1, num_attention_heads=5,
-                     image_size=48, patch_size=16), image_text_hidden_size=20),
+    dict(
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2),
+        vision=dict(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=32,
+            patch_size=8,
+        ),
+        image_text_hidden_size=24,
+    ),
+    dict(
+        text=dict(hidden_size=36, intermediate_size=72, num_hidden_layers=3, num_attention_heads=3),
+        vision=dict(
+            hidden_size=40,
+            intermediate_size=80,
+            num_hidden_layers=1,
+            num_attention_heads=5,
+            image_size=48,
+            patch_size=16,
+        ),
+        image_text_hidden_size=20,
+    ),
 ]
 
 
@@ -25,10 +43,17 @@ def tokenizer(shapes_dir) -> Tokenizer:
 
 
 def save_hf_blip(cls_name: str, shape: dict, tokenizer: Tokenizer, path) -> torch.nn.Module:
-    text = dict(shape["text"], vocab_size=tokenizer.vocab_size, max_position_embeddings=32,
-                bos_token_id=tokenizer.dec_id, sep_token_id=tokenizer.sep_id, pad_token_id=tokenizer.pad_id)
-    config = transformers.BlipConfig(text_config=text, vision_config=shape["vision"],
-                                     image_text_hidden_size=shape["image_text_hidden_size"])
+    text = dict(
+        shape["text"],
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=32,
+        bos_token_id=tokenizer.dec_id,
+        sep_token_id=tokenizer.sep_id,
+        pad_token_id=tokenizer.pad_id,
+    )
+    config = transformers.BlipConfig(
+        text_config=text, vision_config=shape["vision"], image_text_hidden_size=shape["image_text_hidden_size"]
+    )
     torch.manual_seed(0)
     model = getattr(transformers, cls_name)(config).eval()
     model.save_pretrained(path)
@@ -76,7 +101,7 @@ def test_captioning_checkpoint_gives_equal_logits_and_greedy_tokens(tmp_path, to
         torch.testing.assert_close(ours[real], logits[real], atol=1e-5, rtol=0)
         expected = hf.generate(pixel_values=images, max_new_tokens=8, do_sample=False, num_beams=1)
         generated = model.generate(images, method="greedy", max_new_tokens=8)
-    assert torch.equal(generated[:, :expected.shape[1]], expected)
+    assert torch.equal(generated[:, : expected.shape[1]], expected)
 
 
 def test_vqa_checkpoint_gives_equal_answers(tmp_path, tokenizer):
@@ -90,7 +115,7 @@ def test_vqa_checkpoint_gives_equal_answers(tmp_path, tokenizer):
     with torch.no_grad():
         expected = hf.generate(input_ids=ids, attention_mask=mask, pixel_values=images, max_new_tokens=5)
         answers = model.answer(images, ids, mask, max_new_tokens=5)
-    assert torch.equal(answers[:, :expected.shape[1]], expected)
+    assert torch.equal(answers[:, : expected.shape[1]], expected)
 
 
 def test_blip_checkpoint_missing_a_layer_is_an_error(tmp_path, tokenizer):
@@ -119,12 +144,16 @@ def test_captioning_checkpoint_converts_and_captions_from_the_command_line(tmp_p
     assert result.exit_code == 0, result.output
     loaded, converted = vlp.load(tmp_path / "hf"), vlp.load(tmp_path / "run")
     a, b = loaded.state_dict(), converted.state_dict()
-    held = [k for k in a if not k.startswith(absent(loaded, "BlipForConditionalGeneration"))]  # the rest is a fresh initialisation
+    held = [
+        k for k in a if not k.startswith(absent(loaded, "BlipForConditionalGeneration"))
+    ]  # the rest is a fresh initialisation
     assert a.keys() == b.keys() and held and all(torch.equal(a[k], b[k]) for k in held)
     image = tmp_path / "image.png"
     ShapesWorld(image_size=32).sample("test", 0).image.save(image)
-    captions = [runner.invoke(app, ["caption", str(where), str(image), "--decoding", "greedy"]).output
-                for where in (tmp_path / "hf", tmp_path / "run")]
+    captions = [
+        runner.invoke(app, ["caption", str(where), str(image), "--decoding", "greedy"]).output
+        for where in (tmp_path / "hf", tmp_path / "run")
+    ]
     assert captions[0] == captions[1] and captions[0].startswith(str(image))
     result = runner.invoke(app, ["convert", str(tmp_path / "run"), str(tmp_path / "back"), "--to", "hf"])
     assert result.exit_code == 0, result.output
@@ -137,17 +166,37 @@ def test_captioning_checkpoint_converts_and_captions_from_the_command_line(tmp_p
 def test_vlp_blip_saves_for_transformers(tmp_path, tokenizer, task):
     """A vlp BLIP (ITC + ITM + LM, decoder sharing the encoder's weights) written as one of
     transformers' task models gives the same scores there."""
-    from vlp.models.registry import build_model
     from vlp.config import RunConfig
+    from vlp.models.registry import build_model
 
-    text = {"context_length": 32, "width": 32, "layers": 2, "heads": 2, "causal": False, "pool": "cls",
-            "pre_norm": False, "embed_norm": True, "eps": 1e-12, "cross_attention_every": 1}
-    vision = {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "heads": 3, "ln_pre": False,
-              "patch_bias": True}
+    text = {
+        "context_length": 32,
+        "width": 32,
+        "layers": 2,
+        "heads": 2,
+        "causal": False,
+        "pool": "cls",
+        "pre_norm": False,
+        "embed_norm": True,
+        "eps": 1e-12,
+        "cross_attention_every": 1,
+    }
+    vision = {
+        "image_size": 32,
+        "patch_size": 8,
+        "width": 48,
+        "layers": 2,
+        "heads": 3,
+        "ln_pre": False,
+        "patch_bias": True,
+    }
     torch.manual_seed(0)
-    model = build_model(RunConfig(recipe="blip", model={"vision": vision, "text": text,
-                                                        "contrastive": {"embed_dim": 24, "momentum": 0}}),
-                        tokenizer).eval()
+    model = build_model(
+        RunConfig(
+            recipe="blip", model={"vision": vision, "text": text, "contrastive": {"embed_dim": 24, "momentum": 0}}
+        ),
+        tokenizer,
+    ).eval()
     model.tokenizer = tokenizer
     with pytest.raises(ValueError, match="task="):
         vlp.save(model, tmp_path / "ambiguous", format="hf")
@@ -165,5 +214,4 @@ def test_vlp_blip_saves_for_transformers(tmp_path, tokenizer, task):
             ids[:, 0] = tokenizer.dec_id
             expected = hf(input_ids=ids, attention_mask=mask, pixel_values=images).logits
             real = mask.bool()
-            torch.testing.assert_close(model.caption_logits(tokens, ids, mask)[real], expected[real],
-                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(model.caption_logits(tokens, ids, mask)[real], expected[real], atol=1e-5, rtol=0)

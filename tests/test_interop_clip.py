@@ -15,30 +15,62 @@ transformers = pytest.importorskip("transformers")
 # Several shapes: odd head counts, MLP widths that are no multiple of the width, projection
 # dims unlike either tower, both activations and LayerNorm eps.
 HF_SHAPES = [
-    dict(vision=dict(hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=3,
-                     image_size=32, patch_size=8),
-         text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2),
-         projection_dim=24, act="quick_gelu", eps=1e-5),
-    dict(vision=dict(hidden_size=40, intermediate_size=80, num_hidden_layers=3, num_attention_heads=5,
-                     image_size=48, patch_size=16),
-         text=dict(hidden_size=36, intermediate_size=72, num_hidden_layers=1, num_attention_heads=3),
-         projection_dim=20, act="gelu", eps=1e-6),
+    dict(
+        vision=dict(
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            image_size=32,
+            patch_size=8,
+        ),
+        text=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=2),
+        projection_dim=24,
+        act="quick_gelu",
+        eps=1e-5,
+    ),
+    dict(
+        vision=dict(
+            hidden_size=40,
+            intermediate_size=80,
+            num_hidden_layers=3,
+            num_attention_heads=5,
+            image_size=48,
+            patch_size=16,
+        ),
+        text=dict(hidden_size=36, intermediate_size=72, num_hidden_layers=1, num_attention_heads=3),
+        projection_dim=20,
+        act="gelu",
+        eps=1e-6,
+    ),
 ]
 
 
 def hf_clip(shape: dict, vocab: int, eos: int, context: int = 32) -> torch.nn.Module:
     common = dict(hidden_act=shape["act"], layer_norm_eps=shape["eps"])
-    text = dict(shape["text"], vocab_size=vocab, max_position_embeddings=context, eos_token_id=eos,
-                bos_token_id=eos - 1, pad_token_id=0, **common)
-    config = transformers.CLIPConfig(text_config=text, vision_config=dict(shape["vision"], **common),
-                                     projection_dim=shape["projection_dim"])
+    text = dict(
+        shape["text"],
+        vocab_size=vocab,
+        max_position_embeddings=context,
+        eos_token_id=eos,
+        bos_token_id=eos - 1,
+        pad_token_id=0,
+        **common,
+    )
+    config = transformers.CLIPConfig(
+        text_config=text, vision_config=dict(shape["vision"], **common), projection_dim=shape["projection_dim"]
+    )
     torch.manual_seed(0)
     return transformers.CLIPModel(config).eval()
 
 
 def captions_batch(tokenizer: Tokenizer, pad_to_max: bool = False) -> dict[str, torch.Tensor]:
-    return tokenizer(["a red circle", "a small blue square left of a green triangle", "two shapes"],
-                     max_length=32, style="clip", pad_to_max=pad_to_max)
+    return tokenizer(
+        ["a red circle", "a small blue square left of a green triangle", "two shapes"],
+        max_length=32,
+        style="clip",
+        pad_to_max=pad_to_max,
+    )
 
 
 @pytest.fixture
@@ -75,8 +107,7 @@ def test_vlp_to_hf_to_vlp_round_trip_is_exact(tmp_path, tokenizer):
         model.logit_scale.fill_(3.0)  # something the HF init would not give
     vlp.save(model, tmp_path / "back", format="hf")
     reloaded_hf = transformers.CLIPModel.from_pretrained(tmp_path / "back")
-    assert all(torch.equal(v, reloaded_hf.state_dict()[k]) for k, v in hf.state_dict().items()
-               if k != "logit_scale")
+    assert all(torch.equal(v, reloaded_hf.state_dict()[k]) for k, v in hf.state_dict().items() if k != "logit_scale")
     again = vlp.load(tmp_path / "back")
     a, b = model.state_dict(), again.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -96,8 +127,9 @@ def test_vlp_trained_clip_saves_for_transformers(tmp_path, tiny_config):
     with torch.no_grad():
         ref = hf(input_ids=text["input_ids"], attention_mask=text["attention_mask"], pixel_values=images)
         torch.testing.assert_close(model.encode_image(images), ref.image_embeds, atol=1e-5, rtol=0)
-        torch.testing.assert_close(model.encode_text(text["input_ids"], text["attention_mask"]),
-                                   ref.text_embeds, atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.encode_text(text["input_ids"], text["attention_mask"]), ref.text_embeds, atol=1e-5, rtol=0
+        )
 
 
 def test_missing_and_unexpected_keys_are_named(tmp_path, tokenizer):
@@ -126,15 +158,17 @@ def test_open_clip_loads_with_equal_embeddings(tmp_path, tokenizer):
     open_clip = pytest.importorskip("open_clip")
     from safetensors.torch import save_file
 
-    model_cfg = {"embed_dim": 24, "quick_gelu": True,
-                 "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "head_width": 16},
-                 "text_cfg": {"context_length": 32, "vocab_size": tokenizer.vocab_size, "width": 32,
-                              "heads": 2, "layers": 2}}
+    model_cfg = {
+        "embed_dim": 24,
+        "quick_gelu": True,
+        "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 48, "layers": 2, "head_width": 16},
+        "text_cfg": {"context_length": 32, "vocab_size": tokenizer.vocab_size, "width": 32, "heads": 2, "layers": 2},
+    }
     torch.manual_seed(0)
-    reference = open_clip.CLIP(model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg["text_cfg"],
-                               quick_gelu=True).eval()
-    save_file({k: v.contiguous() for k, v in reference.state_dict().items()},
-              tmp_path / "open_clip_model.safetensors")
+    reference = open_clip.CLIP(
+        model_cfg["embed_dim"], model_cfg["vision_cfg"], model_cfg["text_cfg"], quick_gelu=True
+    ).eval()
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, tmp_path / "open_clip_model.safetensors")
     (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg}))
     tokenizer.save(tmp_path)
     model = vlp.load(tmp_path)
@@ -146,10 +180,15 @@ def test_open_clip_loads_with_equal_embeddings(tmp_path, tokenizer):
     ids[ids == tokenizer.eot_id] = tokenizer.vocab_size - 1
     padded = torch.where(text["attention_mask"].bool(), ids, torch.zeros_like(ids))
     with torch.no_grad():
-        torch.testing.assert_close(model.encode_image(images), reference.encode_image(images, normalize=True),
-                                   atol=1e-5, rtol=0)
-        torch.testing.assert_close(model.encode_text(padded, text["attention_mask"]),
-                                   reference.encode_text(padded, normalize=True), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            model.encode_image(images), reference.encode_image(images, normalize=True), atol=1e-5, rtol=0
+        )
+        torch.testing.assert_close(
+            model.encode_text(padded, text["attention_mask"]),
+            reference.encode_text(padded, normalize=True),
+            atol=1e-5,
+            rtol=0,
+        )
 
 
 def test_converted_checkpoint_fine_tunes_and_evaluates(tmp_path, tokenizer, shapes_dir):
@@ -164,17 +203,35 @@ def test_converted_checkpoint_fine_tunes_and_evaluates(tmp_path, tokenizer, shap
     runner = CliRunner()
     result = runner.invoke(app, ["convert", str(tmp_path / "hf"), str(tmp_path / "converted")])
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["train", "clip", "--init", str(tmp_path / "converted"), "--data", str(shapes_dir),
-                                 "--out", str(tmp_path / "tuned"), "--steps", "30", "--no-progress",
-                                 "data.batch_size=16", "data.workers=0", "train.lr=1e-3", "train.warmup=2",
-                                 "train.log_every=5"])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "clip",
+            "--init",
+            str(tmp_path / "converted"),
+            "--data",
+            str(shapes_dir),
+            "--out",
+            str(tmp_path / "tuned"),
+            "--steps",
+            "30",
+            "--no-progress",
+            "data.batch_size=16",
+            "data.workers=0",
+            "train.lr=1e-3",
+            "train.warmup=2",
+            "train.log_every=5",
+        ],
+    )
     assert result.exit_code == 0, result.output
     records = [json.loads(line) for line in (tmp_path / "tuned" / "metrics.jsonl").read_text().splitlines()]
     assert next(r for r in records if r.get("event") == "init")["missing"] == []
     losses = [r["loss"] for r in records if "loss" in r]
     assert sum(losses[-2:]) / 2 < 0.92 * losses[0], losses  # from chance, ln 16 = 2.77
-    result = runner.invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(shapes_dir), "--tasks", "retrieval",
-                                 "--no-report"])
+    result = runner.invoke(
+        app, ["eval", str(tmp_path / "hf"), "--data", str(shapes_dir), "--tasks", "retrieval", "--no-report"]
+    )
     assert result.exit_code == 0, result.output
     assert "i2t_R@1" in json.loads((tmp_path / "hf" / "eval.json").read_text())["retrieval"]
 

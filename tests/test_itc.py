@@ -41,7 +41,8 @@ def test_itc_gradient_float64():
     text = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
     scale = torch.tensor(3.0, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda i, t, s: itc_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s), (image, text, scale))
+        lambda i, t, s: itc_loss(F.normalize(i, dim=-1), F.normalize(t, dim=-1), s), (image, text, scale)
+    )
     # Analytic gradient w.r.t. the image embeddings: (softmax_row - onehot) s t / (2n) plus the column term.
     i, t = F.normalize(image.detach(), dim=-1), F.normalize(text.detach(), dim=-1)
     i.requires_grad_(True)

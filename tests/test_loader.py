@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import TINY_CONFIG
 from PIL import Image
 
 from vlp.config import load_run_config
 from vlp.data.loader import StreamSampler
 from vlp.data.sample import DataError
 from vlp.train.trainer import Trainer
-from conftest import TINY_CONFIG
 
 
 def test_stream_is_a_pure_function_of_position():
@@ -46,8 +46,11 @@ def write_jsonl_data(root, n, corrupt=()):
 
 
 def config_for(tmp_path, **train):
-    cfg = {**TINY_CONFIG, "data": {**TINY_CONFIG["data"], "path": str(tmp_path / "data"), "batch_size": 8},
-           "train": {**TINY_CONFIG["train"], **train}}
+    cfg = {
+        **TINY_CONFIG,
+        "data": {**TINY_CONFIG["data"], "path": str(tmp_path / "data"), "batch_size": 8},
+        "train": {**TINY_CONFIG["train"], **train},
+    }
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return load_run_config("clip", path)
@@ -116,19 +119,41 @@ def test_ddp_ranks_report_their_skips_and_drop_a_batch_together(tmp_path):
     sampler = StreamSampler(8, 4, seed=0)
     rank_1_first = {sampler.key(2)[1], sampler.key(3)[1]}  # rank 1's half of the first global batch
     write_jsonl_data(tmp_path / "data", 8, corrupt=rank_1_first)
-    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump({**TINY_CONFIG, "data": {
-        **TINY_CONFIG["data"], "path": str(tmp_path / "data"), "batch_size": 2}, "train": {
-        **TINY_CONFIG["train"], "steps": 4, "ckpt_every": 4}}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "vlp.cli", "train", "clip", "--config", str(tmp_path / "ddp.yaml"), "--out",
-           str(tmp_path / "run"), "--no-progress"]
-    result = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                            timeout=300)
+    (tmp_path / "ddp.yaml").write_text(
+        yaml.safe_dump(
+            {
+                **TINY_CONFIG,
+                "data": {**TINY_CONFIG["data"], "path": str(tmp_path / "data"), "batch_size": 2},
+                "train": {**TINY_CONFIG["train"], "steps": 4, "ckpt_every": 4},
+            }
+        )
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "vlp.cli",
+        "train",
+        "clip",
+        "--config",
+        str(tmp_path / "ddp.yaml"),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+    ]
+    result = subprocess.run(
+        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     first_epoch = [s for r in records if r.get("event") == "skipped" and r.get("epoch") == 0 for s in r["samples"]]
     assert sorted(s.split(":")[0] for s in first_epoch if "corrupt image" in s) == sorted(
-        str(tmp_path / "data" / f"{i}.png") for i in rank_1_first)
+        str(tmp_path / "data" / f"{i}.png") for i in rank_1_first
+    )
     assert sum("dropped batch" in s for s in first_epoch) == 2  # rank 0's two readable samples
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
 
@@ -162,12 +187,15 @@ def test_strict_mode_names_the_corrupt_file(tmp_path):
 def test_model_output_independent_of_padding(tmp_path):
     """EOS pooling with a causal mask: right padding never changes a caption's embedding."""
     from vlp.models import create_model
+
     torch.manual_seed(0)
     model = create_model("clip", {**TINY_CONFIG["model"], "text": {**TINY_CONFIG["model"]["text"], "vocab_size": 40}})
     ids = torch.randint(9, 40, (1, 6))
     short = model.encode_text(ids, torch.ones(1, 6, dtype=torch.long))
-    padded = model.encode_text(torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
-                               torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], 1).long())
+    padded = model.encode_text(
+        torch.cat([ids, torch.zeros(1, 4, dtype=torch.long)], 1),
+        torch.cat([torch.ones(1, 6), torch.zeros(1, 4)], 1).long(),
+    )
     torch.testing.assert_close(short, padded)
 
 

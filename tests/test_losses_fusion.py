@@ -48,8 +48,7 @@ def test_mask_tokens_without_special_ids_and_out_of_vocab_specials():
     mask = torch.ones_like(ids)
     masked, labels = mask_tokens(ids, mask, mask_id=39, vocab_size=40, special_ids=[], generator=gen)
     assert abs((labels != -100).float().mean() - 0.15) < 0.02
-    masked, labels = mask_tokens(ids, mask, mask_id=39, vocab_size=40, special_ids=[0, 1, 500],
-                                 prob=0.5, generator=gen)
+    masked, labels = mask_tokens(ids, mask, mask_id=39, vocab_size=40, special_ids=[0, 1, 500], prob=0.5, generator=gen)
     chosen = labels != -100
     assert not chosen[ids < 2].any()
     replaced = chosen & (masked != 39) & (masked != ids)

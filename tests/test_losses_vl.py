@@ -77,8 +77,11 @@ def test_mlm_loss_soft_targets():
     hard = F.cross_entropy(torch.stack([logits[0, 1], logits[1, 3]]), torch.tensor([4, 2]))
     assert torch.allclose(mlm_loss(logits, labels), hard)
     assert torch.allclose(mlm_loss(logits, labels, soft, alpha=0.0), hard)
-    soft_only = -(torch.stack([soft[0, 1], soft[1, 3]])
-                  * torch.log_softmax(torch.stack([logits[0, 1], logits[1, 3]]), -1)).sum(-1).mean()
+    soft_only = (
+        -(torch.stack([soft[0, 1], soft[1, 3]]) * torch.log_softmax(torch.stack([logits[0, 1], logits[1, 3]]), -1))
+        .sum(-1)
+        .mean()
+    )
     assert torch.allclose(mlm_loss(logits, labels, soft, alpha=1.0), soft_only)
     assert torch.allclose(mlm_loss(logits, labels, soft, alpha=0.4), 0.6 * hard + 0.4 * soft_only)
 
@@ -140,8 +143,9 @@ def test_momentum_itc_gradient_float64():
     image_keys, text_keys = torch.cat([image_m, queue]), torch.cat([text_m, queue])
 
     def loss(image, text):
-        return momentum_itc_loss(image, text, image_m, text_m, image_keys, text_keys,
-                                 torch.tensor(5.0, dtype=torch.float64), 0.4)
+        return momentum_itc_loss(
+            image, text, image_m, text_m, image_keys, text_keys, torch.tensor(5.0, dtype=torch.float64), 0.4
+        )
 
     image, text = (f.clone().requires_grad_() for f in feats[:2])
     assert torch.autograd.gradcheck(loss, (image, text))

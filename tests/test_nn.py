@@ -38,8 +38,9 @@ def test_causal_text_ignores_future_tokens():
 
 def test_bidirectional_text_ignores_padding_content():
     torch.manual_seed(0)
-    model = TextTransformer(TextConfig(vocab_size=30, context_length=8, width=32, layers=2, heads=2,
-                                       causal=False, pool="cls"))
+    model = TextTransformer(
+        TextConfig(vocab_size=30, context_length=8, width=32, layers=2, heads=2, causal=False, pool="cls")
+    )
     mask = torch.tensor([[1, 1, 1, 1, 0, 0, 0, 0]])
     ids = torch.randint(0, 30, (1, 8))
     other = ids.clone()
@@ -56,8 +57,9 @@ def test_causal_mask():
 
 def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"model\.vision\.widht"):
-        from_dict(__import__("vlp.models.clip", fromlist=["CLIPConfig"]).CLIPConfig,
-                  {"vision": {"widht": 3}}, where="model.")
+        from_dict(
+            __import__("vlp.models.clip", fromlist=["CLIPConfig"]).CLIPConfig, {"vision": {"widht": 3}}, where="model."
+        )
     with pytest.raises(ConfigError, match="train.steps: expected int"):
         load_run_config("clip", overrides=["train.steps=many"])
     with pytest.raises(ConfigError, match="key=value"):
@@ -73,8 +75,18 @@ def test_overrides_reach_nested_fields():
 
 
 def _decoder(**overrides) -> TextTransformer:
-    cfg = dict(vocab_size=30, context_length=12, width=32, layers=3, heads=2, causal=True,
-               cross_attention_every=1, context_dim=24, pre_norm=False, embed_norm=True)
+    cfg = dict(
+        vocab_size=30,
+        context_length=12,
+        width=32,
+        layers=3,
+        heads=2,
+        causal=True,
+        cross_attention_every=1,
+        context_dim=24,
+        pre_norm=False,
+        embed_norm=True,
+    )
     return TextTransformer(TextConfig(**{**cfg, **overrides}))
 
 
@@ -93,8 +105,7 @@ def test_kv_cache_decoding_equals_full_forward():
     assert all(t.shape[0] == 2 for entry in cache.entries.values() for t in entry.values())
 
 
-@pytest.mark.parametrize("start, every, expected", [(0, 1, [0, 1, 2, 3]), (2, 1, [2, 3]),
-                                                    (0, 2, [0, 2]), (0, 0, [])])
+@pytest.mark.parametrize("start, every, expected", [(0, 1, [0, 1, 2, 3]), (2, 1, [2, 3]), (0, 2, [0, 2]), (0, 0, [])])
 def test_cross_attention_layout(start, every, expected):
     model = _decoder(layers=4, cross_attention_every=every, cross_attention_from=start)
     assert [i for i, b in enumerate(model.transformer.blocks) if b.cross_attn is not None] == expected

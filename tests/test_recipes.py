@@ -32,15 +32,23 @@ def test_a_model_is_built_with_its_tokenizer_and_run_config(tiny_config, shapes_
 
 def capability_probes(tree: ast.AST) -> list[int]:
     """Lines calling hasattr/getattr on something named like a model."""
-    return [node.lineno for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and getattr(node.func, "id", "") in ("hasattr", "getattr")
-            and node.args and "model" in ast.unparse(node.args[0])]
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and getattr(node.func, "id", "") in ("hasattr", "getattr")
+        and node.args
+        and "model" in ast.unparse(node.args[0])
+    ]
 
 
 def test_nothing_outside_the_models_probes_a_model():
     src = Path(vlp.__file__).parent
-    found = [f"{path.relative_to(src)}:{line}" for path in sorted(src.rglob("*.py"))
-             if path.parent.name != "models" and path.name != "checkpoint.py"  # any module's weights
-             for line in capability_probes(ast.parse(path.read_text()))]
+    found = [
+        f"{path.relative_to(src)}:{line}"
+        for path in sorted(src.rglob("*.py"))
+        if path.parent.name != "models" and path.name != "checkpoint.py"  # any module's weights
+        for line in capability_probes(ast.parse(path.read_text()))
+    ]
     assert found == []
     assert capability_probes(ast.parse("hasattr(model, 'generate')")) == [1]

@@ -43,8 +43,9 @@ def losses_by_step(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def vlp_command(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vlp.cli", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "vlp.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
 
 
 class Payload:
@@ -113,8 +114,9 @@ def test_a_locked_run_directory_is_refused_naming_the_holder(tmp_path, tiny_conf
     (tmp_path / "run").mkdir()
     lock = RunLock(tmp_path / "run")
     try:
-        result = vlp_command("train", "clip", "--config", str(tiny_config), "--out", str(tmp_path / "run"),
-                             "--no-progress")
+        result = vlp_command(
+            "train", "clip", "--config", str(tiny_config), "--out", str(tmp_path / "run"), "--no-progress"
+        )
     finally:
         lock.release()
     assert result.returncode == 1
@@ -151,11 +153,14 @@ def test_resume_uses_the_runs_own_config(tmp_path, tiny_config):
     assert_same_weights(tmp_path / "straight", tmp_path / "run")
 
 
-@pytest.mark.parametrize("change, named", [
-    (["data.batch_size=8"], ["data.batch_size 16 -> 8"]),
-    (["train.seed=1"], ["train.seed 0 -> 1"]),
-    (["train.lr=0.01", "model.embed_dim=16"], ["train.lr 0.001 -> 0.01", "model.embed_dim 32 -> 16"]),
-])
+@pytest.mark.parametrize(
+    "change, named",
+    [
+        (["data.batch_size=8"], ["data.batch_size 16 -> 8"]),
+        (["train.seed=1"], ["train.seed 0 -> 1"]),
+        (["train.lr=0.01", "model.embed_dim=16"], ["train.lr 0.001 -> 0.01", "model.embed_dim 32 -> 16"]),
+    ],
+)
 def test_resume_refuses_changes_that_break_exactness(tmp_path, tiny_config, change, named):
     train(load_run_config("clip", tiny_config), tmp_path / "run", stop_at=3)
     saved = (tmp_path / "run" / "config.yaml").read_text()
@@ -167,11 +172,16 @@ def test_resume_refuses_changes_that_break_exactness(tmp_path, tiny_config, chan
 
 def test_resume_accepts_runtime_settings_and_allowed_changes(tmp_path, tiny_config):
     train(load_run_config("clip", tiny_config), tmp_path / "run", stop_at=3)
-    train_run("clip", tmp_path / "run", overrides=["data.workers=1", "train.log_every=2", "train.steps=4"],
-              resume=True, progress=False, allow_changes=True)
+    train_run(
+        "clip",
+        tmp_path / "run",
+        overrides=["data.workers=1", "train.log_every=2", "train.steps=4"],
+        resume=True,
+        progress=False,
+        allow_changes=True,
+    )
     assert "steps: 4" in (tmp_path / "run" / "config.yaml").read_text()
-    train_run("clip", tmp_path / "run", overrides=["train.steps=4", "train.ckpt_every=1"], resume=True,
-              progress=False)
+    train_run("clip", tmp_path / "run", overrides=["train.steps=4", "train.ckpt_every=1"], resume=True, progress=False)
     with pytest.raises(RunError, match="is a 'clip' run, not 'blip'"):
         train_run("blip", tmp_path / "run", resume=True, progress=False)
 
@@ -209,13 +219,19 @@ def test_full_disk_leaves_the_last_checkpoint_and_no_temporary_files(tmp_path, t
 def test_user_mistakes_end_with_one_line(tmp_path, tiny_config, shapes_dir):
     (tmp_path / "runs").mkdir()
     for args, message in [
-        (["train", "clip", "--config", str(tiny_config), "--out", "runs/a", "train.steps=0"],
-         "error: train.steps must be greater than 0, got 0"),
-        (["train", "clip", "--config", str(tiny_config), "--out", "runs/a", "data.crop_scale=[0.9,0.2]"],
-         "error: data.crop_scale must be [low, high] with 0 < low <= high <= 1"),
+        (
+            ["train", "clip", "--config", str(tiny_config), "--out", "runs/a", "train.steps=0"],
+            "error: train.steps must be greater than 0, got 0",
+        ),
+        (
+            ["train", "clip", "--config", str(tiny_config), "--out", "runs/a", "data.crop_scale=[0.9,0.2]"],
+            "error: data.crop_scale must be [low, high] with 0 < low <= high <= 1",
+        ),
         (["eval", "runs/nope"], "error: runs/nope: no such directory"),
-        (["train", "blip2_stage2", "--out", "runs/b", "--data", str(shapes_dir), "--lm", "runs/no-lm"],
-         "error: model.lm: runs/no-lm is not a directory"),
+        (
+            ["train", "blip2_stage2", "--out", "runs/b", "--data", str(shapes_dir), "--lm", "runs/no-lm"],
+            "error: model.lm: runs/no-lm is not a directory",
+        ),
     ]:
         result = vlp_command(*args, cwd=tmp_path)
         assert result.returncode == 1, result.stderr
@@ -230,12 +246,25 @@ def free_port() -> int:
 
 
 def test_a_frozen_ddp_peer_ends_the_job_with_a_message(tmp_path, tiny_config):
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-               OMP_NUM_THREADS="1")
-    args = [sys.executable, "-m", "vlp.cli", "train", "clip", "--config", str(tiny_config), "--out",
-            str(tmp_path / "run"), "--no-progress", "train.steps=100000", "train.dist_timeout=3"]
-    ranks = [subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE,
-                              text=True) for r in range(2)]
+    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2", OMP_NUM_THREADS="1")
+    args = [
+        sys.executable,
+        "-m",
+        "vlp.cli",
+        "train",
+        "clip",
+        "--config",
+        str(tiny_config),
+        "--out",
+        str(tmp_path / "run"),
+        "--no-progress",
+        "train.steps=100000",
+        "train.dist_timeout=3",
+    ]
+    ranks = [
+        subprocess.Popen(args, env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}, stderr=subprocess.PIPE, text=True)
+        for r in range(2)
+    ]
     try:
         metrics = tmp_path / "run" / "metrics.jsonl"
         deadline = time.monotonic() + 120

@@ -13,8 +13,19 @@ from PIL import Image
 
 from vlp.data.sample import Sample
 from vlp.data.shapes import (
-    COLORS, HELD_OUT, PROMPT_TEMPLATES, RGB, SHAPES, SPLITS, Claim, Mention, ShapesWorld,
-    caption_is_true, class_names, parse_caption, write_shapes,
+    COLORS,
+    HELD_OUT,
+    PROMPT_TEMPLATES,
+    RGB,
+    SHAPES,
+    SPLITS,
+    Claim,
+    Mention,
+    ShapesWorld,
+    caption_is_true,
+    class_names,
+    parse_caption,
+    write_shapes,
 )
 
 EVAL_SPLITS = [s for s in SPLITS if s != "train"]
@@ -25,8 +36,12 @@ def holds(a: dict, relation: str, b: dict) -> bool:
     """The relations recomputed from the boxes, independently of the module."""
     a_left, a_right, a_top, a_bottom = a["x"] - a["r"], a["x"] + a["r"], a["y"] - a["r"], a["y"] + a["r"]
     b_left, b_right, b_top, b_bottom = b["x"] - b["r"], b["x"] + b["r"], b["y"] - b["r"], b["y"] + b["r"]
-    return {"left of": a_right < b_left - 1, "right of": b_right < a_left - 1,
-            "above": a_bottom < b_top - 1, "below": b_bottom < a_top - 1}[relation]
+    return {
+        "left of": a_right < b_left - 1,
+        "right of": b_right < a_left - 1,
+        "above": a_bottom < b_top - 1,
+        "below": b_bottom < a_top - 1,
+    }[relation]
 
 
 def is_true(text: str, objects: list[dict]) -> bool:
@@ -34,8 +49,7 @@ def is_true(text: str, objects: list[dict]) -> bool:
     claim = parse_caption(text)
     found = []
     for m in claim.mentions:
-        matches = [o for o in objects if (o["color"], o["shape"]) == (m.color, m.shape)
-                   and m.size in (None, o["size"])]
+        matches = [o for o in objects if (o["color"], o["shape"]) == (m.color, m.shape) and m.size in (None, o["size"])]
         if not matches:
             return False
         found.append(matches[0])
@@ -89,23 +103,29 @@ def test_objects_are_distinct_inside_the_image_and_separated(image_size):
                 assert o["r"] == round((0.10 if o["size"] == "small" else 0.18) * image_size)
                 assert o["x"] - o["r"] >= margin and o["x"] + o["r"] <= image_size - 1 - margin
                 assert o["y"] - o["r"] >= margin and o["y"] + o["r"] <= image_size - 1 - margin
-            expected = [[i, rel, j] for i, a in enumerate(objects) for j, b in enumerate(objects)
-                        for rel in ("left of", "right of", "above", "below")
-                        if i != j and holds(a, rel, b)]
+            expected = [
+                [i, rel, j]
+                for i, a in enumerate(objects)
+                for j, b in enumerate(objects)
+                for rel in ("left of", "right of", "above", "below")
+                if i != j and holds(a, rel, b)
+            ]
             assert sorted(map(tuple, scene["relations"])) == sorted(map(tuple, expected))
             for i, a in enumerate(objects):  # every pair is apart on some axis
-                for b in objects[i + 1:]:
+                for b in objects[i + 1 :]:
                     assert any(holds(a, rel, b) for rel in ("left of", "right of", "above", "below"))
     assert set(counts) == {1, 2, 3}
 
 
 def test_parse_caption_known_answers():
     assert parse_caption("a small red circle left of a large blue square") == Claim(
-        (Mention("red", "circle", "small"), Mention("blue", "square", "large")), ((0, "left of", 1),))
+        (Mention("red", "circle", "small"), Mention("blue", "square", "large")), ((0, "left of", 1),)
+    )
     assert parse_caption("there is a big blue box") == Claim((Mention("blue", "square", "large"),))
-    assert parse_caption("a green triangle, and a tiny purple disk to the left of an orange rhombus") \
-        == Claim((Mention("green", "triangle"), Mention("purple", "circle", "small"),
-                  Mention("orange", "diamond")), ((1, "left of", 2),))
+    assert parse_caption("a green triangle, and a tiny purple disk to the left of an orange rhombus") == Claim(
+        (Mention("green", "triangle"), Mention("purple", "circle", "small"), Mention("orange", "diamond")),
+        ((1, "left of", 2),),
+    )
     assert parse_caption("a yellow diamond under a red box").relations == ((0, "below", 1),)
     with pytest.raises(ValueError, match="'hexagon'"):
         parse_caption("a red hexagon")
@@ -118,8 +138,10 @@ def test_parse_caption_known_answers():
 
 
 def test_caption_is_true_known_answers():
-    objects = [{"shape": "circle", "color": "red", "size": "small", "x": 10, "y": 30, "r": 6},
-               {"shape": "square", "color": "blue", "size": "large", "x": 40, "y": 30, "r": 12}]
+    objects = [
+        {"shape": "circle", "color": "red", "size": "small", "x": 10, "y": 30, "r": 6},
+        {"shape": "square", "color": "blue", "size": "large", "x": 40, "y": 30, "r": 12},
+    ]
     assert caption_is_true("a small red circle to the left of a big blue box", objects)
     assert caption_is_true("a blue square right of a red circle", objects)
     assert not caption_is_true("a red circle right of a blue square", objects)
@@ -172,8 +194,11 @@ def test_classify_split_has_labels_single_seen_objects():
     names = class_names("color_shape")
     for scene in scenes(ShapesWorld(), "classify", 60):
         (obj,) = scene["objects"]
-        assert scene["labels"] == {"shape": obj["shape"], "color": obj["color"],
-                                   "color_shape": f"{obj['color']} {obj['shape']}"}
+        assert scene["labels"] == {
+            "shape": obj["shape"],
+            "color": obj["color"],
+            "color_shape": f"{obj['color']} {obj['shape']}",
+        }
         assert scene["labels"]["color_shape"] in names
     assert "labels" not in ShapesWorld().scene("val", 0)
 
@@ -259,8 +284,11 @@ def test_qa_answers_match_the_objects():
                     present = by_shape.get(shape, {}).get("color") == color
                     assert answer == ("yes" if present else "no")
                 else:
-                    m = re.fullmatch(r"is the (\w+) (\w+) (left of|right of|above|below) "
-                                     r"the (\w+) (\w+)\?", question)
+                    m = re.fullmatch(
+                        r"is the (\w+) (\w+) (left of|right of|above|below) "
+                        r"the (\w+) (\w+)\?",
+                        question,
+                    )
                     a, b = by_color[m[1]], by_color[m[4]]
                     assert (a["shape"], b["shape"]) == (m[2], m[5])
                     assert answer == ("yes" if holds(a, m[3], b) else "no")
@@ -303,8 +331,7 @@ def _read_wds(out, split: str) -> list[tuple[str, bytes, dict]]:
 @pytest.mark.parametrize("fmt", ["wds", "jsonl", "csv"])
 def test_write_shapes_round_trip(tmp_path, fmt):
     counts = {"train": 7, "val": 3, "classify": 2}
-    info = write_shapes(tmp_path, counts, seed=7, image_size=48, noise=0.2, format=fmt,
-                        shard_size=4, progress=False)
+    info = write_shapes(tmp_path, counts, seed=7, image_size=48, noise=0.2, format=fmt, shard_size=4, progress=False)
     _check_info(info, tmp_path, fmt, counts)
     world = ShapesWorld(seed=7, image_size=48, noise=0.2)
     for split, count in counts.items():
@@ -324,10 +351,10 @@ def test_write_shapes_round_trip(tmp_path, fmt):
             with open(tmp_path / f"{split}.csv", newline="") as f:
                 rows = list(csv.reader(f, delimiter="\t"))
             assert rows[0] == ["filepath", "title"]
-            assert rows[1:] == [[f"{split}/{split}_{i:08d}.png", c]
-                                for i, s in enumerate(expected) for c in s.captions]
-            images = [(tmp_path / rows[1 + sum(len(s.captions) for s in expected[:i])][0]).read_bytes()
-                      for i in range(count)]
+            assert rows[1:] == [[f"{split}/{split}_{i:08d}.png", c] for i, s in enumerate(expected) for c in s.captions]
+            images = [
+                (tmp_path / rows[1 + sum(len(s.captions) for s in expected[:i])][0]).read_bytes() for i in range(count)
+            ]
             metas = [{"caption": s.captions, **s.meta} for s in expected]
         assert metas == [{"caption": s.captions, **s.meta} for s in expected]
         for png, sample in zip(images, expected):

@@ -11,13 +11,18 @@ from typer.testing import CliRunner
 
 import vlp
 from vlp.cli import app
-from vlp.nn.image_tokenizer import ImageTokenizer, patchify
 from vlp.losses.mim import block_mask
+from vlp.nn.image_tokenizer import ImageTokenizer, patchify
 
 TOKENS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-MODEL = {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "heads": 2},
-         "text": {"vocab_size": 60, "context_length": 16}, "fusion_layers": 2, "embed_dim": 16,
-         "codebook_size": 8, "tokens": TOKENS}
+MODEL = {
+    "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "heads": 2},
+    "text": {"vocab_size": 60, "context_length": 16},
+    "fusion_layers": 2,
+    "embed_dim": 16,
+    "codebook_size": 8,
+    "tokens": TOKENS,
+}
 
 
 def test_block_mask_hides_about_the_ratio_in_blocks():
@@ -59,8 +64,13 @@ def test_mim_loss_scores_only_the_hidden_patches(monkeypatch):
     hidden[:, 5:9] = True
     monkeypatch.setattr("vlp.models.vlmo.block_mask", lambda *args, **kwargs: hidden)
     images = torch.randn(2, 3, 32, 32)
-    loss = model({"images": images, "input_ids": torch.ones(2, 4, dtype=torch.long),
-                  "attention_mask": torch.ones(2, 4, dtype=torch.long)})["mim"]
+    loss = model(
+        {
+            "images": images,
+            "input_ids": torch.ones(2, 4, dtype=torch.long),
+            "attention_mask": torch.ones(2, 4, dtype=torch.long),
+        }
+    )["mim"]
     x = model.vision_embed.embed(images, hidden, model.mask_token) + model.type_embed.weight[0]
     logits = model.mim_head(model.image_states(x)[:, 1:])
     targets = model.image_tokenizer.encode(images)
@@ -79,20 +89,51 @@ def test_beit3_is_masked_data_modeling_over_images_texts_and_pairs():
 def test_stagewise_pretraining_freezes_what_stage_two_must_keep(tmp_path, shapes_dir):
     runner = CliRunner()
     codebook = tmp_path / "codebook.safetensors"
-    result = runner.invoke(app, ["tokenizer", "image", str(shapes_dir), "--out", str(codebook), "--images", "16",
-                                 "--codebook", "8", "--image-size", "32"])
+    result = runner.invoke(
+        app,
+        [
+            "tokenizer",
+            "image",
+            str(shapes_dir),
+            "--out",
+            str(codebook),
+            "--images",
+            "16",
+            "--codebook",
+            "8",
+            "--image-size",
+            "32",
+        ],
+    )
     assert result.exit_code == 0, result.output
     model = {k: v for k, v in MODEL.items() if k != "tokens"}
     model.update(text={"context_length": 32}, objectives=["mim"], image_tokenizer=str(codebook))
-    config = {"recipe": "vlmo", "model": model, "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
-              "train": {"steps": 3, "warmup": 1, "log_every": 1, "ckpt_every": 3}}
+    config = {
+        "recipe": "vlmo",
+        "model": model,
+        "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
+        "train": {"steps": 3, "warmup": 1, "log_every": 1, "ckpt_every": 3},
+    }
     (tmp_path / "s1.yaml").write_text(yaml.safe_dump(config))
     common = ["--no-progress", "--data", str(shapes_dir), "data.batch_size=8", "data.workers=0", "train.warmup=1"]
-    result = runner.invoke(app, ["train", "vlmo", "--config", str(tmp_path / "s1.yaml"), "--out", str(tmp_path / "s1"),
-                                 "--no-progress"])
+    result = runner.invoke(
+        app, ["train", "vlmo", "--config", str(tmp_path / "s1.yaml"), "--out", str(tmp_path / "s1"), "--no-progress"]
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["train", "vlmo_stage2", "--init", str(tmp_path / "s1"), "--out", str(tmp_path / "s2"),
-                                 "--steps", "3", *common])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "vlmo_stage2",
+            "--init",
+            str(tmp_path / "s1"),
+            "--out",
+            str(tmp_path / "s2"),
+            "--steps",
+            "3",
+            *common,
+        ],
+    )
     assert result.exit_code == 0, result.output
     s1, s2 = vlp.load(tmp_path / "s1").state_dict(), vlp.load(tmp_path / "s2").state_dict()
     frozen = [k for k in s1 if ".attn." in k or ".mlp_first." in k or k.startswith("vision_embed.")]
@@ -101,9 +142,35 @@ def test_stagewise_pretraining_freezes_what_stage_two_must_keep(tmp_path, shapes
     records = [json.loads(line) for line in (tmp_path / "s2" / "metrics.jsonl").read_text().splitlines()]
     assert next(r for r in records if r.get("event") == "freeze")["parameters"] > 0
     assert all(set(r) >= {"text_mlm"} for r in records if "loss" in r)
-    result = runner.invoke(app, ["train", "vlmo", "--init", str(tmp_path / "s2"), "--out", str(tmp_path / "s3"),
-                                 "--steps", "2", "model.objectives=[itc,itm,mlm]", *common])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "vlmo",
+            "--init",
+            str(tmp_path / "s2"),
+            "--out",
+            str(tmp_path / "s3"),
+            "--steps",
+            "2",
+            "model.objectives=[itc,itm,mlm]",
+            *common,
+        ],
+    )
     assert result.exit_code == 0, result.output
-    result = runner.invoke(app, ["train", "vlmo_stage2", "--init", str(tmp_path / "s1"), "--out", str(tmp_path / "x"),
-                                 "--steps", "1", "train.freeze=[transformer.blockz.*]", *common])
+    result = runner.invoke(
+        app,
+        [
+            "train",
+            "vlmo_stage2",
+            "--init",
+            str(tmp_path / "s1"),
+            "--out",
+            str(tmp_path / "x"),
+            "--steps",
+            "1",
+            "train.freeze=[transformer.blockz.*]",
+            *common,
+        ],
+    )
     assert result.exit_code != 0 and "matches no parameter" in str(result.exception)

@@ -31,8 +31,7 @@ def tok() -> Tokenizer:
 
 
 def test_special_tokens_come_first_with_pad_zero(tok):
-    ids = [tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.enc_id, tok.dec_id,
-           tok.sot_id, tok.eot_id]
+    ids = [tok.pad_id, tok.unk_id, tok.cls_id, tok.sep_id, tok.mask_id, tok.enc_id, tok.dec_id, tok.sot_id, tok.eot_id]
     assert ids == list(range(len(SPECIAL_TOKENS)))
     assert tok.pad_id == 0
     assert len(SPECIAL_TOKENS) < tok.vocab_size < 4096  # a small corpus gives a small vocabulary
@@ -77,7 +76,7 @@ def test_batch_pads_to_longest_and_mask_marks_real_tokens(tok):
     assert batch["attention_mask"].sum(1).tolist() == lengths
     short = batch["input_ids"][0]
     assert short[lengths[0] - 1] == tok.eot_id
-    assert (short[lengths[0]:] == tok.pad_id).all()
+    assert (short[lengths[0] :] == tok.pad_id).all()
     assert torch.equal(batch["attention_mask"].bool(), batch["input_ids"] != tok.pad_id)
 
 

@@ -96,8 +96,7 @@ def test_no_weight_decay_on_norms_biases_embeddings(tmp_path, tiny_config):
     decayed = {id(p) for p in trainer.optimizer.param_groups[0]["params"]}
     assert trainer.optimizer.param_groups[1]["weight_decay"] == 0.0
     for name, param in trainer.model.named_parameters():
-        plain = (name.endswith(("bias", "cls_token")) or "norm" in name or "embed" in name
-                 or name == "logit_scale")
+        plain = name.endswith(("bias", "cls_token")) or "norm" in name or "embed" in name or name == "logit_scale"
         if "patch_embed" in name and name.endswith("weight"):
             plain = False
         assert (id(param) not in decayed) == plain, name

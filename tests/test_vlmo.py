@@ -12,8 +12,13 @@ from vlp.config import load_run_config
 from vlp.train.trainer import Trainer
 
 TOKENS = {"pad": 0, "unk": 1, "cls": 2, "sep": 3, "mask": 4}
-MODEL = {"vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "heads": 2},
-         "text": {"vocab_size": 60, "context_length": 16}, "fusion_layers": 2, "embed_dim": 16, "tokens": TOKENS}
+MODEL = {
+    "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 4, "heads": 2},
+    "text": {"vocab_size": 60, "context_length": 16},
+    "fusion_layers": 2,
+    "embed_dim": 16,
+    "tokens": TOKENS,
+}
 IMAGE_TOKENS = 1 + (32 // 8) ** 2
 
 
@@ -37,7 +42,8 @@ def expert_calls(model, run) -> dict:
             expert = getattr(block, name)
             if expert is not None:
                 expert.register_forward_hook(
-                    lambda module, inputs, output, key=(i, name): seen.__setitem__(key, inputs[0].shape[1]))
+                    lambda module, inputs, output, key=(i, name): seen.__setitem__(key, inputs[0].shape[1])
+                )
     with torch.no_grad():
         run()
     return seen
@@ -51,8 +57,14 @@ def test_each_modality_goes_through_its_own_expert(model):
     text_only = expert_calls(model, lambda: model.encode_text(ids, mask))
     assert text_only == {(i, "mlp"): 7 for i in range(4)}  # L-FFN only
     fused = expert_calls(model, lambda: model.itm_score(model.image_embeddings(images), ids, mask))
-    assert fused == {(0, "mlp_first"): IMAGE_TOKENS, (0, "mlp"): 7, (1, "mlp_first"): IMAGE_TOKENS, (1, "mlp"): 7,
-                     (2, "mlp_fusion"): IMAGE_TOKENS + 7, (3, "mlp_fusion"): IMAGE_TOKENS + 7}
+    assert fused == {
+        (0, "mlp_first"): IMAGE_TOKENS,
+        (0, "mlp"): 7,
+        (1, "mlp_first"): IMAGE_TOKENS,
+        (1, "mlp"): 7,
+        (2, "mlp_fusion"): IMAGE_TOKENS + 7,
+        (3, "mlp_fusion"): IMAGE_TOKENS + 7,
+    }
 
 
 def test_self_attention_is_one_parameter_set_for_all_modalities(model):
@@ -71,7 +83,7 @@ def test_fused_text_sees_the_image_and_padding_is_invisible(model):
         mask2, ids2 = mask.clone(), ids.clone()
         mask2[0, 5:], ids2[0, 5:] = 0, 11
         b, c = model.fused_states(emb, ids, mask2), model.fused_states(emb, ids2, mask2)
-    torch.testing.assert_close(b[0, :IMAGE_TOKENS + 5], c[0, :IMAGE_TOKENS + 5])
+    torch.testing.assert_close(b[0, : IMAGE_TOKENS + 5], c[0, : IMAGE_TOKENS + 5])
 
 
 def test_objectives_and_gradients():
@@ -88,8 +100,12 @@ def test_objectives_and_gradients():
 def test_trains_and_evaluates(tmp_path, shapes_dir):
     model = {k: v for k, v in MODEL.items() if k != "tokens"}
     model["text"] = {"context_length": 32}
-    config = {"recipe": "vlmo", "model": model, "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
-              "train": {"steps": 4, "warmup": 1, "log_every": 1, "ckpt_every": 4}}
+    config = {
+        "recipe": "vlmo",
+        "model": model,
+        "data": {"path": str(shapes_dir), "batch_size": 8, "workers": 0},
+        "train": {"steps": 4, "warmup": 1, "log_every": 1, "ckpt_every": 4},
+    }
     (tmp_path / "vlmo.yaml").write_text(yaml.safe_dump(config))
     Trainer(load_run_config("vlmo", tmp_path / "vlmo.yaml"), tmp_path / "run", progress=False).fit()
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]

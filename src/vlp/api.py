@@ -45,8 +45,10 @@ def save(model: Recipe, out: str | Path, format: str = "vlp", task: str | None =
     if format != "vlp":
         raise ValueError(f"format must be 'vlp' or 'hf', got {format!r}")
     if model.tokenizer is None:
-        raise ValueError("the model has no tokenizer (model.tokenizer), which a vlp run needs: load "
-                         "the checkpoint from a directory with tokenizer files")
+        raise ValueError(
+            "the model has no tokenizer (model.tokenizer), which a vlp run needs: load "
+            "the checkpoint from a directory with tokenizer files"
+        )
     out = Path(out)
     if holds_run(out):  # its checkpoints would outrank (and prune) the one written here
         raise RunError(f"{out} already holds a vlp run; save into a fresh directory")
@@ -59,8 +61,9 @@ def save(model: Recipe, out: str | Path, format: str = "vlp", task: str | None =
     return out
 
 
-def caption(model: Recipe, images: torch.Tensor, method: str = "beam", prompt: str | None = None,
-            **options: Any) -> list[str]:
+def caption(
+    model: Recipe, images: torch.Tensor, method: str = "beam", prompt: str | None = None, **options: Any
+) -> list[str]:
     """Captions of a batch of (eval-transformed) images, as text without the prompt: the
     model's `caption` (see `vlp.models.recipe.Recipe.caption`)."""
     return model.caption(images, prompt=prompt, method=method, **options)

@@ -7,8 +7,11 @@ from typing import Annotated, Optional
 
 import typer
 
-app = typer.Typer(help="vlp: vision-language pretraining (CLIP, ALBEF, BLIP, ...) from data to eval.",
-                  no_args_is_help=True, pretty_exceptions_enable=False)
+app = typer.Typer(
+    help="vlp: vision-language pretraining (CLIP, ALBEF, BLIP, ...) from data to eval.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
 data_app = typer.Typer(help="Generate or prepare data sets.", no_args_is_help=True)
 tokenizer_app = typer.Typer(help="Train text tokenizers.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -31,12 +34,18 @@ def data_shapes(
     vocab_size: Annotated[int, typer.Option(help="Size of the tokenizer trained on the captions.")] = 4096,
 ) -> None:
     """Write the synthetic shapes world (docs/data.md) and a tokenizer trained on its captions."""
-    from vlp.data.shapes import PROMPT_TEMPLATES, write_shapes
     from vlp.data.formats import open_dataset
+    from vlp.data.shapes import PROMPT_TEMPLATES, write_shapes
     from vlp.data.tokenizer import Tokenizer
 
-    counts = {"train": train, "val": val, "test": test, "clean": clean, "classify": classify,
-              "compositional": compositional}
+    counts = {
+        "train": train,
+        "val": val,
+        "test": test,
+        "clean": clean,
+        "classify": classify,
+        "compositional": compositional,
+    }
     write_shapes(out, counts, seed=seed, image_size=image_size, noise=noise, format=fmt)
     corpus = open_dataset(out, split="train")
     texts = [c for i in range(len(corpus)) for c in corpus.captions(i)] + PROMPT_TEMPLATES
@@ -76,9 +85,9 @@ def tokenizer_image(
     import torch
 
     from vlp.data.formats import open_dataset
-    from vlp.nn.image_tokenizer import ImageTokenizer
     from vlp.data.sample import Skipped
     from vlp.data.transforms import eval_transform
+    from vlp.nn.image_tokenizer import ImageTokenizer
 
     dataset, transform = open_dataset(data, split=split), eval_transform(image_size)
     samples = (dataset[i] for i in range(min(images, len(dataset))))
@@ -86,37 +95,59 @@ def tokenizer_image(
     tokenizer = ImageTokenizer(codebook, patch_size)
     error = tokenizer.fit(batch)
     tokenizer.save(out)
-    typer.echo(f"wrote {out}: {codebook} visual tokens from {len(batch)} images "
-               f"(mean squared patch distance {error:.4f})")
+    typer.echo(
+        f"wrote {out}: {codebook} visual tokens from {len(batch)} images (mean squared patch distance {error:.4f})"
+    )
 
 
 @app.command()
 def train(
     recipe: Annotated[str, typer.Argument(help="Recipe name, e.g. clip.")],
-    overrides: Annotated[Optional[list[str]], typer.Argument(
-        help="Config overrides as section.key=value, e.g. train.lr=1e-3 model.embed_dim=64.")] = None,
+    overrides: Annotated[
+        Optional[list[str]],
+        typer.Argument(help="Config overrides as section.key=value, e.g. train.lr=1e-3 model.embed_dim=64."),
+    ] = None,
     config: Annotated[Optional[Path], typer.Option(help="YAML config (default: configs/RECIPE/tiny.yaml).")] = None,
     data: Annotated[Optional[Path], typer.Option(help="Data set directory (overrides data.path).")] = None,
     out: Annotated[Path, typer.Option(help="Run directory.")] = Path("runs/latest"),
     steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (overrides train.steps).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Per-process batch size.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Training seed.")] = None,
-    resume: Annotated[bool, typer.Option(
-        help="Continue exactly from the run's newest checkpoint, with the run's own config.yaml "
-             "(overrides that would change the result are refused; see --allow-changes).")] = False,
-    overwrite: Annotated[bool, typer.Option(
-        help="Start over in an --out that already holds a run, deleting that run's checkpoints, "
-             "metrics, config and tokenizer.")] = False,
-    allow_changes: Annotated[bool, typer.Option(
-        help="--resume with overrides that make the run differ from an unbroken one (e.g. more "
-             "train.steps, another learning rate).")] = False,
-    init: Annotated[Optional[Path], typer.Option(
-        help="Start from the weights (and tokenizer) of this pretrained run or checkpoint "
-             "(fine-tuning); weights the new recipe lacks or adds are listed.")] = None,
-    strict: Annotated[bool, typer.Option(
-        help="Stop at the first unreadable sample (naming its file) instead of skipping it.")] = False,
-    lm: Annotated[Optional[Path], typer.Option(
-        help="blip2_stage2: the frozen language model, a transformers directory (overrides model.lm).")] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            help="Continue exactly from the run's newest checkpoint, with the run's own config.yaml "
+            "(overrides that would change the result are refused; see --allow-changes)."
+        ),
+    ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            help="Start over in an --out that already holds a run, deleting that run's checkpoints, "
+            "metrics, config and tokenizer."
+        ),
+    ] = False,
+    allow_changes: Annotated[
+        bool,
+        typer.Option(
+            help="--resume with overrides that make the run differ from an unbroken one (e.g. more "
+            "train.steps, another learning rate)."
+        ),
+    ] = False,
+    init: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Start from the weights (and tokenizer) of this pretrained run or checkpoint "
+            "(fine-tuning); weights the new recipe lacks or adds are listed."
+        ),
+    ] = None,
+    strict: Annotated[
+        bool, typer.Option(help="Stop at the first unreadable sample (naming its file) instead of skipping it.")
+    ] = False,
+    lm: Annotated[
+        Optional[Path],
+        typer.Option(help="blip2_stage2: the frozen language model, a transformers directory (overrides model.lm)."),
+    ] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
 ) -> None:
     """Train a recipe. Works alone or under `torchrun --nproc_per_node N` (DDP).
@@ -128,32 +159,59 @@ def train(
 
     if resume and overwrite:
         raise typer.BadParameter("--resume and --overwrite exclude each other")
-    flags = {"data.path": data, "train.steps": steps, "data.batch_size": batch_size, "train.seed": seed,
-             "data.strict": strict or None, "model.lm": lm}
+    flags = {
+        "data.path": data,
+        "train.steps": steps,
+        "data.batch_size": batch_size,
+        "train.seed": seed,
+        "data.strict": strict or None,
+        "model.lm": lm,
+    }
     extra = [f"{k}={v}" for k, v in flags.items() if v is not None]
-    values = train_run(recipe, out, config, extra + list(overrides or []), init, resume, progress,
-                       overwrite=overwrite, allow_changes=allow_changes)
+    values = train_run(
+        recipe,
+        out,
+        config,
+        extra + list(overrides or []),
+        init,
+        resume,
+        progress,
+        overwrite=overwrite,
+        allow_changes=allow_changes,
+    )
     if values:
         typer.echo(f"done: step {values['step']}, loss {values['loss']:.4f}; run in {out}")
 
 
 @app.command("eval")
 def evaluate(
-    run: Annotated[Path, typer.Argument(help="Run directory (or one of its checkpoints), or a "
-                                        "transformers/open_clip checkpoint directory.")],
+    run: Annotated[
+        Path,
+        typer.Argument(
+            help="Run directory (or one of its checkpoints), or a transformers/open_clip checkpoint directory."
+        ),
+    ],
     data: Annotated[Optional[Path], typer.Option(help="Data set (default: the run's data.path).")] = None,
-    tasks: Annotated[Optional[str], typer.Option(
-        help="Comma-separated subset of zeroshot,retrieval,probe,caption,vqa "
-             "(default: every task the run's recipe supports).")] = None,
-    decoding: Annotated[str, typer.Option(help="Caption decoding: beam (3 beams), greedy or nucleus (top-p 0.9).")] = "beam",
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Comma-separated subset of zeroshot,retrieval,probe,caption,vqa "
+            "(default: every task the run's recipe supports)."
+        ),
+    ] = None,
+    decoding: Annotated[
+        str, typer.Option(help="Caption decoding: beam (3 beams), greedy or nucleus (top-p 0.9).")
+    ] = "beam",
     report: Annotated[bool, typer.Option(help="Also write RUN/report.html.")] = True,
-    k_test: Annotated[int, typer.Option(
-        help="Recipes with an ITM head: re-rank each query's ITC top-k by ITM score.")] = 16,
+    k_test: Annotated[
+        int, typer.Option(help="Recipes with an ITM head: re-rank each query's ITC top-k by ITM score.")
+    ] = 16,
 ) -> None:
     """Evaluate a trained run; writes eval.json (and report.html) in the run directory."""
     import vlp
     from vlp.eval.report import write_report
-    from vlp.eval.run import console, evaluate as run_eval, results_table
+    from vlp.eval.run import console, results_table
+    from vlp.eval.run import evaluate as run_eval
     from vlp.interop.pretrained import is_pretrained_dir
     from vlp.train.checkpoint import run_of
 
@@ -161,9 +219,14 @@ def evaluate(
     if data is None and model.run_config is None:
         raise typer.BadParameter(f"{run} is not a vlp run: pass --data")
     run_dir = run if is_pretrained_dir(run) else run_of(run)
-    results = run_eval(model, data or Path(model.run_config.data.path), run_dir,
-                       tasks=tasks and [t.strip() for t in tasks.split(",") if t.strip()], k_test=k_test,
-                       decoding=decoding_options(decoding))
+    results = run_eval(
+        model,
+        data or Path(model.run_config.data.path),
+        run_dir,
+        tasks=tasks and [t.strip() for t in tasks.split(",") if t.strip()],
+        k_test=k_test,
+        decoding=decoding_options(decoding),
+    )
     console.print(results_table(results))
     if report:
         typer.echo(f"report: {write_report(run_dir)}")
@@ -213,14 +276,24 @@ def caption(
 
 @app.command()
 def convert(
-    src: Annotated[str, typer.Argument(help="A vlp run, a transformers/open_clip checkpoint directory "
-                                            "or a hub id (org/name, needs the network).")],
+    src: Annotated[
+        str,
+        typer.Argument(
+            help="A vlp run, a transformers/open_clip checkpoint directory or a hub id (org/name, needs the network)."
+        ),
+    ],
     dst: Annotated[Path, typer.Argument(help="Output directory.")],
-    to: Annotated[str, typer.Option(help="hf: a transformers checkpoint; vlp: a run that vlp eval, "
-                                         "vlp caption and vlp train --init take.")] = "vlp",
+    to: Annotated[
+        str,
+        typer.Option(
+            help="hf: a transformers checkpoint; vlp: a run that vlp eval, vlp caption and vlp train --init take."
+        ),
+    ] = "vlp",
     strict: Annotated[bool, typer.Option(help="Fail on checkpoint weights vlp cannot place.")] = True,
-    task: Annotated[Optional[str], typer.Option(
-        help="--to hf, BLIP with ITC+ITM+LM: retrieval or captioning (the transformers model to write).")] = None,
+    task: Annotated[
+        Optional[str],
+        typer.Option(help="--to hf, BLIP with ITC+ITM+LM: retrieval or captioning (the transformers model to write)."),
+    ] = None,
 ) -> None:
     """Convert a checkpoint between vlp and transformers formats (docs/interop.md)."""
     import vlp
@@ -236,22 +309,38 @@ def capfilt(
     init: Annotated[Path, typer.Option(help="Pretrained BLIP run both models are fine-tuned from.")],
     data: Annotated[Path, typer.Option(help="The noisy data set to bootstrap (its train split).")],
     clean: Annotated[Path, typer.Option(help="Data set whose `clean` split fine-tunes captioner and filter.")],
-    out: Annotated[Path, typer.Option(help="Output directory: the data set (see --format), report.html, "
-                                           "capfilt.json, captioner/ and filter/ runs.")],
+    out: Annotated[
+        Path,
+        typer.Option(
+            help="Output directory: the data set (see --format), report.html, "
+            "capfilt.json, captioner/ and filter/ runs."
+        ),
+    ],
     steps: Annotated[int, typer.Option(help="Fine-tuning steps of the captioner and of the filter.")] = 200,
     synthetic: Annotated[int, typer.Option(help="Synthetic captions sampled per image.")] = 1,
     method: Annotated[str, typer.Option(help="nucleus (top-p 0.9; the paper's choice) or beam (3 beams).")] = "nucleus",
-    max_new_tokens: Annotated[int, typer.Option(help="Longest synthetic caption in tokens (capped at the "
-                                                      "captioner's context length).")] = 30,
+    max_new_tokens: Annotated[
+        int, typer.Option(help="Longest synthetic caption in tokens (capped at the captioner's context length).")
+    ] = 30,
     threshold: Annotated[float, typer.Option(help="ITM match probability a caption needs to be kept.")] = 0.5,
-    mode: Annotated[str, typer.Option(help="itm (BLIP's filter) or rank (BLIP-2: rank all candidates "
-                                           "with --ranker and keep the best --keep).")] = "itm",
-    ranker: Annotated[Optional[Path], typer.Option(help="rank mode: a CLIP run (or checkpoint) scoring candidates.")] = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="itm (BLIP's filter) or rank (BLIP-2: rank all candidates with --ranker and keep the best --keep)."
+        ),
+    ] = "itm",
+    ranker: Annotated[
+        Optional[Path], typer.Option(help="rank mode: a CLIP run (or checkpoint) scoring candidates.")
+    ] = None,
     keep: Annotated[int, typer.Option(help="rank mode: captions kept per image.")] = 2,
     limit: Annotated[Optional[int], typer.Option(help="Only the first N samples.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the caption sampling.")] = 0,
-    fmt: Annotated[str, typer.Option("--format", help="jsonl (train.jsonl + images/) or wds (webdataset "
-                                                      "shards train/train-000000.tar, ...).")] = "jsonl",
+    fmt: Annotated[
+        str,
+        typer.Option(
+            "--format", help="jsonl (train.jsonl + images/) or wds (webdataset shards train/train-000000.tar, ...)."
+        ),
+    ] = "jsonl",
     progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
 ) -> None:
     """CapFilt (BLIP Sec. 3.3): caption and filter a noisy data set into a cleaner one.
@@ -262,14 +351,23 @@ def capfilt(
     """
     from vlp.apps import capfilt as cf
 
-    options = cf.CapFiltOptions(synthetic=synthetic, method=method, max_new_tokens=max_new_tokens,
-                                threshold=threshold, mode=mode, keep=keep, limit=limit, seed=seed)
+    options = cf.CapFiltOptions(
+        synthetic=synthetic,
+        method=method,
+        max_new_tokens=max_new_tokens,
+        threshold=threshold,
+        mode=mode,
+        keep=keep,
+        limit=limit,
+        seed=seed,
+    )
     try:
         cf.check_run(out, options, ranker, fmt)  # before any fine-tuning
     except ValueError as err:
         raise typer.BadParameter(str(err)) from err
-    stats, written = cf.run(init, data, clean, out, steps=steps, options=options, ranker=ranker, format=fmt,
-                            progress=progress)
+    stats, written = cf.run(
+        init, data, clean, out, steps=steps, options=options, ranker=ranker, format=fmt, progress=progress
+    )
     for line in cf.summary_lines(stats):
         typer.echo(line)
     typer.echo(f"data: {written}; report: {out / 'report.html'}")

@@ -46,8 +46,9 @@ class DataConfig:
         _check_bounds(self, "data", positive=("batch_size", "max_pixels"), non_negative=("workers",))
         low, high = self.crop_scale
         if not 0 < low <= high <= 1:
-            raise ConfigError(f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, "
-                              f"got {list(self.crop_scale)}")
+            raise ConfigError(
+                f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}"
+            )
 
 
 @dataclass
@@ -75,15 +76,21 @@ class TrainConfig:
     dist_timeout: float = 600.0
 
     def __post_init__(self) -> None:
-        _check_bounds(self, "train", positive=("steps", "lr", "accum", "log_every", "ckpt_every", "dist_timeout"),
-                      non_negative=("warmup", "threads", "keep_checkpoints"))  # keep 0: keep every checkpoint
+        _check_bounds(
+            self,
+            "train",
+            positive=("steps", "lr", "accum", "log_every", "ckpt_every", "dist_timeout"),
+            non_negative=("warmup", "threads", "keep_checkpoints"),
+        )  # keep 0: keep every checkpoint
 
 
 def _check_bounds(section: Any, name: str, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
     """ConfigError naming the first key of `section` out of its bounds (a zero step count or
     batch size would otherwise fail far from the config, or loop forever)."""
-    for keys, in_bounds, words in ((positive, lambda v: v > 0, "greater than 0"),
-                                   (non_negative, lambda v: v >= 0, "0 or more")):
+    for keys, in_bounds, words in (
+        (positive, lambda v: v > 0, "greater than 0"),
+        (non_negative, lambda v: v >= 0, "0 or more"),
+    ):
         for key in keys:
             value = getattr(section, key)
             if not in_bounds(value):
@@ -136,8 +143,10 @@ def from_dict(cls: type, data: dict[str, Any] | None, where: str = "") -> Any:
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[where + k for k in unknown]}; "
-                          f"valid keys in {where or 'this section'}: {sorted(names)}")
+        raise ConfigError(
+            f"unknown config key(s) {[where + k for k in unknown]}; "
+            f"valid keys in {where or 'this section'}: {sorted(names)}"
+        )
     kwargs = {}
     for name, value in data.items():
         kwargs[name] = _coerce(hints[name], value, f"{where}{name}")
@@ -200,9 +209,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
-def load_run_config(recipe: str | None = None, path: str | Path | None = None,
-                    overrides: list[str] | None = None, pretrained: dict[str, Any] | None = None,
-                    model_fields: Callable[[str], set[str]] | None = None) -> RunConfig:
+def load_run_config(
+    recipe: str | None = None,
+    path: str | Path | None = None,
+    overrides: list[str] | None = None,
+    pretrained: dict[str, Any] | None = None,
+    model_fields: Callable[[str], set[str]] | None = None,
+) -> RunConfig:
     """A run config from a YAML file (default: the named config's tiny.yaml) plus overrides.
 
     A shipped config may name another recipe: `configs/blip_caption/` fine-tunes `blip`.
@@ -224,14 +237,16 @@ def load_run_config(recipe: str | None = None, path: str | Path | None = None,
         if explicit and data["recipe"] != recipe:
             raise ConfigError(f"{path}: config is for recipe {data['recipe']!r}, not {recipe!r}")
     if pretrained is not None:
-        data["model"] = _model_from_pretrained(pretrained, data, not explicit and data["recipe"] == recipe,
-                                               model_fields)
+        data["model"] = _model_from_pretrained(
+            pretrained, data, not explicit and data["recipe"] == recipe, model_fields
+        )
     apply_overrides(data, overrides or [])
     return from_dict(RunConfig, data)
 
 
-def _model_from_pretrained(pretrained: dict[str, Any], data: dict[str, Any], own: bool,
-                           model_fields: Callable[[str], set[str]] | None) -> dict[str, Any]:
+def _model_from_pretrained(
+    pretrained: dict[str, Any], data: dict[str, Any], own: bool, model_fields: Callable[[str], set[str]] | None
+) -> dict[str, Any]:
     """The model section of a run that starts from `pretrained` (see `load_run_config`). From
     another recipe only the sections both configs have carry over (a CLIP's `vision` tower
     for BLIP-2)."""

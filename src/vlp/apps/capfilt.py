@@ -59,14 +59,21 @@ def select(candidates: Sequence[dict[str, Any]], options: CapFiltOptions) -> lis
     if options.mode == "itm":
         return [c["score"] >= options.threshold for c in candidates]
     if options.mode == "rank":
-        best = sorted(range(len(candidates)), key=lambda i: -candidates[i]["score"])[:options.keep]
+        best = sorted(range(len(candidates)), key=lambda i: -candidates[i]["score"])[: options.keep]
         return [i in best for i in range(len(candidates))]
     raise ValueError(f"CapFilt mode must be 'itm' or 'rank', got {options.mode!r}")
 
 
-def bootstrap(dataset: CaptionDataset, out: Path, captioner: Captioner, scorer: Scorer,
-              options: CapFiltOptions, stop_after: int | None = None,
-              progress: Callable[[int], None] | None = None, format: str = "jsonl") -> Path:
+def bootstrap(
+    dataset: CaptionDataset,
+    out: Path,
+    captioner: Captioner,
+    scorer: Scorer,
+    options: CapFiltOptions,
+    stop_after: int | None = None,
+    progress: Callable[[int], None] | None = None,
+    format: str = "jsonl",
+) -> Path:
     """Write the train split of the bootstrapped set from `dataset` into `out`: `train.jsonl`
     with `images/` (format "jsonl") or webdataset shards `train/train-000000.tar`, ... ("wds").
     Parts already in `out/parts` are kept (resume, with the same options only); `stop_after`
@@ -83,8 +90,15 @@ def bootstrap(dataset: CaptionDataset, out: Path, captioner: Captioner, scorer: 
         if not part.is_file():
             if stop_after is not None and number >= stop_after:
                 return out
-            records = _process(dataset, indices, images_dir, captioner, scorer, options,
-                               torch.Generator().manual_seed(options.seed * 100_003 + number))
+            records = _process(
+                dataset,
+                indices,
+                images_dir,
+                captioner,
+                scorer,
+                options,
+                torch.Generator().manual_seed(options.seed * 100_003 + number),
+            )
             write_text_atomic(part, "".join(json.dumps(record) + "\n" for record in records))
         if progress is not None:
             progress(len(indices))
@@ -102,22 +116,34 @@ def _write_shards(out: Path, records: list[dict[str, Any]]) -> Path:
     """Shards written beside `train/` and moved there whole, so a kill never leaves half a split."""
     staging, split = out / "train.partial", out / "train"
     shutil.rmtree(staging, ignore_errors=True)
-    write_webdataset(staging, "train", ((f"train_{r['source_index']:08d}", (out / r["image"]).read_bytes(),
-                                         {k: v for k, v in r.items() if k != "image"}) for r in records))
+    write_webdataset(
+        staging,
+        "train",
+        (
+            (
+                f"train_{r['source_index']:08d}",
+                (out / r["image"]).read_bytes(),
+                {k: v for k, v in r.items() if k != "image"},
+            )
+            for r in records
+        ),
+    )
     shutil.rmtree(split, ignore_errors=True)
     staging.rename(split)
     (out / "train.jsonl").unlink(missing_ok=True)  # an earlier run's output in the other format
     return split
 
 
-OUTPUT_FORMATS: dict[str, Callable[[Path, list[dict[str, Any]]], Path]] = {
-    "jsonl": _write_jsonl, "wds": _write_shards}
+OUTPUT_FORMATS: dict[str, Callable[[Path, list[dict[str, Any]]], Path]] = {"jsonl": _write_jsonl, "wds": _write_shards}
 
 
 def _read_parts(out: Path) -> list[dict[str, Any]]:
     """Every record of the finished parts, in sample order."""
-    return [json.loads(line) for part in sorted((out / "parts").glob("part_*.jsonl"))
-            for line in part.read_text().splitlines()]
+    return [
+        json.loads(line)
+        for part in sorted((out / "parts").glob("part_*.jsonl"))
+        for line in part.read_text().splitlines()
+    ]
 
 
 def check_output(out: Path, format: str) -> None:
@@ -126,21 +152,31 @@ def check_output(out: Path, format: str) -> None:
     if format not in OUTPUT_FORMATS:
         raise ValueError(f"CapFilt output format must be one of {', '.join(OUTPUT_FORMATS)}, got {format!r}")
     if not (out / "capfilt_options.json").is_file() and ((out / "train.jsonl").exists() or (out / "train").exists()):
-        raise ValueError(f"{out} holds a data set CapFilt did not write (train.jsonl or train/); "
-                         "choose a new output directory")
+        raise ValueError(
+            f"{out} holds a data set CapFilt did not write (train.jsonl or train/); choose a new output directory"
+        )
 
 
 def _check_options(path: Path, options: CapFiltOptions) -> None:
     """Record the options of a run; a resumed run must use the same ones."""
     current = asdict(options)
     if path.is_file() and json.loads(path.read_text()) != current:
-        raise ValueError(f"{path.parent} was started with other CapFilt options ({path}); "
-                         "use a new --out or the same options to resume")
+        raise ValueError(
+            f"{path.parent} was started with other CapFilt options ({path}); "
+            "use a new --out or the same options to resume"
+        )
     write_text_atomic(path, json.dumps(current, indent=2))
 
 
-def _process(dataset: CaptionDataset, indices: range, images_dir: Path, captioner: Captioner, scorer: Scorer,
-             options: CapFiltOptions, generator: torch.Generator) -> list[dict[str, Any]]:
+def _process(
+    dataset: CaptionDataset,
+    indices: range,
+    images_dir: Path,
+    captioner: Captioner,
+    scorer: Scorer,
+    options: CapFiltOptions,
+    generator: torch.Generator,
+) -> list[dict[str, Any]]:
     """One record per readable sample: its metadata, the kept captions and every candidate's
     provenance; the image is written where any caption is kept."""
     records = []
@@ -151,17 +187,24 @@ def _process(dataset: CaptionDataset, indices: range, images_dir: Path, captione
             continue
         images = [sample.image for _, sample in batch]
         synthetic = captioner(images, generator)
-        candidates = [[{"text": t, "source": "web"} for t in sample.captions] +
-                      [{"text": t, "source": "synthetic"} for t in generated]
-                      for (_, sample), generated in zip(batch, synthetic)]
+        candidates = [
+            [{"text": t, "source": "web"} for t in sample.captions]
+            + [{"text": t, "source": "synthetic"} for t in generated]
+            for (_, sample), generated in zip(batch, synthetic)
+        ]
         scores = scorer(images, [[c["text"] for c in group] for group in candidates])
         for (index, sample), group, group_scores in zip(batch, candidates, scores):
             for candidate, score in zip(group, group_scores):
                 candidate["score"] = round(float(score), 6)
             for candidate, kept in zip(group, select(group, options)):
                 candidate["kept"] = bool(kept)
-            record = {**sample.meta, "image": f"images/{index:08d}.png", "source_index": index,
-                      "caption": [c["text"] for c in group if c["kept"]], "provenance": group}
+            record = {
+                **sample.meta,
+                "image": f"images/{index:08d}.png",
+                "source_index": index,
+                "caption": [c["text"] for c in group if c["kept"]],
+                "provenance": group,
+            }
             if record["caption"]:
                 sample.image.save(images_dir / f"{index:08d}.png")
             records.append(record)
@@ -178,15 +221,20 @@ def summarize(out: Path, thresholds: Sequence[float] = tuple(i / 20 for i in ran
     web = [(c, r) for r in records for c in r["provenance"] if c["source"] == "web"]
     synthetic = [c for r in records for c in r["provenance"] if c["source"] == "synthetic"]
     stats: dict[str, Any] = {
-        "images": len(records), "images_kept": sum(bool(r["caption"]) for r in records),
-        "web_captions": len(web), "web_removed": sum(not c["kept"] for c, _ in web),
-        "synthetic_generated": len(synthetic), "synthetic_added": sum(c["kept"] for c in synthetic)}
+        "images": len(records),
+        "images_kept": sum(bool(r["caption"]) for r in records),
+        "web_captions": len(web),
+        "web_removed": sum(not c["kept"] for c, _ in web),
+        "synthetic_generated": len(synthetic),
+        "synthetic_added": sum(c["kept"] for c in synthetic),
+    }
     flagged = [(c, r) for c, r in web if r.get("noisy") is not None]
     if flagged:
         noisy = [bool(r["noisy"]) for _, r in flagged]
         stats["filter_at_threshold"] = _precision_recall([not c["kept"] for c, _ in flagged], noisy)
-        stats["filter_curve"] = [{"threshold": t, **_precision_recall([c["score"] < t for c, _ in flagged], noisy)}
-                                 for t in thresholds]
+        stats["filter_curve"] = [
+            {"threshold": t, **_precision_recall([c["score"] < t for c, _ in flagged], noisy)} for t in thresholds
+        ]
         removed: dict[str, list[bool]] = {}
         for c, r in flagged:
             removed.setdefault(r.get("noise_kind") or "clean", []).append(not c["kept"])
@@ -208,16 +256,16 @@ def _truth(records: list[dict[str, Any]]) -> dict[str, float]:
         except ValueError:
             return None
 
-    truth: dict[str, list[bool | None]] = {"web": [], "synthetic": [], "web_kept": [], "synthetic_kept": [],
-                                           "kept": []}
+    truth: dict[str, list[bool | None]] = {"web": [], "synthetic": [], "web_kept": [], "synthetic_kept": [], "kept": []}
     for record in records:
         for candidate in record["provenance"]:
             value = is_true(candidate["text"], record["objects"])
             names = [candidate["source"]] + ([f"{candidate['source']}_kept", "kept"] if candidate["kept"] else [])
             for name in names:
                 truth[name].append(value)
-    stats = {f"{name}_true": 100.0 * sum(bool(v) for v in values) / len(values)
-             for name, values in truth.items() if values}
+    stats = {
+        f"{name}_true": 100.0 * sum(bool(v) for v in values) / len(values) for name, values in truth.items() if values
+    }
     stats["synthetic_unparsed"] = sum(v is None for v in truth["synthetic"])
     synthetic = [c["text"] for r in records for c in r["provenance"] if c["source"] == "synthetic"]
     if synthetic:
@@ -228,8 +276,11 @@ def _truth(records: list[dict[str, Any]]) -> dict[str, float]:
 def _precision_recall(removed: list[bool], noisy: list[bool]) -> dict[str, float]:
     """Precision and recall (%) of removing noisy captions."""
     hits = sum(r and n for r, n in zip(removed, noisy))
-    return {"precision": 100.0 * hits / max(sum(removed), 1), "recall": 100.0 * hits / max(sum(noisy), 1),
-            "removed": sum(removed)}
+    return {
+        "precision": 100.0 * hits / max(sum(removed), 1),
+        "recall": 100.0 * hits / max(sum(noisy), 1),
+        "removed": sum(removed),
+    }
 
 
 def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
@@ -247,7 +298,7 @@ def model_captioner(model: Any, options: CapFiltOptions) -> Captioner:
         extra = {"generator": generator} if options.method == "nucleus" else {}
         texts = model.caption(batch, **decoding, **extra)
         k = options.synthetic
-        return [texts[i * k:(i + 1) * k] for i in range(len(images))]
+        return [texts[i * k : (i + 1) * k] for i in range(len(images))]
 
     return caption
 
@@ -264,6 +315,7 @@ def _regroup(scores: torch.Tensor, candidates: list[list[str]]) -> list[list[flo
 
 def itm_scorer(model: Any) -> Scorer:
     """BLIP's filter: the ITM match probability of each (image, candidate caption)."""
+
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
         from vlp.eval.run import itm_pair_scores, tokenize_texts
 
@@ -277,6 +329,7 @@ def itm_scorer(model: Any) -> Scorer:
 
 def embedding_scorer(model: Any) -> Scorer:
     """BLIP-2's ranking: the image-text similarity of a contrastive model (CLIP)."""
+
     @torch.no_grad()
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
         from vlp.eval.run import embed_texts, paired
@@ -299,8 +352,15 @@ def fine_tune(init: Path, clean: Path, out: Path, steps: int, progress: bool = T
     for recipe, name in (("blip_caption", "captioner"), ("blip_retrieval", "filter")):
         run, checkpoint = out / name, latest_checkpoint(out / name)
         if checkpoint is None or load_state(checkpoint)["step"] < steps:
-            train_run(recipe, run, overrides=[f"data.path={clean}", f"train.steps={steps}"], init=init,
-                      resume=checkpoint is not None, overwrite=checkpoint is None, progress=progress)
+            train_run(
+                recipe,
+                run,
+                overrides=[f"data.path={clean}", f"train.steps={steps}"],
+                init=init,
+                resume=checkpoint is not None,
+                overwrite=checkpoint is None,
+                progress=progress,
+            )
         runs.append(run)
     return runs[0], runs[1]
 
@@ -314,8 +374,11 @@ def write_report(out: Path, stats: dict[str, Any]) -> Path:
 
     from vlp.eval.report import STYLE, figure_html
 
-    table = {**{k: v for k, v in stats.items() if not isinstance(v, (dict, list))}, **stats.get("truth", {}),
-             **{f"removed_{kind}": v for kind, v in stats.get("removed_by_noise_kind", {}).items()}}
+    table = {
+        **{k: v for k, v in stats.items() if not isinstance(v, (dict, list))},
+        **stats.get("truth", {}),
+        **{f"removed_{kind}": v for kind, v in stats.get("removed_by_noise_kind", {}).items()},
+    }
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{round(v, 1)}</td></tr>" for k, v in table.items())
     parts = [f"<h1>CapFilt: {html.escape(out.name)}</h1><table>{rows}</table>"]
     if "filter_curve" in stats:
@@ -325,15 +388,18 @@ def write_report(out: Path, stats: dict[str, Any]) -> Path:
         ax.plot([chosen["recall"]], [chosen["precision"]], "o", color="tab:red", label="chosen threshold")
         ax.set(title="filter: removing noisy web captions", xlabel="recall (%)", ylabel="precision (%)")
         ax.legend()
-        parts.append(f"<p>At the chosen threshold: precision {chosen['precision']:.1f} %, recall "
-                     f"{chosen['recall']:.1f} %.</p>" + figure_html(fig, "precision/recall curve"))
+        parts.append(
+            f"<p>At the chosen threshold: precision {chosen['precision']:.1f} %, recall "
+            f"{chosen['recall']:.1f} %.</p>" + figure_html(fig, "precision/recall curve")
+        )
     path = out / "report.html"
     path.write_text(f"<!doctype html><meta charset=utf-8><style>{STYLE}</style>{''.join(parts)}")
     return path
 
 
-def check_run(out: Path | str, options: CapFiltOptions, ranker: Path | str | None = None,
-              format: str = "jsonl") -> None:
+def check_run(
+    out: Path | str, options: CapFiltOptions, ranker: Path | str | None = None, format: str = "jsonl"
+) -> None:
     """The argument errors `run` refuses before any work (fine-tuning takes a while): rank mode
     without a ranker, an unknown caption method, and the output `check_output` refuses."""
     if options.mode == "rank" and ranker is None:
@@ -343,9 +409,18 @@ def check_run(out: Path | str, options: CapFiltOptions, ranker: Path | str | Non
     check_output(Path(out), format)
 
 
-def run(init: Path | str, data: Path | str, clean: Path | str, out: Path | str, *, steps: int = 200,
-        options: CapFiltOptions | None = None, ranker: Path | str | None = None, format: str = "jsonl",
-        progress: bool = True) -> tuple[dict[str, Any], Path]:
+def run(
+    init: Path | str,
+    data: Path | str,
+    clean: Path | str,
+    out: Path | str,
+    *,
+    steps: int = 200,
+    options: CapFiltOptions | None = None,
+    ranker: Path | str | None = None,
+    format: str = "jsonl",
+    progress: bool = True,
+) -> tuple[dict[str, Any], Path]:
     """CapFilt end to end, as `vlp capfilt` runs it: fine-tune the captioner and the filter from
     `init` on `clean` (`fine_tune`, runs under `out`), bootstrap the train split of `data` into
     `out` (in `format`) with them, or with the CLIP run `ranker` as scorer in rank mode, copy
@@ -366,8 +441,15 @@ def run(init: Path | str, data: Path | str, clean: Path | str, out: Path | str, 
     source = open_dataset(data, split="train")
     with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not progress) as bar:
         task = bar.add_task("capfilt", total=min(len(source), options.limit or len(source)))
-        written = bootstrap(source, out, model_captioner(vlp.load(captioner_run), options), scorer, options,
-                            progress=lambda n: bar.advance(task, n), format=format)
+        written = bootstrap(
+            source,
+            out,
+            model_captioner(vlp.load(captioner_run), options),
+            scorer,
+            options,
+            progress=lambda n: bar.advance(task, n),
+            format=format,
+        )
     for name in ("tokenizer.json", "info.json"):  # so that `vlp train --data OUT` finds them
         if (data / name).is_file():
             (out / name).write_bytes((data / name).read_bytes())
@@ -380,14 +462,21 @@ def run(init: Path | str, data: Path | str, clean: Path | str, out: Path | str, 
 def summary_lines(stats: dict[str, Any]) -> list[str]:
     """What `vlp capfilt` prints of the `summarize` stats: the counts, and the filter's precision
     and recall and the % of true captions where the source says (shapes world)."""
-    lines = [(f"{stats['web_removed']} of {stats['web_captions']} web captions removed, "
-              f"{stats['synthetic_added']} of {stats['synthetic_generated']} synthetic captions added, "
-              f"{stats['images_kept']} of {stats['images']} images kept")]
+    lines = [
+        (
+            f"{stats['web_removed']} of {stats['web_captions']} web captions removed, "
+            f"{stats['synthetic_added']} of {stats['synthetic_generated']} synthetic captions added, "
+            f"{stats['images_kept']} of {stats['images']} images kept"
+        )
+    ]
     if "filter_at_threshold" in stats:
         chosen = stats["filter_at_threshold"]
-        lines.append(f"filter on noisy web captions: precision {chosen['precision']:.1f} %, "
-                     f"recall {chosen['recall']:.1f} %")
+        lines.append(
+            f"filter on noisy web captions: precision {chosen['precision']:.1f} %, recall {chosen['recall']:.1f} %"
+        )
     if "truth" in stats:
-        lines.append(f"captions true of their image: {stats['truth']['web_true']:.1f} % of the web ones, "
-                     f"{stats['truth'].get('kept_true', 0.0):.1f} % of the kept ones")
+        lines.append(
+            f"captions true of their image: {stats['truth']['web_true']:.1f} % of the web ones, "
+            f"{stats['truth'].get('kept_true', 0.0):.1f} % of the kept ones"
+        )
     return lines

@@ -180,9 +180,7 @@ class _Listing:
         self.skipped.append(Skipped(where, reason))
 
     def dataset(self, source: PathLike, classes: list[str] | None = None) -> CaptionDataset:
-        return CaptionDataset(
-            self.entries, str(source), self.skipped, self.strict, classes, self.max_pixels
-        )
+        return CaptionDataset(self.entries, str(source), self.skipped, self.strict, classes, self.max_pixels)
 
 
 def _clean_captions(value: Any, field: str) -> list[str]:
@@ -265,8 +263,9 @@ def read_webdataset(
     return listing.dataset(source)
 
 
-def write_webdataset(directory: Path, prefix: str, samples: Iterable[tuple[str, bytes, dict[str, Any]]],
-                     shard_size: int = 5000) -> None:
+def write_webdataset(
+    directory: Path, prefix: str, samples: Iterable[tuple[str, bytes, dict[str, Any]]], shard_size: int = 5000
+) -> None:
     """Write (key, PNG bytes, metadata) samples as `directory/prefix-000000.tar`, ... shards of
     `shard_size` samples, the layout `read_webdataset` reads back: members `<key>.png` and
     `<key>.json` (the metadata, its "caption" field included)."""
@@ -382,9 +381,7 @@ def _jsonl_entry(line: bytes, base: Path, image_key: str, caption_key: str, root
     return _record_entry(record, base, image_key, caption_key, root)
 
 
-def _record_entry(
-    record: dict[str, Any], base: Path, image_key: str, caption_key: str, root: Path
-) -> _Entry:
+def _record_entry(record: dict[str, Any], base: Path, image_key: str, caption_key: str, root: Path) -> _Entry:
     """An entry from a {image_key: path, caption_key: str | [str], ...meta} record."""
     captions = _clean_captions(_require(record, caption_key), caption_key)
     image = _image_path(base, _require(record, image_key), image_key, root)
@@ -481,9 +478,7 @@ def _csv_row(
     return row[image_key], caption, meta
 
 
-def _csv_entry(
-    base: Path, image: str, captions: list[str], meta: dict[str, str], image_key: str, root: Path
-) -> _Entry:
+def _csv_entry(base: Path, image: str, captions: list[str], meta: dict[str, str], image_key: str, root: Path) -> _Entry:
     path = _image_path(base, image, image_key, root)
     return _Entry(path, captions, meta, path)
 
@@ -530,10 +525,7 @@ def read_coco_karpathy(
         for i, record in enumerate(data):
             listing.add(f"{path}:[{i}]", _lavis_entry, record, root, allowed)
     else:
-        raise DataError(
-            f"{path}: expected Karpathy's {{'images': [...]}} "
-            "or a list of {'image', 'caption'} records"
-        )
+        raise DataError(f"{path}: expected Karpathy's {{'images': [...]}} or a list of {{'image', 'caption'}} records")
     return listing.dataset(path)
 
 
@@ -554,9 +546,7 @@ def _read_karpathy_images(
 
 def _karpathy_entry(record: dict[str, Any], root: Path, allowed: Path) -> _Entry:
     sentences = _require(record, "sentences")
-    if not isinstance(sentences, list) or not all(
-        isinstance(s, dict) and "raw" in s for s in sentences
-    ):
+    if not isinstance(sentences, list) or not all(isinstance(s, dict) and "raw" in s for s in sentences):
         raise _Bad("bad field", "'sentences' must be a list of {'raw': caption}")
     captions = _clean_captions([s["raw"] for s in sentences], "sentences")
     folder = root / str(record.get("filepath", ""))
@@ -614,8 +604,7 @@ def _folder_entry(path: Path, label: str, label_id: int, root: Path) -> _Entry:
 def _is_image_folder(path: Path) -> bool:
     """Whether `path` has a subfolder with at least one image file in it."""
     return path.is_dir() and any(
-        sub.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in sub.iterdir())
-        for sub in path.iterdir()
+        sub.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in sub.iterdir()) for sub in path.iterdir()
     )
 
 

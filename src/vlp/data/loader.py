@@ -40,8 +40,13 @@ class TrainSet(Dataset):
     image is never decoded and not in the item. An unreadable sample is {"epoch", "skipped":
     Skipped}, for the collator to pass on."""
 
-    def __init__(self, base: CaptionDataset, transform: Callable[[Image.Image, random.Random], torch.Tensor] | None,
-                 seed: int, text: str = "caption"):
+    def __init__(
+        self,
+        base: CaptionDataset,
+        transform: Callable[[Image.Image, random.Random], torch.Tensor] | None,
+        seed: int,
+        text: str = "caption",
+    ):
         if text not in TEXT_MODES:
             raise ValueError(f"data.text must be one of {', '.join(TEXT_MODES)}, got {text!r}")
         self.base, self.transform, self.seed, self.text = base, transform, seed, text
@@ -71,8 +76,7 @@ class TrainSet(Dataset):
 class StreamSampler(Sampler[list[tuple[int, int]]]):
     """Endless global batches of (epoch, index) keys, starting `start` samples into the stream."""
 
-    def __init__(self, size: int, global_batch: int, seed: int, start: int = 0,
-                 rank: int = 0, world_size: int = 1):
+    def __init__(self, size: int, global_batch: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} ranks")
         self.size, self.global_batch, self.seed, self.start = size, global_batch, seed, start
@@ -111,8 +115,10 @@ class Collator:
         """The batch of the readable items, with "size" (how many) and "skipped": (epoch,
         Skipped) pairs; a batch with no readable item holds only those two."""
         good = [item for item in items if "skipped" not in item]
-        batch = {"size": len(good), "skipped": [(item["epoch"], item["skipped"]) for item in items
-                                                if "skipped" in item]}
+        batch = {
+            "size": len(good),
+            "skipped": [(item["epoch"], item["skipped"]) for item in items if "skipped" in item],
+        }
         if not good:
             return batch
         if "image" in good[0]:
@@ -130,12 +136,26 @@ class Collator:
         return self.tokenizer(texts, max_length=self.context_length, style=self.style)
 
 
-def train_loader(dataset: TrainSet, collator: Collator, global_batch: int, seed: int, start: int,
-                 rank: int, world_size: int, workers: int) -> DataLoader:
+def train_loader(
+    dataset: TrainSet,
+    collator: Collator,
+    global_batch: int,
+    seed: int,
+    start: int,
+    rank: int,
+    world_size: int,
+    workers: int,
+) -> DataLoader:
     """An endless DataLoader over the stream, starting `start` samples in."""
     sampler = StreamSampler(len(dataset), global_batch, seed, start, rank, world_size)
     # Its own generator: creating the loader must not draw from the global RNG, which the
     # model's own randomness (masking, hard negatives) uses and checkpoints restore.
-    return DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=workers,
-                      persistent_workers=workers > 0, prefetch_factor=4 if workers else None,
-                      generator=torch.Generator().manual_seed(seed))
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        collate_fn=collator,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers else None,
+        generator=torch.Generator().manual_seed(seed),
+    )

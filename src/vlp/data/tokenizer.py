@@ -68,8 +68,11 @@ def _wordpiece(model: models.WordPiece) -> tokenizers.Tokenizer:
 
 def _continuing_pieces(tok: tokenizers.Tokenizer, texts: list[str]) -> list[str]:
     """The sorted "##c" pieces of the corpus: every character that follows another in a word."""
-    words = {word for text in set(texts)
-             for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))}
+    words = {
+        word
+        for text in set(texts)
+        for word, _ in tok.pre_tokenizer.pre_tokenize_str(tok.normalizer.normalize_str(text))
+    }
     chars = {c for word in words for c in word[1:]}
     return [f"##{c}" for c in sorted(chars)]
 
@@ -126,17 +129,22 @@ class Tokenizer:
         of the corpus is covered.
         """
         if vocab_size < len(SPECIAL_TOKENS):
-            raise ValueError(f"vocab_size must be at least {len(SPECIAL_TOKENS)} (the special tokens), "
-                             f"got {vocab_size}")
+            raise ValueError(
+                f"vocab_size must be at least {len(SPECIAL_TOKENS)} (the special tokens), got {vocab_size}"
+            )
         texts = list(_strings(texts))
         tok = _wordpiece(models.WordPiece(unk_token=UNK, continuing_subword_prefix="##"))
         # The trainer numbers the "##c" pieces in hash-map order, and merge ties are broken by
         # those numbers, so two trainings on one corpus give different vocabularies (tokenizers
         # issue #1794). Reserving the pieces up front, in sorted order, makes training
         # deterministic; the model is then rebuilt so that only SPECIAL_TOKENS are special.
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                            special_tokens=SPECIAL_TOKENS + _continuing_pieces(tok, texts),
-                                            continuing_subword_prefix="##", show_progress=False)
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=SPECIAL_TOKENS + _continuing_pieces(tok, texts),
+            continuing_subword_prefix="##",
+            show_progress=False,
+        )
         tok.train_from_iterator(texts, trainer=trainer)
         rebuilt = _wordpiece(models.WordPiece(tok.get_vocab(), unk_token=UNK, continuing_subword_prefix="##"))
         rebuilt.add_special_tokens(SPECIAL_TOKENS)
@@ -158,8 +166,9 @@ class Tokenizer:
     def from_library(cls, tok: tokenizers.Tokenizer, source: str) -> Tokenizer:
         """Wrap a library tokenizer (e.g. a checkpoint's) that has at least one style's tokens."""
         if not any(all(tok.token_to_id(t) is not None for t in ends) for ends in STYLES.values()):
-            raise DataError(f"{source}: has neither {SOT} and {EOT} (clip style) nor {CLS} and {SEP} "
-                            f"(bert style) in its vocabulary")
+            raise DataError(
+                f"{source}: has neither {SOT} and {EOT} (clip style) nor {CLS} and {SEP} (bert style) in its vocabulary"
+            )
         return cls(tok, source=source)
 
     def save(self, path: str | Path) -> Path:
@@ -176,7 +185,8 @@ class Tokenizer:
         """A copy of the library tokenizer that frames every text by `template` (which names `tokens`)."""
         tok = tokenizers.Tokenizer.from_str(self._tok.to_str())
         tok.post_processor = processors.TemplateProcessing(
-            single=template, special_tokens=[(t, tok.token_to_id(t)) for t in tokens])
+            single=template, special_tokens=[(t, tok.token_to_id(t)) for t in tokens]
+        )
         return tok
 
     def special_ids(self) -> dict[str, int]:
@@ -194,8 +204,9 @@ class Tokenizer:
         """Number of token ids, special and added tokens included (the embedding table size)."""
         return self._tok.get_vocab_size(with_added_tokens=True)
 
-    def __call__(self, texts: str | list[str], max_length: int = 32, style: str = "clip",
-                 pad_to_max: bool = False) -> dict[str, torch.Tensor]:
+    def __call__(
+        self, texts: str | list[str], max_length: int = 32, style: str = "clip", pad_to_max: bool = False
+    ) -> dict[str, torch.Tensor]:
         """Tokenize, frame, truncate and pad a batch of texts.
 
         Returns {"input_ids", "attention_mask"}, both LongTensor [B, L]. L is the longest framed
@@ -239,13 +250,13 @@ class Tokenizer:
         start, end = STYLES[style]
         missing = [t for t in (start, end) if self._tok.token_to_id(t) is None]
         if missing:
-            raise ValueError(f"style {style!r} needs {' and '.join(missing)}, which the vocabulary of "
-                             f"{self._source} lacks")
+            raise ValueError(
+                f"style {style!r} needs {' and '.join(missing)}, which the vocabulary of {self._source} lacks"
+            )
         tok = self._framed(f"{start} $A {end}", [start, end])
         tok.enable_truncation(max_length)  # the template's tokens count towards max_length
         pad = PAD if self.pad_id is not None else end
-        tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad,
-                           length=max_length if pad_to_max else None)
+        tok.enable_padding(pad_id=tok.token_to_id(pad), pad_token=pad, length=max_length if pad_to_max else None)
         return tok
 
     def __getstate__(self) -> dict:

@@ -54,9 +54,7 @@ def sample_crop(
     return (height - h) // 2, (width - w) // 2, h, w
 
 
-def _to_normalized_tensor(
-    image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]
-) -> torch.Tensor:
+def _to_normalized_tensor(image: Image.Image, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
     tensor = F.to_dtype(F.pil_to_tensor(image.convert("RGB")), torch.float32, scale=True)
     return F.normalize(tensor, list(mean), list(std))
 
@@ -103,9 +101,7 @@ def train_transform(
     return TrainTransform(size, tuple(scale), tuple(ratio), tuple(mean), tuple(std))
 
 
-def eval_transform(
-    size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
-) -> EvalTransform:
+def eval_transform(size: int, mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> EvalTransform:
     """`transform(image) -> float32 [3, size, size]`: shorter side to `size`, centre crop."""
     return EvalTransform(size, tuple(mean), tuple(std))
 

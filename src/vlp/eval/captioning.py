@@ -24,18 +24,20 @@ def tokenize(text: str) -> str:
     return " ".join(_WORD.findall(text.lower()))
 
 
-def _check(predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]],
-           metrics: Sequence[str]) -> None:
+def _check(
+    predictions: Mapping[Hashable, str], references: Mapping[Hashable, Sequence[str]], metrics: Sequence[str]
+) -> None:
     unknown = [m for m in metrics if m not in METRICS]
     if unknown:
         raise ValueError(f"unknown caption metric(s) {unknown}; expected some of {METRICS}")
     if not predictions:
         raise ValueError("no predictions to score")
-    for missing, absent_from in ((set(predictions) - set(references), "references"),
-                                 (set(references) - set(predictions), "predictions")):
+    for missing, absent_from in (
+        (set(predictions) - set(references), "references"),
+        (set(references) - set(predictions), "predictions"),
+    ):
         if missing:
-            raise ValueError(f"{len(missing)} key(s) missing from {absent_from}, "
-                             f"e.g. {next(iter(missing))!r}")
+            raise ValueError(f"{len(missing)} key(s) missing from {absent_from}, e.g. {next(iter(missing))!r}")
     for key, refs in references.items():
         if isinstance(refs, str) or not refs:
             raise ValueError(f"references[{key!r}] must be a non-empty list of captions")
@@ -48,10 +50,11 @@ def _meteor(gts: dict, res: dict) -> float:
     return scorer.compute_score(gts, res)[0]
 
 
-def caption_metrics(predictions: Mapping[Hashable, str],
-                    references: Mapping[Hashable, Sequence[str]],
-                    metrics: Sequence[str] = ("bleu4", "cider", "meteor"),
-                    ) -> dict[str, float | list[str]]:
+def caption_metrics(
+    predictions: Mapping[Hashable, str],
+    references: Mapping[Hashable, Sequence[str]],
+    metrics: Sequence[str] = ("bleu4", "cider", "meteor"),
+) -> dict[str, float | list[str]]:
     """Corpus-level caption scores in % for one predicted caption per key against its references.
 
     `metrics` are names from METRICS. The result also holds `skipped`: one "metric: reason" line
@@ -90,7 +93,7 @@ def caption_diversity(captions: Sequence[str]) -> dict[str, float]:
     words = [tokenize(caption).split() for caption in captions]
     result = {}
     for n in (1, 2):
-        grams = [tuple(w[i:i + n]) for w in words for i in range(len(w) - n + 1)]
+        grams = [tuple(w[i : i + n]) for w in words for i in range(len(w) - n + 1)]
         result[f"distinct_{n}"] = 100.0 * len(set(grams)) / max(len(grams), 1)
     counts = Counter(map(tuple, words))
     result["unique_captions"] = 100.0 * sum(counts[tuple(w)] == 1 for w in words) / len(words)

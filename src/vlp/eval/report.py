@@ -74,8 +74,10 @@ def figure_html(fig: plt.Figure, alt: str) -> str:
 
 
 def _eval_table(results: dict[str, Any]) -> str:
-    rows = "".join(f"<tr><td>{html.escape(task)}</td><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
-                   for task, name, value in metric_rows(results))
+    rows = "".join(
+        f"<tr><td>{html.escape(task)}</td><td>{html.escape(name)}</td><td>{html.escape(value)}</td></tr>"
+        for task, name, value in metric_rows(results)
+    )
     return f"{_skip_line(results)}<table><tr><th>task</th><th>metric</th><th>value</th></tr>{rows}</table>"
 
 
@@ -92,13 +94,21 @@ def _examples(run_dir: Path, examples: list[dict[str, Any]]) -> str:
     cards = []
     for example in examples:
         image = _png_data_uri((run_dir / example["image"]).read_bytes())
-        items = "".join(f'<li class="{"hit" if t["correct"] else ""}">{html.escape(t["caption"])}'
-                        f'{" &#10003;" if t["correct"] else ""}</li>' for t in example["top5"])
+        items = "".join(
+            f'<li class="{"hit" if t["correct"] else ""}">{html.escape(t["caption"])}'
+            f"{' &#10003;' if t['correct'] else ''}</li>"
+            for t in example["top5"]
+        )
         truth = html.escape(example["truth"][0])
-        generated = (f"<div class=truth>generated: {html.escape(example['generated'])}</div>"
-                     if example.get("generated") is not None else "")
-        cards.append(f'<div class="card"><img src="{image}" width="128" height="128">'
-                     f"<div><div class=truth>true: {truth}</div>{generated}<ol>{items}</ol></div></div>")
+        generated = (
+            f"<div class=truth>generated: {html.escape(example['generated'])}</div>"
+            if example.get("generated") is not None
+            else ""
+        )
+        cards.append(
+            f'<div class="card"><img src="{image}" width="128" height="128">'
+            f"<div><div class=truth>true: {truth}</div>{generated}<ol>{items}</ol></div></div>"
+        )
     return "".join(cards)
 
 
@@ -116,19 +126,26 @@ def write_report(run_dir: str | Path) -> Path:
     if records or unreadable:
         parts.append("<h2>Training</h2>")
     if unreadable:
-        parts.append(f"<p>{unreadable} unreadable line{'s' if unreadable != 1 else ''} of metrics.jsonl left out "
-                     "(not JSON, or a training record without step, loss or lr).</p>")
+        parts.append(
+            f"<p>{unreadable} unreadable line{'s' if unreadable != 1 else ''} of metrics.jsonl left out "
+            "(not JSON, or a training record without step, loss or lr).</p>"
+        )
     if records:
         last = records[-1]
-        parts += [f"<p>{last['step']} steps, final loss {last['loss']:.4f}, "
-                  f"{last.get('samples_per_s', 0):.0f} samples/s at the end.</p>", _curves(records)]
+        parts += [
+            f"<p>{last['step']} steps, final loss {last['loss']:.4f}, "
+            f"{last.get('samples_per_s', 0):.0f} samples/s at the end.</p>",
+            _curves(records),
+        ]
     if (run_dir / "eval.json").is_file():
         parts += ["<h2>Evaluation</h2>", _eval_table(json.loads((run_dir / "eval.json").read_text()))]
     if (run_dir / "examples.json").is_file():
-        parts += ["<h2>Retrieval examples</h2><p>Top-5 captions per test image; a check marks a "
-                  "caption of that image.</p>",
-                  _examples(run_dir, json.loads((run_dir / "examples.json").read_text()))]
+        parts += [
+            "<h2>Retrieval examples</h2><p>Top-5 captions per test image; a check marks a caption of that image.</p>",
+            _examples(run_dir, json.loads((run_dir / "examples.json").read_text())),
+        ]
     out = run_dir / "report.html"
-    out.write_text(f"<!doctype html><meta charset=utf-8><title>vlp report</title>"
-                   f"<style>{STYLE}</style>{''.join(parts)}")
+    out.write_text(
+        f"<!doctype html><meta charset=utf-8><title>vlp report</title><style>{STYLE}</style>{''.join(parts)}"
+    )
     return out

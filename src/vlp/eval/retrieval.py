@@ -14,26 +14,36 @@ import torch
 
 from vlp.losses.itc import dot_similarity
 
-
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def blockwise_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, block: int = 1024,
-                   similarity: Similarity = dot_similarity, gallery_block: int = 65536) -> torch.Tensor:
+def blockwise_topk(
+    queries: torch.Tensor,
+    gallery: torch.Tensor,
+    k: int,
+    block: int = 1024,
+    similarity: Similarity = dot_similarity,
+    gallery_block: int = 65536,
+) -> torch.Tensor:
     """Indices [Q, k] of each query's k most similar gallery items, best first;
     `similarity(query_block, gallery_block) -> [q, g]` (default: dot product). Scores exist one
     (block x gallery_block) tile at a time, each query keeping a running top-k, so memory does
     not grow with the gallery beyond the embeddings themselves."""
     k = min(k, gallery.shape[0])
-    return torch.cat([_tile_topk(queries[i:i + block], gallery, k, similarity, gallery_block)
-                      for i in range(0, queries.shape[0], block)])
+    return torch.cat(
+        [
+            _tile_topk(queries[i : i + block], gallery, k, similarity, gallery_block)
+            for i in range(0, queries.shape[0], block)
+        ]
+    )
 
 
-def _tile_topk(queries: torch.Tensor, gallery: torch.Tensor, k: int, similarity: Similarity,
-               gallery_block: int) -> torch.Tensor:
+def _tile_topk(
+    queries: torch.Tensor, gallery: torch.Tensor, k: int, similarity: Similarity, gallery_block: int
+) -> torch.Tensor:
     values = indices = None
     for start in range(0, gallery.shape[0], gallery_block):
-        scores = similarity(queries, gallery[start:start + gallery_block])
+        scores = similarity(queries, gallery[start : start + gallery_block])
         top = scores.topk(min(k, scores.shape[1]), dim=1)
         tile_values, tile_indices = top.values, top.indices + start
         if values is not None:  # merge with the best so far
@@ -48,9 +58,14 @@ def directed(similarity: Similarity) -> tuple[Similarity, Similarity]:
     return similarity, lambda texts, images: similarity(images, texts).T
 
 
-def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
-                ks: tuple[int, ...] = (1, 5, 10), block: int = 1024,
-                similarity: Similarity = dot_similarity) -> dict[str, float]:
+def recall_at_k(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: torch.Tensor,
+    ks: tuple[int, ...] = (1, 5, 10),
+    block: int = 1024,
+    similarity: Similarity = dot_similarity,
+) -> dict[str, float]:
     """R@K (in %) for image->text (a hit is any caption of the image) and text->image.
 
     `text_image[j]` is the index of the image that text j describes; `similarity(images, texts)`
@@ -69,29 +84,35 @@ def recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: tor
     return metrics
 
 
-def reranked_recall_at_k(image_emb: torch.Tensor, text_emb: torch.Tensor, text_image: torch.Tensor,
-                         score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], k_test: int = 16,
-                         ks: tuple[int, ...] = (1, 5, 10), block: int = 1024,
-                         similarity: Similarity = dot_similarity) -> dict[str, float]:
+def reranked_recall_at_k(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_image: torch.Tensor,
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    k_test: int = 16,
+    ks: tuple[int, ...] = (1, 5, 10),
+    block: int = 1024,
+    similarity: Similarity = dot_similarity,
+) -> dict[str, float]:
     """R@K after re-ranking each query's ITC top-`k_test` by `score(image_idx, text_idx)` (an ITM
     match score per pair), as ALBEF/BLIP evaluate retrieval; items outside the shortlist keep
     their ITC order after it. Cost: k_test fusion passes per query, in both directions.
     """
     image_ids, shortlist = torch.arange(image_emb.shape[0]), max(k_test, max(ks))
     i2t_sim, t2i_sim = directed(similarity)
-    i2t = rerank(blockwise_topk(image_emb, text_emb, shortlist, block, i2t_sim), k_test,
-                 lambda q, c: score(q, c))
-    t2i = rerank(blockwise_topk(text_emb, image_emb, shortlist, block, t2i_sim), k_test,
-                 lambda q, c: score(c, q))
+    i2t = rerank(blockwise_topk(image_emb, text_emb, shortlist, block, i2t_sim), k_test, lambda q, c: score(q, c))
+    t2i = rerank(blockwise_topk(text_emb, image_emb, shortlist, block, t2i_sim), k_test, lambda q, c: score(c, q))
     hits = {"i2t": text_image[i2t] == image_ids[:, None], "t2i": t2i == text_image[:, None]}
-    metrics = {f"{direction}_R@{k}": 100.0 * h[:, :k].any(dim=1).float().mean().item()
-               for direction, h in hits.items() for k in ks}
+    metrics = {
+        f"{direction}_R@{k}": 100.0 * h[:, :k].any(dim=1).float().mean().item()
+        for direction, h in hits.items()
+        for k in ks
+    }
     metrics["mean_recall"] = sum(metrics.values()) / len(metrics)
     return metrics
 
 
-def rerank(top: torch.Tensor, k_test: int,
-           score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def rerank(top: torch.Tensor, k_test: int, score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
     """Reorder the first k_test columns of each row of `top` by score(query, candidate)."""
     k_test = min(k_test, top.shape[1])
     queries = torch.arange(top.shape[0]).repeat_interleave(k_test)

@@ -46,8 +46,11 @@ SKIPS_LISTED = 100  # eval.json names the first this many skipped samples of eac
 def decoding_preset(method: str) -> dict[str, Any]:
     """The decoding settings behind a method name: beam (3 beams, BLIP's evaluation), greedy, or
     nucleus (top-p 0.9), each with DEFAULT_DECODING's lengths."""
-    presets = {"beam": DEFAULT_DECODING, "greedy": {**DEFAULT_DECODING, "method": "greedy"},
-               "nucleus": {**DEFAULT_DECODING, "method": "nucleus", "top_p": 0.9}}
+    presets = {
+        "beam": DEFAULT_DECODING,
+        "greedy": {**DEFAULT_DECODING, "method": "greedy"},
+        "nucleus": {**DEFAULT_DECODING, "method": "nucleus", "top_p": 0.9},
+    }
     if method not in presets:
         raise ValueError(f"decoding must be one of {sorted(presets)}, got {method!r}")
     options = dict(presets[method])
@@ -56,18 +59,22 @@ def decoding_preset(method: str) -> dict[str, Any]:
     return options
 
 
-def paired(similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-           block: int = 256) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def paired(
+    similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], block: int = 256
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """Row i of the images against row i of the texts, for any image-text `similarity`."""
+
     def scores(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
-        return torch.cat([similarity(images[i:i + block], texts[i:i + block]).diagonal()
-                          for i in range(0, len(images), block)])
+        return torch.cat(
+            [similarity(images[i : i + block], texts[i : i + block]).diagonal() for i in range(0, len(images), block)]
+        )
+
     return scores
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
     for start in range(0, len(items), size):
-        yield items[start:start + size]
+        yield items[start : start + size]
 
 
 @torch.no_grad()
@@ -86,8 +93,9 @@ def embed_texts(model: nn.Module, texts: list[str], batch_size: int = 256) -> to
     return torch.cat(parts)
 
 
-def image_batches(model: nn.Module, dataset: CaptionDataset, skipped: list[Skipped],
-                  batch_size: int = 256) -> Iterable[tuple[list[int], torch.Tensor]]:
+def image_batches(
+    model: nn.Module, dataset: CaptionDataset, skipped: list[Skipped], batch_size: int = 256
+) -> Iterable[tuple[list[int], torch.Tensor]]:
     """(indices, eval-transformed images on the model's device) of the readable samples;
     unreadable ones are appended to `skipped`."""
     for chunk in _batches(list(range(len(dataset))), batch_size):
@@ -104,8 +112,9 @@ def image_batches(model: nn.Module, dataset: CaptionDataset, skipped: list[Skipp
 
 
 @torch.no_grad()
-def embed_images(model: nn.Module, dataset: CaptionDataset,
-                 batch_size: int = 256) -> tuple[torch.Tensor, list[int], list[Skipped]]:
+def embed_images(
+    model: nn.Module, dataset: CaptionDataset, batch_size: int = 256
+) -> tuple[torch.Tensor, list[int], list[Skipped]]:
     """Normalised image embeddings of a data set; returns (embeddings, kept indices, skipped)."""
     kept, skipped, parts = [], [], []
     for indices, images in image_batches(model, dataset, skipped, batch_size):
@@ -120,8 +129,9 @@ def _record(skipped: list[Skipped] | None, lost: list[Skipped]) -> None:
         skipped.extend(lost)
 
 
-def zeroshot(model: nn.Module, dataset: CaptionDataset, info: dict[str, Any],
-             skipped: list[Skipped] | None = None) -> dict[str, float]:
+def zeroshot(
+    model: nn.Module, dataset: CaptionDataset, info: dict[str, Any], skipped: list[Skipped] | None = None
+) -> dict[str, float]:
     """Top-1 accuracy on the classify split for each label task in `info["classes"]`; images
     that do not decode are appended to `skipped`."""
     image_emb, kept, lost = embed_images(model, dataset)
@@ -144,8 +154,9 @@ def texts_of(dataset: CaptionDataset, kept: list[int]) -> tuple[list[str], torch
     return texts, torch.tensor(owner)
 
 
-def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0, k_test: int = 0,
-              skipped: list[Skipped] | None = None) -> tuple[dict, dict | None, list]:
+def retrieval(
+    model: nn.Module, dataset: CaptionDataset, examples: int = 0, k_test: int = 0, skipped: list[Skipped] | None = None
+) -> tuple[dict, dict | None, list]:
     """Recall@1/5/10 both ways; with `k_test` and a recipe with an ITM head, also the recalls
     after ITM re-ranking of each query's ITC top-k_test; optionally the top-5 captions of the
     first `examples` images. Returns (ITC metrics, re-ranked metrics or None, examples); images
@@ -164,13 +175,19 @@ def retrieval(model: nn.Module, dataset: CaptionDataset, examples: int = 0, k_te
     if examples:
         top = blockwise_topk(image_emb[:examples], text_emb, 5, similarity=model.embedding_similarity)
         for row, indices in enumerate(top.tolist()):
-            shown.append({"index": kept[row], "truth": dataset.captions(kept[row]),
-                          "top5": [{"caption": texts[j], "correct": int(owner[j]) == row} for j in indices]})
+            shown.append(
+                {
+                    "index": kept[row],
+                    "truth": dataset.captions(kept[row]),
+                    "top5": [{"caption": texts[j], "correct": int(owner[j]) == row} for j in indices],
+                }
+            )
     return metrics, reranked, shown
 
 
-def itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts: list[str],
-               batch_size: int = 128) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def itm_scorer(
+    model: nn.Module, dataset: CaptionDataset, kept: list[int], texts: list[str], batch_size: int = 128
+) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     """score(image_rows, text_rows): the model's ITM match probability of each (image, text) pair,
     rows indexing `kept` (the readable images of `dataset`) and `texts`.
 
@@ -182,8 +199,13 @@ def itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts
 
     def block_scores(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         unique, rows = image_rows.unique(return_inverse=True)
-        return itm_pair_scores(model, [dataset[kept[i]].image for i in unique.tolist()],
-                               encoded["input_ids"][text_rows], encoded["attention_mask"][text_rows], rows)
+        return itm_pair_scores(
+            model,
+            [dataset[kept[i]].image for i in unique.tolist()],
+            encoded["input_ids"][text_rows],
+            encoded["attention_mask"][text_rows],
+            rows,
+        )
 
     def score(image_rows: torch.Tensor, text_rows: torch.Tensor) -> torch.Tensor:
         scores = torch.empty(len(image_rows))
@@ -195,18 +217,32 @@ def itm_scorer(model: nn.Module, dataset: CaptionDataset, kept: list[int], texts
 
 
 @torch.no_grad()
-def itm_pair_scores(model: nn.Module, images: Sequence[Image.Image], input_ids: torch.Tensor,
-                    attention_mask: torch.Tensor, image_rows: torch.Tensor) -> torch.Tensor:
+def itm_pair_scores(
+    model: nn.Module,
+    images: Sequence[Image.Image],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_rows: torch.Tensor,
+) -> torch.Tensor:
     """The model's ITM match probability (on the CPU) of text i with `images[image_rows[i]]`
     (PIL images): each image is encoded and projected once, however many texts it pairs with."""
     device = next(model.parameters()).device
     tokens = model.itm_image_tokens(model_images(model, images))
-    return model.itm_score(tokens, input_ids.to(device), attention_mask.to(device),
-                           image_rows=image_rows.to(device)).cpu()
+    return model.itm_score(
+        tokens, input_ids.to(device), attention_mask.to(device), image_rows=image_rows.to(device)
+    ).cpu()
 
 
-def _itm_reranked(model: nn.Module, dataset: CaptionDataset, kept: list[int], image_emb: torch.Tensor,
-                  texts: list[str], owner: torch.Tensor, text_emb: torch.Tensor, k_test: int) -> dict[str, float]:
+def _itm_reranked(
+    model: nn.Module,
+    dataset: CaptionDataset,
+    kept: list[int],
+    image_emb: torch.Tensor,
+    texts: list[str],
+    owner: torch.Tensor,
+    text_emb: torch.Tensor,
+    k_test: int,
+) -> dict[str, float]:
     """Recall@K with each query's ITC top-`k_test` re-ranked by the model's ITM score; reports
     the extra seconds and the number of ITM (fusion) passes it cost."""
     start = time.perf_counter()
@@ -224,8 +260,13 @@ def _itm_reranked(model: nn.Module, dataset: CaptionDataset, kept: list[int], im
 
 
 @torch.no_grad()
-def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, Any], batch_size: int = 64,
-               skipped: list[Skipped] | None = None) -> tuple[dict[str, Any], dict[int, str]]:
+def captioning(
+    model: nn.Module,
+    dataset: CaptionDataset,
+    decoding: dict[str, Any],
+    batch_size: int = 64,
+    skipped: list[Skipped] | None = None,
+) -> tuple[dict[str, Any], dict[int, str]]:
     """BLEU-4, CIDEr (and METEOR with Java) of generated captions against each test image's
     references, and their diversity; returns the metrics and the captions by sample index.
     Images that do not decode are appended to `skipped`."""
@@ -242,8 +283,9 @@ def captioning(model: nn.Module, dataset: CaptionDataset, decoding: dict[str, An
 
 
 @torch.no_grad()
-def vqa(model: nn.Module, dataset: CaptionDataset, batch_size: int = 64,
-        skipped: list[Skipped] | None = None) -> dict[str, float]:
+def vqa(
+    model: nn.Module, dataset: CaptionDataset, batch_size: int = 64, skipped: list[Skipped] | None = None
+) -> dict[str, float]:
     """Exact-match accuracy (overall and per question type) of greedy answers to every
     question-answer pair of the split; images that do not decode are appended to `skipped`."""
     from vlp.eval.vqa import vqa_accuracy
@@ -289,9 +331,15 @@ def probe(model: nn.Module, dataset: CaptionDataset, skipped: list[Skipped] | No
     return results
 
 
-def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
-             tasks: Iterable[str] | None = None, examples: int = 8, k_test: int = 16,
-             decoding: dict[str, Any] | None = None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    data: Path,
+    run_dir: Path | None = None,
+    tasks: Iterable[str] | None = None,
+    examples: int = 8,
+    k_test: int = 16,
+    decoding: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run the chosen protocols (default: all the recipe supports); write eval.json (and
     examples.json) into `run_dir` if given."""
     data = Path(data)
@@ -302,8 +350,9 @@ def evaluate(model: nn.Module, data: Path, run_dir: Path | None = None,
     supported = model.eval_tasks
     tasks = list(supported if tasks is None else tasks)
     if set(tasks) - set(supported):
-        console.print(f"[yellow]skipping {sorted(set(tasks) - set(supported))}: recipe "
-                      f"{model.recipe} supports {list(supported)}")
+        console.print(
+            f"[yellow]skipping {sorted(set(tasks) - set(supported))}: recipe {model.recipe} supports {list(supported)}"
+        )
     tasks = [task for task in tasks if task in supported]
     results: dict[str, Any] = {"data": str(data)}
     shown: list = []
@@ -348,8 +397,10 @@ def report_skips(skipped: dict[str, list[Skipped]]) -> dict[str, dict[str, Any]]
         distinct = list({s.source: s for s in skips}.values())  # each sample once
         if distinct:
             console.print(f"[yellow]{split} split: {escape(format_skips(distinct))}")
-        summary[split] = {"count": len(distinct),
-                          "samples": [f"{s.source}: {s.reason}" for s in distinct[:SKIPS_LISTED]]}
+        summary[split] = {
+            "count": len(distinct),
+            "samples": [f"{s.source}: {s.reason}" for s in distinct[:SKIPS_LISTED]],
+        }
     return summary
 
 
@@ -366,13 +417,19 @@ def _save_examples(run_dir: Path, dataset: CaptionDataset, shown: list[dict]) ->
 def metric_rows(results: dict[str, Any]) -> list[tuple[str, str, str]]:
     """(task, metric, formatted value) of every result; lists (e.g. skipped metrics) joined.
     The "skipped" samples are not metrics: `report_skips` prints them."""
+
     def show(value: Any) -> str:
         if isinstance(value, float):
             return f"{value:.2f}"
         return "; ".join(map(str, value)) if isinstance(value, list) else str(value)
 
-    return [(task, name, show(value)) for task, metrics in results.items()
-            if isinstance(metrics, dict) and task != "skipped" for name, value in metrics.items() if value != []]
+    return [
+        (task, name, show(value))
+        for task, metrics in results.items()
+        if isinstance(metrics, dict) and task != "skipped"
+        for name, value in metrics.items()
+        if value != []
+    ]
 
 
 def results_table(results: dict[str, Any]) -> Table:

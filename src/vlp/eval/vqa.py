@@ -11,8 +11,10 @@ from collections import Counter
 
 _WORD = re.compile(r"[^\W_]+")
 _ARTICLES = {"a", "an", "the"}
-_NUMBERS = {word: str(i) for i, word in enumerate(
-    ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))}
+_NUMBERS = {
+    word: str(i)
+    for i, word in enumerate(("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"))
+}
 
 
 def normalize_answer(text: str) -> str:
@@ -27,16 +29,14 @@ def vqa_accuracy(predictions: list[str], answers: list[str], types: list[str]) -
     Keys: `accuracy` and `n` over all questions, `accuracy_<type>` and `n_<type>` per type.
     """
     if not len(predictions) == len(answers) == len(types):
-        raise ValueError(f"lengths differ: {len(predictions)} predictions, {len(answers)} answers, "
-                         f"{len(types)} types")
+        raise ValueError(f"lengths differ: {len(predictions)} predictions, {len(answers)} answers, {len(types)} types")
     if not predictions:
         raise ValueError("no predictions to score")
     correct, total = Counter(), Counter()
     for prediction, answer, kind in zip(predictions, answers, types):
         total[kind] += 1
         correct[kind] += normalize_answer(prediction) == normalize_answer(answer)
-    result = {"accuracy": 100.0 * sum(correct.values()) / len(predictions),
-              "n": len(predictions)}
+    result = {"accuracy": 100.0 * sum(correct.values()) / len(predictions), "n": len(predictions)}
     for kind in sorted(total):
         result[f"accuracy_{kind}"] = 100.0 * correct[kind] / total[kind]
         result[f"n_{kind}"] = total[kind]

@@ -37,8 +37,14 @@ class Recomputing:
         return prefix.index_select(0, index), context if same_context else context.index_select(0, index)
 
 
-def adjust_logits(logits: torch.Tensor, tokens: torch.Tensor, generated: int, min_new_tokens: int,
-                  eos_id: int, repetition_penalty: float) -> torch.Tensor:
+def adjust_logits(
+    logits: torch.Tensor,
+    tokens: torch.Tensor,
+    generated: int,
+    min_new_tokens: int,
+    eos_id: int,
+    repetition_penalty: float,
+) -> torch.Tensor:
     """Repetition penalty (CTRL, Keskar et al. 2019: logits of tokens already in the sequence
     are divided by the penalty when positive, multiplied when negative) and the minimum length
     (no end-of-sequence before `min_new_tokens`)."""
@@ -51,8 +57,17 @@ def adjust_logits(logits: torch.Tensor, tokens: torch.Tensor, generated: int, mi
     return logits
 
 
-def _sample(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, choose: Callable, max_new_tokens: int,
-            min_new_tokens: int, eos_id: int, pad_id: int, repetition_penalty: float) -> torch.Tensor:
+def _sample(
+    decoder: Decoder,
+    prompt_ids: torch.Tensor,
+    state: Any,
+    choose: Callable,
+    max_new_tokens: int,
+    min_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    repetition_penalty: float,
+) -> torch.Tensor:
     """One token per row per step, chosen by `choose(logits)`; rows stop at end-of-sequence."""
     tokens = prompt_ids
     done = torch.zeros(len(tokens), dtype=torch.bool, device=tokens.device)
@@ -69,11 +84,28 @@ def _sample(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, choose: Call
 
 
 @torch.no_grad()
-def greedy(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, max_new_tokens: int, eos_id: int,
-           pad_id: int, min_new_tokens: int = 0, repetition_penalty: float = 1.0) -> torch.Tensor:
+def greedy(
+    decoder: Decoder,
+    prompt_ids: torch.Tensor,
+    state: Any,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+) -> torch.Tensor:
     """The most likely token at every step. Returns [B, P + T], padded after end-of-sequence."""
-    return _sample(decoder, prompt_ids, state, lambda logits: logits.argmax(dim=-1), max_new_tokens,
-                   min_new_tokens, eos_id, pad_id, repetition_penalty)
+    return _sample(
+        decoder,
+        prompt_ids,
+        state,
+        lambda logits: logits.argmax(dim=-1),
+        max_new_tokens,
+        min_new_tokens,
+        eos_id,
+        pad_id,
+        repetition_penalty,
+    )
 
 
 def top_p_filter(logits: torch.Tensor, top_p: float, top_k: int = 0) -> torch.Tensor:
@@ -90,23 +122,44 @@ def top_p_filter(logits: torch.Tensor, top_p: float, top_k: int = 0) -> torch.Te
 
 
 @torch.no_grad()
-def nucleus(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, max_new_tokens: int, eos_id: int,
-            pad_id: int, min_new_tokens: int = 0, repetition_penalty: float = 1.0, top_p: float = 0.9,
-            top_k: int = 0, temperature: float = 1.0,
-            generator: torch.Generator | None = None) -> torch.Tensor:
+def nucleus(
+    decoder: Decoder,
+    prompt_ids: torch.Tensor,
+    state: Any,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    min_new_tokens: int = 0,
+    repetition_penalty: float = 1.0,
+    top_p: float = 0.9,
+    top_k: int = 0,
+    temperature: float = 1.0,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
     """Nucleus (top-p) sampling at a temperature; reproducible with a seeded `generator`."""
+
     def choose(logits: torch.Tensor) -> torch.Tensor:
         probs = top_p_filter(logits / temperature, top_p, top_k).softmax(dim=-1)
         return torch.multinomial(probs, 1, generator=generator).squeeze(1)
 
-    return _sample(decoder, prompt_ids, state, choose, max_new_tokens, min_new_tokens, eos_id, pad_id,
-                   repetition_penalty)
+    return _sample(
+        decoder, prompt_ids, state, choose, max_new_tokens, min_new_tokens, eos_id, pad_id, repetition_penalty
+    )
 
 
 @torch.no_grad()
-def beam_search(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, max_new_tokens: int, eos_id: int,
-                pad_id: int, num_beams: int = 3, min_new_tokens: int = 0, length_penalty: float = 1.0,
-                repetition_penalty: float = 1.0) -> torch.Tensor:
+def beam_search(
+    decoder: Decoder,
+    prompt_ids: torch.Tensor,
+    state: Any,
+    max_new_tokens: int,
+    eos_id: int,
+    pad_id: int,
+    num_beams: int = 3,
+    min_new_tokens: int = 0,
+    length_penalty: float = 1.0,
+    repetition_penalty: float = 1.0,
+) -> torch.Tensor:
     """Beam search: the best of `num_beams` hypotheses per row by sum of log-probabilities /
     length ** length_penalty (length counts generated tokens, end-of-sequence included).
 
@@ -143,8 +196,11 @@ def beam_search(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, max_new_
     for b in range(batch):
         if len(finished[b]) < beams:
             length = tokens.shape[1] - prompt_ids.shape[1]
-            finished[b] += [(float(s) / length ** length_penalty, tokens[b * beams + k])
-                            for k, s in enumerate(scores[b].tolist()) if s > float("-inf")]
+            finished[b] += [
+                (float(s) / length**length_penalty, tokens[b * beams + k])
+                for k, s in enumerate(scores[b].tolist())
+                if s > float("-inf")
+            ]
     best = [max(f, key=lambda hyp: hyp[0])[1] for f in finished]
     out = torch.full((batch, max(len(s) for s in best)), pad_id, dtype=torch.long, device=device)
     for b, sequence in enumerate(best):
@@ -152,17 +208,26 @@ def beam_search(decoder: Decoder, prompt_ids: torch.Tensor, state: Any, max_new_
     return out
 
 
-def generate(decoder: Decoder, prompt_ids: torch.Tensor, state: Any = None, method: str = "greedy",
-             max_new_tokens: int = 20, min_new_tokens: int = 0, eos_id: int = 3, pad_id: int = 0,
-             **options: Any) -> torch.Tensor:
+def generate(
+    decoder: Decoder,
+    prompt_ids: torch.Tensor,
+    state: Any = None,
+    method: str = "greedy",
+    max_new_tokens: int = 20,
+    min_new_tokens: int = 0,
+    eos_id: int = 3,
+    pad_id: int = 0,
+    **options: Any,
+) -> torch.Tensor:
     """Validate the options, then run one decoding method (`greedy`, `beam` or `nucleus`)."""
     if method not in METHODS:
         raise ValueError(f"unknown decoding method {method!r}; choose from {list(METHODS)}")
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if not 0 <= min_new_tokens <= max_new_tokens:
-        raise ValueError(f"min_new_tokens must be between 0 and max_new_tokens ({max_new_tokens}), "
-                         f"got {min_new_tokens}")
+        raise ValueError(
+            f"min_new_tokens must be between 0 and max_new_tokens ({max_new_tokens}), got {min_new_tokens}"
+        )
     if options.get("num_beams", 1) < 1:
         raise ValueError(f"num_beams must be at least 1, got {options['num_beams']}")
     if not 0 < options.get("top_p", 1.0) <= 1:
@@ -171,13 +236,24 @@ def generate(decoder: Decoder, prompt_ids: torch.Tensor, state: Any = None, meth
         raise ValueError(f"temperature must be positive, got {options['temperature']}")
     if options.get("repetition_penalty", 1.0) <= 0:
         raise ValueError(f"repetition_penalty must be positive, got {options['repetition_penalty']}")
-    allowed = {"greedy": {"repetition_penalty"},
-               "beam": {"repetition_penalty", "num_beams", "length_penalty"},
-               "nucleus": {"repetition_penalty", "top_p", "top_k", "temperature", "generator"}}[method]
+    allowed = {
+        "greedy": {"repetition_penalty"},
+        "beam": {"repetition_penalty", "num_beams", "length_penalty"},
+        "nucleus": {"repetition_penalty", "top_p", "top_k", "temperature", "generator"},
+    }[method]
     unknown = set(options) - allowed
     if unknown:
-        raise ValueError(f"option(s) {sorted(unknown)} do not apply to {method!r} decoding "
-                         f"(it takes {sorted(allowed)})")
+        raise ValueError(
+            f"option(s) {sorted(unknown)} do not apply to {method!r} decoding (it takes {sorted(allowed)})"
+        )
     search = {"greedy": greedy, "beam": beam_search, "nucleus": nucleus}[method]
-    return search(decoder, prompt_ids, state, max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens,
-                  eos_id=eos_id, pad_id=pad_id, **options)
+    return search(
+        decoder,
+        prompt_ids,
+        state,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        eos_id=eos_id,
+        pad_id=pad_id,
+        **options,
+    )

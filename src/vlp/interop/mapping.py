@@ -36,8 +36,10 @@ class Report:
         """Raise (strict) or warn about mismatched keys, naming them and the checkpoint."""
         if not (self.missing or self.unexpected):
             return
-        message = (f"{source}: {len(self.missing)} missing key(s) {self.missing[:8]}, "
-                   f"{len(self.unexpected)} unexpected key(s) {self.unexpected[:8]}")
+        message = (
+            f"{source}: {len(self.missing)} missing key(s) {self.missing[:8]}, "
+            f"{len(self.unexpected)} unexpected key(s) {self.unexpected[:8]}"
+        )
         if strict:
             raise CheckpointMismatch(message + " (strict=False loads the rest)")
         import warnings
@@ -55,20 +57,31 @@ def require(settings: dict[str, tuple[Any, Any]], target: str) -> None:
 
 def tower_from_hf(hf: dict[str, Any], act: str, eps: float) -> dict[str, Any]:
     """vlp transformer sizes of a transformers tower config (defaults for absent act/eps)."""
-    return {"width": hf["hidden_size"], "layers": hf["num_hidden_layers"], "heads": hf["num_attention_heads"],
-            "mlp_dim": hf["intermediate_size"], "act": hf.get("hidden_act", act),
-            "eps": hf.get("layer_norm_eps", eps)}
+    return {
+        "width": hf["hidden_size"],
+        "layers": hf["num_hidden_layers"],
+        "heads": hf["num_attention_heads"],
+        "mlp_dim": hf["intermediate_size"],
+        "act": hf.get("hidden_act", act),
+        "eps": hf.get("layer_norm_eps", eps),
+    }
 
 
 def tower_to_hf(cfg: Any) -> dict[str, Any]:
     """transformers names of a vlp tower's sizes."""
-    return {"hidden_size": cfg.width, "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
-            "intermediate_size": cfg.mlp_dim or int(cfg.width * cfg.mlp_ratio), "hidden_act": cfg.act,
-            "layer_norm_eps": cfg.eps}
+    return {
+        "hidden_size": cfg.width,
+        "num_hidden_layers": cfg.layers,
+        "num_attention_heads": cfg.heads,
+        "intermediate_size": cfg.mlp_dim or int(cfg.width * cfg.mlp_ratio),
+        "hidden_act": cfg.act,
+        "layer_norm_eps": cfg.eps,
+    }
 
 
-def block_entries(vlp_prefix: str, src_prefix: str, layers: int,
-                  names: dict[str, tuple[str, ...] | str]) -> list[Entry]:
+def block_entries(
+    vlp_prefix: str, src_prefix: str, layers: int, names: dict[str, tuple[str, ...] | str]
+) -> list[Entry]:
     """Entries of every transformer block: `names` maps a vlp key inside a block (with `{p}`
     for weight/bias) to the source key(s) inside the source's block."""
     entries = []
@@ -76,19 +89,25 @@ def block_entries(vlp_prefix: str, src_prefix: str, layers: int,
         for vlp_key, src_keys in names.items():
             src_keys = (src_keys,) if isinstance(src_keys, str) else src_keys
             for p in ("weight", "bias"):
-                entries.append(Entry(f"{vlp_prefix}.{i}.{vlp_key.format(p=p)}",
-                                     tuple(f"{src_prefix}.{i}.{k.format(p=p)}" for k in src_keys)))
+                entries.append(
+                    Entry(
+                        f"{vlp_prefix}.{i}.{vlp_key.format(p=p)}",
+                        tuple(f"{src_prefix}.{i}.{k.format(p=p)}" for k in src_keys),
+                    )
+                )
     return entries
 
 
-def pairs(vlp_prefix: str, src_prefix: str, names: Iterable[tuple[str, str]],
-          params: tuple[str, ...] = ("weight", "bias")) -> list[Entry]:
+def pairs(
+    vlp_prefix: str, src_prefix: str, names: Iterable[tuple[str, str]], params: tuple[str, ...] = ("weight", "bias")
+) -> list[Entry]:
     """One-to-one entries for modules with the given params (LayerNorms, Linears)."""
     return [Entry(f"{vlp_prefix}{a}.{p}", (f"{src_prefix}{b}.{p}",)) for a, b in names for p in params]
 
 
-def to_vlp(source: dict[str, torch.Tensor], entries: list[Entry], target: dict[str, torch.Tensor],
-           ignore: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], Report]:
+def to_vlp(
+    source: dict[str, torch.Tensor], entries: list[Entry], target: dict[str, torch.Tensor], ignore: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], Report]:
     """A vlp state dict from `source`, shaped like `target` (the vlp model's own state dict).
 
     Source keys ending in one of `ignore` (buffers such as position ids) are not reported."""
@@ -101,8 +120,9 @@ def to_vlp(source: dict[str, torch.Tensor], entries: list[Entry], target: dict[s
         tensor = torch.cat(parts) if len(parts) > 1 else parts[0]
         expected = target[entry.vlp].shape
         if tensor.numel() != expected.numel():
-            raise CheckpointMismatch(f"{entry.src[0]}: shape {tuple(source[entry.src[0]].shape)} does "
-                                     f"not fit {entry.vlp} {tuple(expected)}")
+            raise CheckpointMismatch(
+                f"{entry.src[0]}: shape {tuple(source[entry.src[0]].shape)} does not fit {entry.vlp} {tuple(expected)}"
+            )
         state[entry.vlp] = tensor.reshape(expected).clone()
         used.update(entry.src)
     mapped = {e.vlp for e in entries}
@@ -111,8 +131,9 @@ def to_vlp(source: dict[str, torch.Tensor], entries: list[Entry], target: dict[s
     return state, report
 
 
-def from_vlp(state: dict[str, torch.Tensor], entries: list[Entry],
-             target: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def from_vlp(
+    state: dict[str, torch.Tensor], entries: list[Entry], target: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """The source-format state dict of a vlp one, shaped like `target` (the source model's)."""
     out = {}
     for entry in entries:

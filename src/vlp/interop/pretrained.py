@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from vlp.data.tokenizer import Tokenizer
 from vlp.config import from_dict
+from vlp.data.tokenizer import Tokenizer
 from vlp.interop import blip, blip2, clip
 from vlp.interop.mapping import CheckpointMismatch, Entry, from_vlp, to_vlp
 from vlp.models.registry import create_model, recipe_classes
@@ -50,13 +50,34 @@ class Format:
 
 
 HF_FORMATS = {
-    "clip": Format(clip.config_from_hf, clip.hf_entries, clip.architecture, ignore=("position_ids",),
-                   config_class="CLIPConfig", config_to=clip.config_to_hf, architecture_for=clip.architecture),
-    "blip": Format(blip.config_from_hf, blip.hf_entries, blip.architecture_of, absent=blip.absent,
-                   ignore=("position_ids", "predictions.decoder.weight", "predictions.decoder.bias"),
-                   config_class="BlipConfig", config_to=blip.config_to_hf, architecture_for=blip.architecture_for),
-    "blip-2": Format(blip2.config_from_hf, blip2.hf_entries, blip2.architecture, absent=blip2.absent,
-                     ignore=("position_ids",), build=blip2.build, vlp_tokenizer=False),
+    "clip": Format(
+        clip.config_from_hf,
+        clip.hf_entries,
+        clip.architecture,
+        ignore=("position_ids",),
+        config_class="CLIPConfig",
+        config_to=clip.config_to_hf,
+        architecture_for=clip.architecture,
+    ),
+    "blip": Format(
+        blip.config_from_hf,
+        blip.hf_entries,
+        blip.architecture_of,
+        absent=blip.absent,
+        ignore=("position_ids", "predictions.decoder.weight", "predictions.decoder.bias"),
+        config_class="BlipConfig",
+        config_to=blip.config_to_hf,
+        architecture_for=blip.architecture_for,
+    ),
+    "blip-2": Format(
+        blip2.config_from_hf,
+        blip2.hf_entries,
+        blip2.architecture,
+        absent=blip2.absent,
+        ignore=("position_ids",),
+        build=blip2.build,
+        vlp_tokenizer=False,
+    ),
 }
 OPEN_CLIP = Format(clip.config_from_open_clip, clip.open_clip_entries, clip.architecture, ignore=("attn_mask",))
 SAVABLE = {"clip": HF_FORMATS["clip"], "blip": HF_FORMATS["blip"], "blip_vqa": HF_FORMATS["blip"]}
@@ -65,7 +86,8 @@ SAVABLE = {"clip": HF_FORMATS["clip"], "blip": HF_FORMATS["blip"], "blip_vqa": H
 def is_pretrained_dir(path: Path) -> bool:
     """A transformers or open_clip checkpoint directory (rather than a vlp run)."""
     return not (path / "config.yaml").is_file() and any(
-        (path / name).is_file() for name in ("config.json", OPEN_CLIP_CONFIG))
+        (path / name).is_file() for name in ("config.json", OPEN_CLIP_CONFIG)
+    )
 
 
 def resolve(source: str | Path) -> Path:
@@ -83,15 +105,18 @@ def resolve(source: str | Path) -> Path:
         raise FileNotFoundError(
             f"could not get {source} from the Hugging Face hub ({type(err).__name__}: {err}). Offline, "
             f"download it elsewhere (`huggingface-cli download {source}`: config.json, model.safetensors "
-            f"and the tokenizer files) and pass the directory instead") from err
+            f"and the tokenizer files) and pass the directory instead"
+        ) from err
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """The tensors of a checkpoint directory: safetensors (single or sharded) or PyTorch .bin."""
     from safetensors.torch import load_file
 
-    for index_name, loader in (("model.safetensors.index.json", load_file),
-                               ("pytorch_model.bin.index.json", _load_bin)):
+    for index_name, loader in (
+        ("model.safetensors.index.json", load_file),
+        ("pytorch_model.bin.index.json", _load_bin),
+    ):
         index = path / index_name
         if index.is_file():
             shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -127,8 +152,10 @@ def detect(path: Path) -> tuple[Format, dict[str, Any]]:
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in HF_FORMATS:
-        raise ValueError(f"{path / 'config.json'}: model_type {model_type!r} is not supported; "
-                         f"vlp loads {sorted(HF_FORMATS)} and open_clip CLIP (see docs/interop.md)")
+        raise ValueError(
+            f"{path / 'config.json'}: model_type {model_type!r} is not supported; "
+            f"vlp loads {sorted(HF_FORMATS)} and open_clip CLIP (see docs/interop.md)"
+        )
     return HF_FORMATS[model_type], config
 
 
@@ -165,8 +192,9 @@ def save_hf(model: nn.Module, out: str | Path, task: str | None = None) -> Path:
 
     fmt = SAVABLE.get(model.recipe)
     if fmt is None:
-        raise ValueError(f"recipe {model.recipe!r} cannot be saved as a transformers checkpoint yet "
-                         f"(supported: {sorted(SAVABLE)})")
+        raise ValueError(
+            f"recipe {model.recipe!r} cannot be saved as a transformers checkpoint yet (supported: {sorted(SAVABLE)})"
+        )
     architecture = fmt.architecture_for(model, task)
     config = getattr(transformers, fmt.config_class)(**fmt.config_to(model, architecture))
     hf_model = getattr(transformers, architecture)(config)

@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from vlp.losses.momentum import soft_itc_targets
 from vlp.distributed import all_gather_with_grad, gather_sizes, rank
+from vlp.losses.momentum import soft_itc_targets
 
 
 def dot_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
@@ -28,8 +28,12 @@ def max_query_similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> tor
     return torch.einsum("iqd,td->itq", image_emb, text_emb).amax(dim=-1)
 
 
-def itc_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, logit_scale: torch.Tensor,
-             similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dot_similarity) -> torch.Tensor:
+def itc_loss(
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    logit_scale: torch.Tensor,
+    similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dot_similarity,
+) -> torch.Tensor:
     """Mean of image->text and text->image cross-entropy; embeddings must be L2-normalised.
     `similarity(images, texts) -> [I, T]` scores them (BLIP-2: the best query)."""
     sizes = gather_sizes(image_emb.shape[0], image_emb.device)
@@ -47,9 +51,16 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(targets * F.log_softmax(logits, dim=1)).sum(dim=1).mean()
 
 
-def momentum_itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor, image_feat_m: torch.Tensor,
-                      text_feat_m: torch.Tensor, image_keys: torch.Tensor, text_keys: torch.Tensor,
-                      logit_scale: torch.Tensor, alpha: float) -> torch.Tensor:
+def momentum_itc_loss(
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    image_feat_m: torch.Tensor,
+    text_feat_m: torch.Tensor,
+    image_keys: torch.Tensor,
+    text_keys: torch.Tensor,
+    logit_scale: torch.Tensor,
+    alpha: float,
+) -> torch.Tensor:
     """ITC with momentum distillation (ALBEF Sec. 3.3, eq. 5-6).
 
     Online features [B, D] are scored against momentum keys (the momentum features of the batch

@@ -28,8 +28,9 @@ def positive_mask(keys: torch.Tensor, all_keys: torch.Tensor, offset: int) -> to
 
 
 @torch.no_grad()
-def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive: torch.Tensor,
-                   generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def hard_negatives(
+    sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive: torch.Tensor, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Global indices of one negative text per image and one negative image per text.
 
     sim_i2t[i, j]: image i (local) vs text j (global); sim_t2i[t, j]: text t vs image j;
@@ -39,8 +40,10 @@ def hard_negatives(sim_i2t: torch.Tensor, sim_t2i: torch.Tensor, positive: torch
     """
     if positive.all(dim=1).any():
         row = int(positive.all(dim=1).nonzero()[0])
-        raise ValueError(f"no negative to draw for batch item {row}: every caption in the batch "
-                         "is identical to its own; ITM needs at least two different captions")
+        raise ValueError(
+            f"no negative to draw for batch item {row}: every caption in the batch "
+            "is identical to its own; ITM needs at least two different captions"
+        )
     draws = []
     for sim in (sim_i2t, sim_t2i):
         weights = sim.float().masked_fill(positive, float("-inf")).softmax(dim=1)

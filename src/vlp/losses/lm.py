@@ -6,8 +6,13 @@ import torch
 import torch.nn.functional as F
 
 
-def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-            prompt_length: int | torch.Tensor = 1, label_smoothing: float = 0.1) -> torch.Tensor:
+def lm_loss(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_length: int | torch.Tensor = 1,
+    label_smoothing: float = 0.1,
+) -> torch.Tensor:
     """Next-token cross-entropy with label smoothing: logits at t predict token t + 1.
 
     Tokens at positions < `prompt_length` (the start token and a prompt such as "a picture of ",
@@ -18,5 +23,9 @@ def lm_loss(logits: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch
     prompt = torch.as_tensor(prompt_length, device=input_ids.device).reshape(-1, 1)
     scored = attention_mask[:, 1:].bool() & (positions >= prompt)
     targets = input_ids[:, 1:].masked_fill(~scored, -100)
-    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                           ignore_index=-100, label_smoothing=label_smoothing)
+    return F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]),
+        targets.reshape(-1),
+        ignore_index=-100,
+        label_smoothing=label_smoothing,
+    )

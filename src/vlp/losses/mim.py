@@ -8,8 +8,9 @@ import math
 import torch
 
 
-def block_mask(batch: int, grid: int, ratio: float = 0.4, min_patches: int = 4,
-               generator: torch.Generator | None = None) -> torch.Tensor:
+def block_mask(
+    batch: int, grid: int, ratio: float = 0.4, min_patches: int = 4, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """[B, grid * grid] boolean mask, True where a patch is hidden: rectangles of at least
     `min_patches` patches, aspect ratio in [0.3, 1/0.3], added until `ratio` of the patches are
     hidden (BEiT's blockwise masking, Algorithm 1; the last block may overshoot slightly)."""
@@ -25,7 +26,7 @@ def block_mask(batch: int, grid: int, ratio: float = 0.4, min_patches: int = 4,
             width = min(grid, max(1, round(math.sqrt(area / aspect))))
             top = int(torch.randint(grid - height + 1, (1,), generator=generator))
             left = int(torch.randint(grid - width + 1, (1,), generator=generator))
-            mask[top:top + height, left:left + width] = True
+            mask[top : top + height, left : left + width] = True
     return masks.flatten(1)
 
 

@@ -11,9 +11,15 @@ import torch.nn.functional as F
 IGNORE = -100  # label of positions that are not scored
 
 
-def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: int, vocab_size: int,
-                special_ids: Sequence[int], prob: float = 0.15,
-                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_tokens(
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    mask_id: int,
+    vocab_size: int,
+    special_ids: Sequence[int],
+    prob: float = 0.15,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose `prob` of the real, non-special tokens; of those 80 % become [MASK], 10 % a random
     non-special token, 10 % stay. Returns (masked ids, labels: the original id where chosen,
     -100 elsewhere)."""
@@ -34,16 +40,24 @@ def mask_tokens(input_ids: torch.Tensor, attention_mask: torch.Tensor, mask_id: 
     return masked, labels
 
 
-def mask_caption(input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: dict[str, int],
-                 vocab_size: int, prob: float) -> tuple[torch.Tensor, torch.Tensor]:
+def mask_caption(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: dict[str, int], vocab_size: int, prob: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`mask_tokens` for BERT-framed captions: `tokens` holds the tokenizer's special ids; [PAD],
     [CLS] and [SEP] are never chosen, chosen tokens become `tokens["mask"]`."""
-    return mask_tokens(input_ids, attention_mask, tokens["mask"], vocab_size,
-                       special_ids=[tokens[k] for k in ("pad", "cls", "sep")], prob=prob)
+    return mask_tokens(
+        input_ids,
+        attention_mask,
+        tokens["mask"],
+        vocab_size,
+        special_ids=[tokens[k] for k in ("pad", "cls", "sep")],
+        prob=prob,
+    )
 
 
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor, soft_targets: torch.Tensor | None = None,
-             alpha: float = 0.0) -> torch.Tensor:
+def mlm_loss(
+    logits: torch.Tensor, labels: torch.Tensor, soft_targets: torch.Tensor | None = None, alpha: float = 0.0
+) -> torch.Tensor:
     """Cross-entropy on the labelled positions; with `soft_targets` (probabilities from the
     momentum model) the loss is (1 - alpha) CE(labels) + alpha CE(soft targets)."""
     scored = labels != IGNORE

@@ -29,8 +29,7 @@ if TYPE_CHECKING:
 @dataclass
 class ALBEFConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
-    text: TextConfig = field(default_factory=lambda: bert_text_config(cross_attention_every=1,
-                                                                      cross_attention_from=2))
+    text: TextConfig = field(default_factory=lambda: bert_text_config(cross_attention_every=1, cross_attention_from=2))
     contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
     mlm_probability: float = 0.15
     objectives: tuple[str, ...] = ("itc", "itm", "mlm")  # ablations keep a subset (Sec. 6, Table 1)
@@ -45,25 +44,42 @@ class ALBEF(FusionModel):
     def __init__(self, cfg: ALBEFConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         split = cfg.text.cross_attention_from
         if not 0 < split < cfg.text.layers:
-            raise ValueError("model.text.cross_attention_from must split the text layers into a "
-                             f"text part and a fusion part, got {split} of {cfg.text.layers}")
+            raise ValueError(
+                "model.text.cross_attention_from must split the text layers into a "
+                f"text part and a fusion part, got {split} of {cfg.text.layers}"
+            )
         cfg.text = replace(cfg.text, context_dim=cfg.vision.width)
         super().__init__(cfg, tokenizer, run_config)
         self.text_layers, self.fusion_layers = slice(0, split), slice(split, None)
-        self.mlm_head = TokenPredictionHead(cfg.text.width, self.text.token_embed, cfg.text.act,
-                                            cfg.text.eps)
+        self.mlm_head = TokenPredictionHead(cfg.text.width, self.text.token_embed, cfg.text.act, cfg.text.eps)
         self._add_momentum(mlm_head=self.mlm_head)
 
-    def fuse(self, text_states: torch.Tensor, attention_mask: torch.Tensor,
-             image_tokens: torch.Tensor, text: TextTransformer | None = None,
-             image_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def fuse(
+        self,
+        text_states: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_tokens: torch.Tensor,
+        text: TextTransformer | None = None,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The fusion layers on the text encoder's states, cross-attending to image tokens
         (text i to `image_tokens[image_rows[i]]` where rows are given)."""
-        return (text or self.text)(None, attention_mask, context=image_tokens, hidden=text_states,
-                                   layers=self.fusion_layers, context_rows=image_rows)[1]
+        return (text or self.text)(
+            None,
+            attention_mask,
+            context=image_tokens,
+            hidden=text_states,
+            layers=self.fusion_layers,
+            context_rows=image_rows,
+        )[1]
 
-    def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def itm_score(
+        self,
+        image_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Match probability of each (image tokens, text) pair: the ITM head on the fused [CLS]
         (text i with `image_tokens[image_rows[i]]` where rows are given)."""
         states = self.text(input_ids, attention_mask, layers=self.text_layers)[1]
@@ -87,8 +103,7 @@ class ALBEF(FusionModel):
     def _mlm(self, batch: dict[str, torch.Tensor], aligned: dict[str, torch.Tensor]) -> torch.Tensor:
         """MLM conditioned on the image; soft targets from the momentum model (Sec. 3.3)."""
         ids, mask = batch["input_ids"], batch["attention_mask"]
-        masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size,
-                                      self.cfg.mlm_probability)
+        masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size, self.cfg.mlm_probability)
         states = self.text(masked, mask, layers=self.text_layers)[1]
         logits = self.mlm_head(self.fuse(states, mask, aligned["image_tokens"]))
         if self.momentum is None:

@@ -65,8 +65,7 @@ class BLIP(FusionModel):
         self.decoder = TextTransformer(replace(cfg.text, causal=True, context_dim=self.decoder_context_width()))
         if cfg.share_decoder:
             tie_except_self_attention(self.text, self.decoder)
-        self.lm_head = TokenPredictionHead(cfg.text.width, self.decoder.token_embed, cfg.text.act,
-                                           cfg.text.eps)
+        self.lm_head = TokenPredictionHead(cfg.text.width, self.decoder.token_embed, cfg.text.act, cfg.text.eps)
         if "itc" in self.objectives:
             self._add_momentum()
 
@@ -84,35 +83,49 @@ class BLIP(FusionModel):
         """Width of what the decoder cross-attends to: image tokens for captioning."""
         return self.cfg.vision.width
 
-    def itm_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None,
-                   image_cache: KVCache | None = None) -> torch.Tensor:
+    def itm_logits(
+        self,
+        image_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+        image_cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """The image-grounded encoder ([ENC], cross-attention) and the ITM head; text i sees
         `image_tokens[image_rows[i]]` where rows are given. `image_cache` (context-only) holds
         or receives the images' cross-attention keys/values."""
         ids = with_first_token(input_ids, self.cfg.tokens["enc"])
-        states = self.text(ids, attention_mask, context=image_tokens, context_rows=image_rows,
-                           cache=image_cache)[1]
+        states = self.text(ids, attention_mask, context=image_tokens, context_rows=image_rows, cache=image_cache)[1]
         return self.itm_head(states[:, 0])
 
-    def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def itm_score(
+        self,
+        image_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Match probability of each (image tokens, text) pair (rows as in `itm_logits`)."""
         return self.itm_logits(image_tokens, input_ids, attention_mask, image_rows).softmax(dim=-1)[:, 1]
 
-    def caption_logits(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                       attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None,
-                       image_cache: KVCache | None = None) -> torch.Tensor:
+    def caption_logits(
+        self,
+        image_tokens: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+        image_cache: KVCache | None = None,
+    ) -> torch.Tensor:
         """Next-token logits [B, L, V] of the image-grounded decoder ([DEC], causal); rows and
         cache as in `itm_logits`."""
         ids = with_first_token(input_ids, self.cfg.tokens["dec"])
-        states = self.decoder(ids, attention_mask, context=image_tokens, context_rows=image_rows,
-                              cache=image_cache)[1]
+        states = self.decoder(ids, attention_mask, context=image_tokens, context_rows=image_rows, cache=image_cache)[1]
         return self.lm_head(states)
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor | None = None,
-                 method: str = "beam", **options) -> torch.Tensor:
+    def generate(
+        self, images: torch.Tensor, prompt_ids: torch.Tensor | None = None, method: str = "beam", **options
+    ) -> torch.Tensor:
         """Captions of a batch of images as token ids [B, P + T], starting with [DEC] and the
         prompt's tokens (`prompt_ids` without their start token; none by default).
         Options as `vlp.generate.generate` (max_new_tokens, num_beams, top_p, ...); the length
@@ -122,11 +135,19 @@ class BLIP(FusionModel):
         prompt = start if prompt_ids is None else torch.cat([start, prompt_ids.expand(batch, -1)], dim=1)
         return self._decode(prompt, self.visual(images)[1], None, method, **options)
 
-    def _decode(self, prompt: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
-                method: str, **options) -> torch.Tensor:
+    def _decode(
+        self, prompt: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None, method: str, **options
+    ) -> torch.Tensor:
         options = cap_new_tokens(options, self.cfg.text.context_length, prompt.shape[1])
-        return generate(GroundedDecoder(self), prompt, (KVCache(), context, context_mask), method,
-                        eos_id=self.cfg.tokens["sep"], pad_id=self.cfg.tokens["pad"], **options)
+        return generate(
+            GroundedDecoder(self),
+            prompt,
+            (KVCache(), context, context_mask),
+            method,
+            eos_id=self.cfg.tokens["sep"],
+            pad_id=self.cfg.tokens["pad"],
+            **options,
+        )
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One ViT pass, three text passes (Sec. 3.2): ITC, ITM, LM (those in `objectives`).
@@ -148,11 +169,16 @@ class BLIP(FusionModel):
             # the first B pairs are the positives: this rank's images among the gathered ones
             image_tokens, image_rows = itm.images, itm.image_rows[: len(batch["input_ids"])]
         if "lm" in objectives:
-            logits = self.caption_logits(image_tokens, batch["input_ids"], batch["attention_mask"],
-                                         image_rows, image_cache)
-            losses["lm"] = lm_loss(logits, batch["input_ids"], batch["attention_mask"],
-                                   prompt_length=batch.get("prompt_length", 0),
-                                   label_smoothing=self.cfg.label_smoothing)
+            logits = self.caption_logits(
+                image_tokens, batch["input_ids"], batch["attention_mask"], image_rows, image_cache
+            )
+            losses["lm"] = lm_loss(
+                logits,
+                batch["input_ids"],
+                batch["attention_mask"],
+                prompt_length=batch.get("prompt_length", 0),
+                label_smoothing=self.cfg.label_smoothing,
+            )
         return losses
 
 
@@ -166,16 +192,20 @@ class GroundedDecoder:
 
     def step(self, tokens: torch.Tensor, state: tuple) -> tuple[torch.Tensor, tuple]:
         cache, context, context_mask = state
-        states = self.model.decoder(tokens, torch.ones_like(tokens), context=context,
-                                    context_mask=context_mask, cache=cache)[1]
+        states = self.model.decoder(
+            tokens, torch.ones_like(tokens), context=context, context_mask=context_mask, cache=cache
+        )[1]
         return self.model.lm_head(states[:, -1]), state
 
     def reorder(self, state: tuple, index: torch.Tensor, same_context: bool = False) -> tuple:
         cache, context, context_mask = state
         if same_context:
             return cache.reorder(index, context=False), context, context_mask
-        return (cache.reorder(index), context.index_select(0, index),
-                None if context_mask is None else context_mask.index_select(0, index))
+        return (
+            cache.reorder(index),
+            context.index_select(0, index),
+            None if context_mask is None else context_mask.index_select(0, index),
+        )
 
 
 @register("blip_vqa", BLIPConfig)
@@ -188,8 +218,10 @@ class BLIPVQA(BLIP):
 
     def __init__(self, cfg: BLIPConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         if cfg.share_decoder:
-            raise ValueError("blip_vqa: model.share_decoder must be false (the answer decoder "
-                             "cross-attends to question states, not to image tokens)")
+            raise ValueError(
+                "blip_vqa: model.share_decoder must be false (the answer decoder "
+                "cross-attends to question states, not to image tokens)"
+            )
         super().__init__(cfg, tokenizer, run_config)
         for unused in (self.image_proj, self.text_proj, self.itm_head, self.contrast):
             unused.requires_grad_(False)  # kept so pretrained runs load without surprises
@@ -197,18 +229,23 @@ class BLIPVQA(BLIP):
     def decoder_context_width(self) -> int:
         return self.cfg.text.width
 
-    def encode_question(self, images: torch.Tensor, question_ids: torch.Tensor,
-                        question_mask: torch.Tensor) -> torch.Tensor:
+    def encode_question(
+        self, images: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor
+    ) -> torch.Tensor:
         ids = with_first_token(question_ids, self.cfg.tokens["enc"])
         return self.text(ids, question_mask, context=self.visual(images)[1])[1]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         questions = self.encode_question(batch["images"], batch["input_ids"], batch["attention_mask"])
         answer_ids = with_first_token(batch["answer_ids"], self.cfg.tokens["dec"])
-        states = self.decoder(answer_ids, batch["answer_mask"], context=questions,
-                              context_mask=padding_mask(batch["attention_mask"]))[1]
-        return {"vqa": lm_loss(self.lm_head(states), answer_ids, batch["answer_mask"],
-                               label_smoothing=self.cfg.label_smoothing)}
+        states = self.decoder(
+            answer_ids, batch["answer_mask"], context=questions, context_mask=padding_mask(batch["attention_mask"])
+        )[1]
+        return {
+            "vqa": lm_loss(
+                self.lm_head(states), answer_ids, batch["answer_mask"], label_smoothing=self.cfg.label_smoothing
+            )
+        }
 
     def answer_texts(self, images: torch.Tensor, questions: list[str]) -> list[str]:
         """Greedy answers, as text, to one question per image."""
@@ -217,8 +254,14 @@ class BLIPVQA(BLIP):
         return self.tokenizer.batch_decode(ids[:, 1:])
 
     @torch.no_grad()
-    def answer(self, images: torch.Tensor, question_ids: torch.Tensor, question_mask: torch.Tensor,
-               method: str = "greedy", **options) -> torch.Tensor:
+    def answer(
+        self,
+        images: torch.Tensor,
+        question_ids: torch.Tensor,
+        question_mask: torch.Tensor,
+        method: str = "greedy",
+        **options,
+    ) -> torch.Tensor:
         """Answer token ids [B, 1 + T] (after [DEC]), generated from the question states."""
         questions = self.encode_question(images, question_ids, question_mask)
         start = torch.full((len(images), 1), self.cfg.tokens["dec"], dtype=torch.long, device=images.device)

@@ -60,8 +60,12 @@ class QueryingModel(Recipe):
     tokenizer_style = "bert"
     text_section = "qformer"  # the config section whose vocab_size follows the tokenizer
 
-    def __init__(self, cfg: BLIP2Config | BLIP2Stage2Config, tokenizer: Tokenizer | None = None,
-                 run_config: RunConfig | None = None):
+    def __init__(
+        self,
+        cfg: BLIP2Config | BLIP2Stage2Config,
+        tokenizer: Tokenizer | None = None,
+        run_config: RunConfig | None = None,
+    ):
         cfg.qformer = replace(cfg.qformer, context_dim=cfg.vision.width)
         super().__init__(cfg, tokenizer, run_config)
         self.visual = VisionTransformer(cfg.vision).requires_grad_(False)
@@ -88,8 +92,9 @@ class BLIP2Stage1(QueryingModel):
     def __init__(self, cfg: BLIP2Config, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         require_tokens(cfg.tokens, ("pad", "cls", "sep", "dec"))
         if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
-            raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}, "
-                             f"got {list(cfg.objectives)}")
+            raise ValueError(
+                f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}, got {list(cfg.objectives)}"
+            )
         super().__init__(cfg, tokenizer, run_config)
         self.objectives = set(cfg.objectives)
         width = cfg.qformer.width
@@ -122,17 +127,26 @@ class BLIP2Stage1(QueryingModel):
         """What `itm_score` takes of an image: the frozen encoder's features."""
         return self.image_features(images)
 
-    def itm_score(self, image_feats: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def itm_score(
+        self,
+        image_feats: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Match probability of each (image, text) pair (rows as in `itm_logits`)."""
         return self.itm_logits(image_feats, input_ids, attention_mask, image_rows).softmax(dim=-1)[:, 1]
 
-    def itm_logits(self, image_feats: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def itm_logits(
+        self,
+        image_feats: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Match logits [B, 2]: the ITM head on every query output, averaged (Sec. 3.2); text i
         is paired with `image_feats[image_rows[i]]` where rows are given."""
-        queries = self.qformer(image_feats, input_ids, attention_mask, mode="bidirectional",
-                               image_rows=image_rows)[0]
+        queries = self.qformer(image_feats, input_ids, attention_mask, mode="bidirectional", image_rows=image_rows)[0]
         return self.itm_head(queries).mean(dim=1)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -147,13 +161,13 @@ class BLIP2Stage1(QueryingModel):
         if "itm" in self.objectives:
             scale = self.scale() if self.cfg.hard_negatives else torch.zeros(())
             itm = itm_inputs(feats, ids, mask, ids, image_emb, text_emb, scale, similarity=max_query_similarity)
-            losses["itm"] = F.cross_entropy(self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows),
-                                            itm.labels)
+            losses["itm"] = F.cross_entropy(
+                self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows), itm.labels
+            )
         if "itg" in self.objectives:
             dec_ids = with_first_token(ids, self.cfg.tokens["dec"])
             text_states = self.qformer(feats, dec_ids, mask, mode="causal")[1]
-            losses["itg"] = lm_loss(self.lm_head(text_states), dec_ids, mask,
-                                    label_smoothing=self.cfg.label_smoothing)
+            losses["itg"] = lm_loss(self.lm_head(text_states), dec_ids, mask, label_smoothing=self.cfg.label_smoothing)
         return losses
 
 
@@ -183,12 +197,20 @@ class BLIP2Stage2(QueryingModel):
     can_caption = True
     vqa_prompt = QA_PROMPT  # zero-shot VQA (Sec. 4.2)
 
-    def __init__(self, cfg: BLIP2Stage2Config, tokenizer: Tokenizer | None = None,
-                 run_config: RunConfig | None = None, lm: nn.Module | None = None, lm_tokenizer: Any = None):
+    def __init__(
+        self,
+        cfg: BLIP2Stage2Config,
+        tokenizer: Tokenizer | None = None,
+        run_config: RunConfig | None = None,
+        lm: nn.Module | None = None,
+        lm_tokenizer: Any = None,
+    ):
         """`lm` and `lm_tokenizer` replace loading `model.lm` (a checkpoint that holds its LM)."""
         if lm is None and not cfg.lm:
-            raise ValueError("model.lm must name a transformers causal LM directory (docs/recipes.md shows "
-                             "how to train a small one on the shapes world)")
+            raise ValueError(
+                "model.lm must name a transformers causal LM directory (docs/recipes.md shows "
+                "how to train a small one on the shapes world)"
+            )
         super().__init__(cfg, tokenizer, run_config)
         from transformers import (
             AutoConfig,
@@ -199,8 +221,10 @@ class BLIP2Stage2(QueryingModel):
 
         if lm is None:
             if not Path(cfg.lm).is_dir():
-                raise FileNotFoundError(f"model.lm: {cfg.lm} is not a directory (a transformers LM saved "
-                                        "with save_pretrained; download hub models first)")
+                raise FileNotFoundError(
+                    f"model.lm: {cfg.lm} is not a directory (a transformers LM saved "
+                    "with save_pretrained; download hub models first)"
+                )
             seq2seq = AutoConfig.from_pretrained(cfg.lm).is_encoder_decoder
             lm = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(cfg.lm)
             lm_tokenizer = AutoTokenizer.from_pretrained(cfg.lm)
@@ -277,8 +301,15 @@ class BLIP2Stage2(QueryingModel):
         return self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
 
     @torch.no_grad()
-    def caption(self, images: torch.Tensor, prompt: str | list[str] | None = None, method: str = "beam",
-                 max_new_tokens: int = 20, min_new_tokens: int = 0, **options) -> list[str]:
+    def caption(
+        self,
+        images: torch.Tensor,
+        prompt: str | list[str] | None = None,
+        method: str = "beam",
+        max_new_tokens: int = 20,
+        min_new_tokens: int = 0,
+        **options,
+    ) -> list[str]:
         """Zero-shot captions (or, with a prompt such as "Question: ... Answer:", answers) from
         the frozen LM's `generate`, as text after the prompt (one prompt, or one per image)."""
         prompt = self.cfg.prompt if prompt is None else prompt
@@ -286,9 +317,15 @@ class BLIP2Stage2(QueryingModel):
         ids, mask = self._token_ids(prompts, eos=False, left=True)
         embeds, attention = self._inputs(images, ids, mask)
         tok = self.lm_tokenizer
-        out = self.lm.generate(inputs_embeds=embeds, attention_mask=attention, max_new_tokens=max_new_tokens,
-                               min_new_tokens=min_new_tokens, eos_token_id=tok.eos_token_id,
-                               pad_token_id=tok.pad_token_id, **hf_decoding(method, options))
+        out = self.lm.generate(
+            inputs_embeds=embeds,
+            attention_mask=attention,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            eos_token_id=tok.eos_token_id,
+            pad_token_id=tok.pad_token_id,
+            **hf_decoding(method, options),
+        )
         return [text.strip() for text in tok.batch_decode(out, skip_special_tokens=True)]
 
     def answer_texts(self, images: torch.Tensor, questions: list[str]) -> list[str]:

@@ -39,19 +39,29 @@ class CaptionLM(Recipe):
     tokenizer_style = "clip"  # <|startoftext|> caption <|endoftext|>: OPT's bos ... eos
     eval_tasks: tuple[str, ...] = ()
 
-    def __init__(self, cfg: CaptionLMConfig, tokenizer: Tokenizer | None = None,
-                 run_config: RunConfig | None = None):
+    def __init__(self, cfg: CaptionLMConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         super().__init__(cfg, tokenizer, run_config)
         from transformers import OPTConfig, OPTForCausalLM
 
         require_tokens(cfg.tokens, ("pad", "sot", "eot"))
         t = cfg.text
         self.cfg = cfg
-        self.lm = OPTForCausalLM(OPTConfig(
-            vocab_size=t.vocab_size, hidden_size=t.width, num_hidden_layers=t.layers, num_attention_heads=t.heads,
-            ffn_dim=t.mlp_dim or int(t.width * t.mlp_ratio), max_position_embeddings=t.context_length,
-            word_embed_proj_dim=t.width, bos_token_id=cfg.tokens["sot"], eos_token_id=cfg.tokens["eot"],
-            pad_token_id=cfg.tokens["pad"], dropout=0.0, attention_dropout=0.0))
+        self.lm = OPTForCausalLM(
+            OPTConfig(
+                vocab_size=t.vocab_size,
+                hidden_size=t.width,
+                num_hidden_layers=t.layers,
+                num_attention_heads=t.heads,
+                ffn_dim=t.mlp_dim or int(t.width * t.mlp_ratio),
+                max_position_embeddings=t.context_length,
+                word_embed_proj_dim=t.width,
+                bos_token_id=cfg.tokens["sot"],
+                eos_token_id=cfg.tokens["eot"],
+                pad_token_id=cfg.tokens["pad"],
+                dropout=0.0,
+                attention_dropout=0.0,
+            )
+        )
 
     def image_size(self) -> None:
         return None  # text only
@@ -80,5 +90,6 @@ class CaptionLM(Recipe):
         ids = {"bos_token": tokenizer.sot_id, "eos_token": tokenizer.eot_id, "pad_token": tokenizer.pad_id}
         names = {key: tokenizer.id_to_token(i) for key, i in ids.items()}
         (out / "tokenizer_config.json").write_text(
-            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **names}, indent=2))
+            json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", **names}, indent=2)
+        )
         return out

@@ -45,16 +45,17 @@ class CLIP(Recipe):
         self.text = TextTransformer(cfg.text)
         self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=cfg.vision.width ** -0.5)
-        nn.init.normal_(self.text_proj.weight, std=cfg.text.width ** -0.5)
+        nn.init.normal_(self.image_proj.weight, std=cfg.vision.width**-0.5)
+        nn.init.normal_(self.text_proj.weight, std=cfg.text.width**-0.5)
         self.logit_scale = log_temperature(cfg.init_temperature)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         emb = self.image_proj(self.visual(images)[0])
         return F.normalize(emb, dim=-1) if normalize else emb
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         emb = self.text_proj(self.text(input_ids, attention_mask)[0])
         return F.normalize(emb, dim=-1) if normalize else emb
 

@@ -63,12 +63,20 @@ class CoCa(Recipe):
         self.visual = VisionTransformer(cfg.vision)
         width, vision_width = cfg.text.width, cfg.vision.width
         self.contrastive_pooler = AttentionalPooler(vision_width, vision_width, cfg.vision.heads, 1, cfg.vision.eps)
-        self.caption_pooler = AttentionalPooler(vision_width, vision_width, cfg.vision.heads, cfg.caption_queries,
-                                                cfg.vision.eps)
+        self.caption_pooler = AttentionalPooler(
+            vision_width, vision_width, cfg.vision.heads, cfg.caption_queries, cfg.vision.eps
+        )
         self.text = TextTransformer(cfg.text)
-        self.cls_embed = nn.Parameter(torch.randn(width) * width ** -0.5)
-        self.multimodal = Transformer(replace(cfg.text, layers=cfg.multimodal_layers, cross_attention_every=1,
-                                              cross_attention_from=0, context_dim=vision_width))
+        self.cls_embed = nn.Parameter(torch.randn(width) * width**-0.5)
+        self.multimodal = Transformer(
+            replace(
+                cfg.text,
+                layers=cfg.multimodal_layers,
+                cross_attention_every=1,
+                cross_attention_from=0,
+                context_dim=vision_width,
+            )
+        )
         self.multimodal_norm = nn.LayerNorm(width, eps=cfg.text.eps)
         self.lm_head = nn.Linear(width, cfg.text.vocab_size)
         self.image_proj = nn.Linear(vision_width, cfg.embed_dim, bias=False)
@@ -98,8 +106,9 @@ class CoCa(Recipe):
         x = self.text.norm(self.text.transformer(x, is_causal=True))
         return F.normalize(self.text_proj(x[rows, ends]), dim=-1), x[:, :-1]
 
-    def caption_logits(self, token_states: torch.Tensor, context: torch.Tensor,
-                       cache: KVCache | None = None) -> torch.Tensor:
+    def caption_logits(
+        self, token_states: torch.Tensor, context: torch.Tensor, cache: KVCache | None = None
+    ) -> torch.Tensor:
         """Next-token logits [B, L, V] of the multimodal layers over the unimodal states."""
         x = self.multimodal(token_states, is_causal=True, context=context, cache=cache)
         return self.lm_head(self.multimodal_norm(x))
@@ -116,13 +125,17 @@ class CoCa(Recipe):
         image_emb, context = self.image_outputs(batch["images"])
         text_emb, token_states = self.unimodal(ids, mask)
         logits = self.caption_logits(token_states, context)
-        return {"itc": itc_loss(image_emb, text_emb, self.scale()),
-                "caption": lm_loss(logits, ids, mask, prompt_length=batch.get("prompt_length", 0),
-                                   label_smoothing=self.cfg.label_smoothing)}
+        return {
+            "itc": itc_loss(image_emb, text_emb, self.scale()),
+            "caption": lm_loss(
+                logits, ids, mask, prompt_length=batch.get("prompt_length", 0), label_smoothing=self.cfg.label_smoothing
+            ),
+        }
 
     @torch.no_grad()
-    def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor | None = None,
-                 method: str = "beam", **options) -> torch.Tensor:
+    def generate(
+        self, images: torch.Tensor, prompt_ids: torch.Tensor | None = None, method: str = "beam", **options
+    ) -> torch.Tensor:
         """Captions [B, 1 + P + T] starting with <|startoftext|> and the prompt's tokens; options
         as `vlp.generate.generate`."""
         batch = images.shape[0]
@@ -130,8 +143,15 @@ class CoCa(Recipe):
         prompt = start if prompt_ids is None else torch.cat([start, prompt_ids.expand(batch, -1)], dim=1)
         options = cap_new_tokens(options, self.cfg.text.context_length, prompt.shape[1])
         state = (KVCache(), KVCache(), self.image_outputs(images)[1])
-        return generate(CaptionDecoder(self), prompt, state, method, eos_id=self.cfg.tokens["eot"],
-                        pad_id=self.cfg.tokens["pad"], **options)
+        return generate(
+            CaptionDecoder(self),
+            prompt,
+            state,
+            method,
+            eos_id=self.cfg.tokens["eot"],
+            pad_id=self.cfg.tokens["pad"],
+            **options,
+        )
 
 
 class CaptionDecoder:

@@ -86,17 +86,22 @@ class Contrast(nn.Module):
     def alpha(self) -> float:
         return alpha_ramp(self.cfg.alpha, int(self.step), self.cfg.alpha_ramp_steps)
 
-    def forward(self, image_feat: torch.Tensor, text_feat: torch.Tensor,
-                image_feat_m: torch.Tensor | None = None,
-                text_feat_m: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        image_feat: torch.Tensor,
+        text_feat: torch.Tensor,
+        image_feat_m: torch.Tensor | None = None,
+        text_feat_m: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Normalised features [B, D] -> loss; momentum features switch on distillation."""
         if image_feat_m is None:
             return itc_loss(image_feat, text_feat, self.scale())
         queues = self.cfg.queue_size > 0
         image_keys = torch.cat([image_feat_m, self.image_queue.features]) if queues else image_feat_m
         text_keys = torch.cat([text_feat_m, self.text_queue.features]) if queues else text_feat_m
-        loss = momentum_itc_loss(image_feat, text_feat, image_feat_m, text_feat_m, image_keys,
-                                 text_keys, self.scale(), self.alpha())
+        loss = momentum_itc_loss(
+            image_feat, text_feat, image_feat_m, text_feat_m, image_keys, text_keys, self.scale(), self.alpha()
+        )
         if queues and self.training:
             self.image_queue.enqueue(all_gather_with_grad(image_feat_m))
             self.text_queue.enqueue(all_gather_with_grad(text_feat_m))
@@ -122,8 +127,9 @@ class FusionModel(Recipe):
         vision, text, contrastive, objectives = cfg.vision, cfg.text, cfg.contrastive, cfg.objectives
         require_tokens(cfg.tokens, self.required_tokens)
         if not objectives or set(objectives) - set(self.objective_names):
-            raise ValueError(f"model.objectives must be a non-empty subset of "
-                             f"{list(self.objective_names)}; got {list(objectives)}")
+            raise ValueError(
+                f"model.objectives must be a non-empty subset of {list(self.objective_names)}; got {list(objectives)}"
+            )
         self.objectives = set(objectives)
         # Training a subset of the objectives (ablations, fine-tuning) leaves weights without
         # gradient, which DDP must be told about.
@@ -139,16 +145,22 @@ class FusionModel(Recipe):
     def _add_momentum(self, **extra: nn.Module) -> None:
         """EMA copies of the unimodal encoders and projections, plus `extra` modules."""
         if self.contrast.cfg.momentum:
-            modules = {"visual": self.visual, "text": self.text, "image_proj": self.image_proj,
-                       "text_proj": self.text_proj, **extra}
+            modules = {
+                "visual": self.visual,
+                "text": self.text,
+                "image_proj": self.image_proj,
+                "text_proj": self.text_proj,
+                **extra,
+            }
             self.momentum = Momentum(modules, self.contrast.cfg.momentum)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         pooled = self.visual(images)[0]
         return project(self.image_proj, pooled) if normalize else self.image_proj(pooled)
 
-    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    normalize: bool = True) -> torch.Tensor:
+    def encode_text(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
         pooled = self.text(input_ids, attention_mask, layers=self.text_layers)[0]
         return project(self.text_proj, pooled) if normalize else self.text_proj(pooled)
 
@@ -164,25 +176,35 @@ class FusionModel(Recipe):
         images, ids, mask = batch["images"], batch["input_ids"], batch["attention_mask"]
         image_pooled, image_tokens = self.visual(images)
         text_pooled, text_states = self.text(ids, mask, layers=self.text_layers)
-        out = {"image_tokens": image_tokens, "text_states": text_states,
-               "image_feat": project(self.image_proj, image_pooled),
-               "text_feat": project(self.text_proj, text_pooled)}
+        out = {
+            "image_tokens": image_tokens,
+            "text_states": text_states,
+            "image_feat": project(self.image_proj, image_pooled),
+            "text_feat": project(self.text_proj, text_pooled),
+        }
         if self.momentum is not None:
             with torch.no_grad():
                 m = self.momentum
                 image_pooled_m, out["image_tokens_m"] = m["visual"](images)
                 out["image_feat_m"] = project(m["image_proj"], image_pooled_m)
                 out["text_feat_m"] = project(m["text_proj"], m["text"](ids, mask, layers=self.text_layers)[0])
-        out["itc"] = self.contrast(out["image_feat"], out["text_feat"], out.get("image_feat_m"),
-                                   out.get("text_feat_m"))
+        out["itc"] = self.contrast(out["image_feat"], out["text_feat"], out.get("image_feat_m"), out.get("text_feat_m"))
         return out
 
-    def itm_batch(self, aligned: dict[str, torch.Tensor], text: torch.Tensor,
-                  batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    def itm_batch(
+        self, aligned: dict[str, torch.Tensor], text: torch.Tensor, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, ...]:
         """`itm_inputs` for this batch; `text` is what the recipe's fusion path takes."""
         scale = self.contrast.scale() if self.contrast.cfg.hard_negatives else torch.zeros(())
-        return itm_inputs(aligned["image_tokens"], text, batch["attention_mask"], batch["input_ids"],
-                          aligned["image_feat"], aligned["text_feat"], scale)
+        return itm_inputs(
+            aligned["image_tokens"],
+            text,
+            batch["attention_mask"],
+            batch["input_ids"],
+            aligned["image_feat"],
+            aligned["text_feat"],
+            scale,
+        )
 
     def has_itm(self) -> bool:
         return "itm" in self.objectives
@@ -215,10 +237,16 @@ class ITMBatch(NamedTuple):
         return self.images[self.image_rows]
 
 
-def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor,
-               input_ids: torch.Tensor, image_feat: torch.Tensor, text_feat: torch.Tensor,
-               logit_scale: torch.Tensor, similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-               = dot_similarity) -> ITMBatch:
+def itm_inputs(
+    image_tokens: torch.Tensor,
+    text: torch.Tensor,
+    text_mask: torch.Tensor,
+    input_ids: torch.Tensor,
+    image_feat: torch.Tensor,
+    text_feat: torch.Tensor,
+    logit_scale: torch.Tensor,
+    similarity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = dot_similarity,
+) -> ITMBatch:
     """The ITM batch: B positives, then B images with a hard-negative text, then B texts with
     a hard-negative image (ALBEF Sec. 3.2).
 
@@ -233,8 +261,9 @@ def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.
         keys = caption_keys(input_ids, text_mask)
         positive = positive_mask(keys, all_gather_with_grad(keys, sizes), sum(sizes[: rank()]))
         scale = logit_scale.detach()
-        neg_text, neg_image = hard_negatives(scale * similarity(image_feat, all_text_feat),
-                                             scale * similarity(all_image_feat, text_feat).T, positive)
+        neg_text, neg_image = hard_negatives(
+            scale * similarity(image_feat, all_text_feat), scale * similarity(all_image_feat, text_feat).T, positive
+        )
     all_images = all_gather_with_grad(image_tokens, sizes)
     all_text, all_mask = all_gather_padded(text), all_gather_padded(text_mask)
     length = all_text.shape[1]
@@ -242,10 +271,13 @@ def itm_inputs(image_tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.
     batch = image_tokens.shape[0]
     own = torch.arange(batch, device=image_tokens.device) + sum(sizes[: rank()])
     labels = torch.cat([torch.ones(batch, dtype=torch.long), torch.zeros(2 * batch, dtype=torch.long)])
-    return ITMBatch(images=all_images, image_rows=torch.cat([own, own, neg_image]),
-                    texts=torch.cat([text, all_text[neg_text], text]),
-                    masks=torch.cat([text_mask, all_mask[neg_text], text_mask]),
-                    labels=labels.to(image_tokens.device))
+    return ITMBatch(
+        images=all_images,
+        image_rows=torch.cat([own, own, neg_image]),
+        texts=torch.cat([text, all_text[neg_text], text]),
+        masks=torch.cat([text_mask, all_mask[neg_text], text_mask]),
+        labels=labels.to(image_tokens.device),
+    )
 
 
 def _pad_to(x: torch.Tensor, length: int) -> torch.Tensor:

@@ -78,19 +78,22 @@ class Recipe(nn.Module):
         """Whether `itm_score` is a trained image-text matching head."""
         return False
 
-    def itm_score(self, image_tokens: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor) -> torch.Tensor:
+    def itm_score(
+        self, image_tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
         raise NotImplementedError(f"recipe {self.recipe!r} has no ITM head")
 
     # --- text generation -------------------------------------------------------------------------
 
-    def generate(self, images: torch.Tensor, prompt_ids: torch.Tensor | None = None, method: str = "beam",
-                 **options: Any) -> torch.Tensor:
+    def generate(
+        self, images: torch.Tensor, prompt_ids: torch.Tensor | None = None, method: str = "beam", **options: Any
+    ) -> torch.Tensor:
         """Token ids [B, T] starting with the start token and `prompt_ids` (see vlp.generate)."""
         raise NotImplementedError(f"recipe {self.recipe!r} has no text decoder")
 
-    def caption(self, images: torch.Tensor, prompt: str | None = None, method: str = "beam",
-                **options: Any) -> list[str]:
+    def caption(
+        self, images: torch.Tensor, prompt: str | None = None, method: str = "beam", **options: Any
+    ) -> list[str]:
         """Captions of a batch of (eval-transformed) images, as text without the prompt.
 
         `prompt` defaults to the one the model was trained with (`data.prompt`, e.g. "a picture

@@ -3,9 +3,9 @@ one factory that builds a recipe's model (`create_model`, `build_model` for a ru
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import fields
-from typing import TYPE_CHECKING, Any, Callable
-
+from typing import TYPE_CHECKING, Any
 
 from vlp.config import RunConfig, from_dict
 
@@ -42,8 +42,12 @@ def config_fields(recipe: str) -> set[str]:
     return {f.name for f in fields(recipe_classes(recipe)[1])}
 
 
-def create_model(recipe: str, config: dict[str, Any] | Any | None = None, tokenizer: Tokenizer | None = None,
-                 run_config: RunConfig | None = None) -> Recipe:
+def create_model(
+    recipe: str,
+    config: dict[str, Any] | Any | None = None,
+    tokenizer: Tokenizer | None = None,
+    run_config: RunConfig | None = None,
+) -> Recipe:
     """Build a recipe's model from its config (a dataclass or a plain dict of its fields), with
     the tokenizer and run config it was trained with, where known."""
     model_cls, config_cls = recipe_classes(recipe)

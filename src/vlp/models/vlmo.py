@@ -86,8 +86,9 @@ class VLMo(Recipe):
         self.type_embed = nn.Embedding(2, width)  # image / text
         init_weights(self.type_embed)  # std 0.02 as BERT's token types: N(0, 1) swamped the tokens
         stack = {f.name: getattr(cfg.vision, f.name) for f in fields(TransformerConfig)}  # the shared stack's sizes
-        self.transformer = Transformer(TransformerConfig(**{**stack, "pre_norm": True, "split_ffn": True,
-                                                            "fusion_ffn_layers": cfg.fusion_layers}))
+        self.transformer = Transformer(
+            TransformerConfig(**{**stack, "pre_norm": True, "split_ffn": True, "fusion_ffn_layers": cfg.fusion_layers})
+        )
         self.norm = nn.LayerNorm(width, eps=cfg.vision.eps)
         self.image_proj = nn.Linear(width, cfg.embed_dim)
         self.text_proj = nn.Linear(width, cfg.embed_dim)
@@ -96,11 +97,16 @@ class VLMo(Recipe):
         self.logit_scale = log_temperature(cfg.init_temperature)
         self.mask_token = nn.Parameter(torch.zeros(width))
         self.mim_head = nn.Linear(width, cfg.codebook_size)
-        self.image_tokenizer = (ImageTokenizer.load(cfg.image_tokenizer) if cfg.image_tokenizer
-                                else ImageTokenizer(cfg.codebook_size, cfg.vision.patch_size))
+        self.image_tokenizer = (
+            ImageTokenizer.load(cfg.image_tokenizer)
+            if cfg.image_tokenizer
+            else ImageTokenizer(cfg.codebook_size, cfg.vision.patch_size)
+        )
         if self.image_tokenizer.centroids.shape[0] != cfg.codebook_size:
-            raise ValueError(f"{cfg.image_tokenizer}: codebook of {self.image_tokenizer.centroids.shape[0]} "
-                             f"tokens, model.codebook_size is {cfg.codebook_size}")
+            raise ValueError(
+                f"{cfg.image_tokenizer}: codebook of {self.image_tokenizer.centroids.shape[0]} "
+                f"tokens, model.codebook_size is {cfg.codebook_size}"
+            )
         self.has_unused_parameters = True  # a VL-FFN is idle in dual-encoder steps, experts in others
 
     def scale(self) -> torch.Tensor:
@@ -121,8 +127,13 @@ class VLMo(Recipe):
         x = self.text_embeddings(input_ids)
         return self.norm(self.transformer(x, mask=padding_mask(attention_mask), split=0))
 
-    def fused_states(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
-                     attention_mask: torch.Tensor, text_embeddings: torch.Tensor | None = None) -> torch.Tensor:
+    def fused_states(
+        self,
+        image_embeddings: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        text_embeddings: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Fusion mode over [image; text]: V-FFN and L-FFN below the top blocks, VL-FFN in them."""
         text = self.text_embeddings(input_ids) if text_embeddings is None else text_embeddings
         images = image_embeddings.shape[1]
@@ -146,8 +157,13 @@ class VLMo(Recipe):
         """What `itm_score` takes of an image: its embeddings (the fusion runs the whole stack)."""
         return self.image_embeddings(images)
 
-    def itm_logits(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
-                   attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def itm_logits(
+        self,
+        image_embeddings: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """ITM head on the fused sequence's first token (the image [CLS]); text i is fused with
         `image_embeddings[image_rows[i]]` where rows are given (one sequence per pair: the
         image's tokens are in it, so each pair runs them)."""
@@ -158,8 +174,13 @@ class VLMo(Recipe):
     def has_itm(self) -> bool:
         return "itm" in self.objectives
 
-    def itm_score(self, image_embeddings: torch.Tensor, input_ids: torch.Tensor,
-                  attention_mask: torch.Tensor, image_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def itm_score(
+        self,
+        image_embeddings: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         return self.itm_logits(image_embeddings, input_ids, attention_mask, image_rows).softmax(dim=-1)[:, 1]
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -175,16 +196,19 @@ class VLMo(Recipe):
         if "itm" in self.objectives:
             scale = self.scale() if self.cfg.hard_negatives else torch.zeros(())
             itm = itm_inputs(image_emb, ids, mask, ids, image_feat, text_feat, scale)
-            losses["itm"] = F.cross_entropy(self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows),
-                                            itm.labels)
+            losses["itm"] = F.cross_entropy(
+                self.itm_logits(itm.images, itm.texts, itm.masks, itm.image_rows), itm.labels
+            )
         if "mlm" in self.objectives:
-            masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size,
-                                          self.cfg.mlm_probability)
-            states = self.fused_states(image_emb, masked, mask)[:, image_emb.shape[1]:]
+            masked, labels = mask_caption(
+                ids, mask, self.cfg.tokens, self.cfg.text.vocab_size, self.cfg.mlm_probability
+            )
+            states = self.fused_states(image_emb, masked, mask)[:, image_emb.shape[1] :]
             losses["mlm"] = mlm_loss(self.mlm_head(states), labels)
         if "text_mlm" in self.objectives:
-            masked, labels = mask_caption(ids, mask, self.cfg.tokens, self.cfg.text.vocab_size,
-                                          self.cfg.text_mlm_probability)
+            masked, labels = mask_caption(
+                ids, mask, self.cfg.tokens, self.cfg.text.vocab_size, self.cfg.text_mlm_probability
+            )
             losses["text_mlm"] = mlm_loss(self.mlm_head(self.text_states(masked, mask)), labels)
         if "mim" in self.objectives:
             losses["mim"] = self._mim(batch["images"])

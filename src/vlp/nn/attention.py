@@ -82,10 +82,15 @@ class Attention(nn.Module):
         batch, length, _ = x.shape
         return x.view(batch, length, self.heads, -1).transpose(1, 2)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
-                mask: torch.Tensor | None = None, is_causal: bool = False,
-                cache: dict[str, torch.Tensor] | None = None,
-                context_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        cache: dict[str, torch.Tensor] | None = None,
+        context_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """`cache` (one layer of a `KVCache`) makes self-attention see earlier steps' keys and
         cross-attention reuse the context's keys/values. `context_rows` [B] pairs row i of `x`
         with row `context_rows[i]` of `context` (and of a cross-attention `mask`): each distinct

@@ -59,7 +59,7 @@ class AttentionalPooler(nn.Module):
 
     def __init__(self, width: int, context_dim: int, heads: int, num_queries: int, eps: float = 1e-5):
         super().__init__()
-        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * width ** -0.5)
+        self.queries = nn.Parameter(torch.randn(1, num_queries, width) * width**-0.5)
         self.norm_context = nn.LayerNorm(context_dim, eps=eps)
         self.attn = Attention(width, heads, context_dim=context_dim)
         self.norm = nn.LayerNorm(width, eps=eps)

@@ -28,14 +28,16 @@ class ImageTokenizer(nn.Module):
     def __init__(self, codebook_size: int = 256, patch_size: int = 8):
         super().__init__()
         self.patch_size = patch_size
-        self.register_buffer("centroids", torch.zeros(codebook_size, 3 * patch_size ** 2))
+        self.register_buffer("centroids", torch.zeros(codebook_size, 3 * patch_size**2))
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Visual token ids [B, patches] of normalised images [B, 3, H, W]."""
         if not self.centroids.any():
-            raise RuntimeError("the image tokenizer has no codebook: train one with `vlp tokenizer image` "
-                               "and set model.image_tokenizer to its file")
+            raise RuntimeError(
+                "the image tokenizer has no codebook: train one with `vlp tokenizer image` "
+                "and set model.image_tokenizer to its file"
+            )
         patches = patchify(images, self.patch_size).float()
         return torch.cdist(patches, self.centroids[None].expand(len(patches), -1, -1)).argmin(dim=-1)
 
@@ -53,8 +55,11 @@ class ImageTokenizer(nn.Module):
             sums = torch.zeros_like(centroids).index_add_(0, assignment, patches)
             counts = torch.bincount(assignment, minlength=k)
             empty = counts == 0  # re-seed empty clusters with random patches
-            centroids = torch.where(empty[:, None], patches[torch.randint(len(patches), (k,), generator=generator)],
-                                    sums / counts.clamp(min=1)[:, None])
+            centroids = torch.where(
+                empty[:, None],
+                patches[torch.randint(len(patches), (k,), generator=generator)],
+                sums / counts.clamp(min=1)[:, None],
+            )
         self.centroids.copy_(centroids)
         return float((torch.cdist(patches, centroids).min(dim=1).values ** 2).mean())
 
@@ -65,8 +70,9 @@ class ImageTokenizer(nn.Module):
     def load(cls, path: str | Path) -> ImageTokenizer:
         path = Path(path)
         if not path.is_file():
-            raise FileNotFoundError(f"image tokenizer {path} not found: train one with "
-                                    f"`vlp tokenizer image DATA --out {path}`")
+            raise FileNotFoundError(
+                f"image tokenizer {path} not found: train one with `vlp tokenizer image DATA --out {path}`"
+            )
         from safetensors import safe_open
 
         with safe_open(str(path), "pt") as f:

@@ -65,10 +65,14 @@ class QFormer(nn.Module):
         self.text = TextTransformer(cfg)  # embeddings, blocks (cross-attention on queries only)
         self.query_tokens = nn.Parameter(torch.randn(1, cfg.num_queries, cfg.width) * 0.02)
 
-    def forward(self, image_feats: torch.Tensor | None, input_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None,
-                mode: str = "unimodal",
-                image_rows: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    def forward(
+        self,
+        image_feats: torch.Tensor | None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        mode: str = "unimodal",
+        image_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """(query outputs [B, Q, W] or None, text outputs [B, T, W] or None).
 
         Without `input_ids` only the queries run (reading `image_feats`); without `image_feats`

@@ -62,11 +62,18 @@ class TextTransformer(nn.Module):
             raise ValueError(f"text length {end} exceeds context_length {self.cfg.context_length}")
         return self.embed_norm(self.token_embed(input_ids) + self.pos_embed[:, offset:end])
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None, *,
-                hidden: torch.Tensor | None = None, layers: slice = slice(None),
-                cache: KVCache | None = None,
-                context_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        *,
+        hidden: torch.Tensor | None = None,
+        layers: slice = slice(None),
+        cache: KVCache | None = None,
+        context_rows: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """input_ids, attention_mask [B, L] (right-padded) -> (pooled [B, width], tokens).
 
         `hidden` continues from the output of earlier layers instead of embedding `input_ids`;
@@ -78,12 +85,25 @@ class TextTransformer(nn.Module):
         x = self.embed(input_ids, offset) if hidden is None else hidden
         if self.cfg.causal:
             # Right padding: a causal row never sees the pads after it, so no padding mask needed.
-            x = self.transformer(x, is_causal=True, context=context, context_mask=context_mask,
-                                 cache=cache, layers=layers, context_rows=context_rows)
+            x = self.transformer(
+                x,
+                is_causal=True,
+                context=context,
+                context_mask=context_mask,
+                cache=cache,
+                layers=layers,
+                context_rows=context_rows,
+            )
         else:
-            x = self.transformer(x, mask=padding_mask(attention_mask), context=context,
-                                 context_mask=context_mask, cache=cache, layers=layers,
-                                 context_rows=context_rows)
+            x = self.transformer(
+                x,
+                mask=padding_mask(attention_mask),
+                context=context,
+                context_mask=context_mask,
+                cache=cache,
+                layers=layers,
+                context_rows=context_rows,
+            )
         if cache is not None:
             cache.advance(input_ids.shape[1])
         if layers.indices(self.cfg.layers)[1] == self.cfg.layers:

@@ -20,5 +20,8 @@ def cap_new_tokens(options: dict[str, Any], context_length: int, prompt_length: 
     at the room the prompt leaves in the text context (the position embeddings end there), and
     `min_new_tokens` (default 0) at that maximum."""
     max_new_tokens = min(options.get("max_new_tokens", 20), context_length - prompt_length)
-    return {**options, "max_new_tokens": max_new_tokens,
-            "min_new_tokens": min(options.get("min_new_tokens", 0), max_new_tokens)}
+    return {
+        **options,
+        "max_new_tokens": max_new_tokens,
+        "min_new_tokens": min(options.get("min_new_tokens", 0), max_new_tokens),
+    }

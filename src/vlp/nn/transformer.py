@@ -94,10 +94,19 @@ class Block(nn.Module):
             return x + fn(norm(x))
         return norm(x + fn(x))
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, index: int = 0, split: int | None = None,
-                fused: bool = False, context_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        index: int = 0,
+        split: int | None = None,
+        fused: bool = False,
+        context_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Without a `context` the cross-attention is skipped (BLIP's unimodal text mode);
         `context_rows` as in `Attention`.
         `index` is this block's position in its stack, its key in the `cache`; `split` is where
@@ -106,19 +115,29 @@ class Block(nn.Module):
         self_cache = cross_cache = None
         if cache is not None:
             self_cache, cross_cache = cache.entry(index, "self"), cache.entry(index, "cross")
-        x = self._residual(x, self.norm1,
-                           lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache))
+        x = self._residual(x, self.norm1, lambda h: self.attn(h, mask=mask, is_causal=is_causal, cache=self_cache))
         if self.cross_attn is not None and context is not None:
+
             def cross(h: torch.Tensor) -> torch.Tensor:
-                return self._residual(h, self.norm_cross, lambda g: self.cross_attn(
-                    g, context=context, mask=context_mask, cache=cross_cache, context_rows=context_rows))
+                return self._residual(
+                    h,
+                    self.norm_cross,
+                    lambda g: self.cross_attn(
+                        g, context=context, mask=context_mask, cache=cross_cache, context_rows=context_rows
+                    ),
+                )
+
             x = self._on_segments(x, split, cross, lambda h: h) if self.first_only else cross(x)
         if fused and self.mlp_fusion is not None:
             return self._residual(x, self.norm2_fusion, self.mlp_fusion)
         if self.mlp_first is None:
             return self._residual(x, self.norm2, self.mlp)
-        return self._on_segments(x, split, lambda h: self._residual(h, self.norm2_first, self.mlp_first),
-                                 lambda h: self._residual(h, self.norm2, self.mlp))
+        return self._on_segments(
+            x,
+            split,
+            lambda h: self._residual(h, self.norm2_first, self.mlp_first),
+            lambda h: self._residual(h, self.norm2, self.mlp),
+        )
 
     @staticmethod
     def _on_segments(x: torch.Tensor, split: int | None, first, rest) -> torch.Tensor:
@@ -135,9 +154,13 @@ class Transformer(nn.Module):
         super().__init__()
         every = cfg.cross_attention_every
         self.blocks = nn.ModuleList(
-            Block(cfg, cross_attention=bool(every) and i >= cfg.cross_attention_from
-                  and (i - cfg.cross_attention_from) % every == 0,
-                  fusion_ffn=i >= cfg.layers - cfg.fusion_ffn_layers)
+            Block(
+                cfg,
+                cross_attention=bool(every)
+                and i >= cfg.cross_attention_from
+                and (i - cfg.cross_attention_from) % every == 0,
+                fusion_ffn=i >= cfg.layers - cfg.fusion_ffn_layers,
+            )
             for i in range(cfg.layers)
         )
         self.apply(init_weights)
@@ -149,7 +172,7 @@ class Transformer(nn.Module):
         (2 width)^-1/2, residual outputs also shrunk by (2 layers)^-1/2. The fixed 0.02 of
         BERT/ViT is far too small for narrow towers: every image then maps to the same embedding
         at init and contrastive training stalls."""
-        attn_std = cfg.width ** -0.5
+        attn_std = cfg.width**-0.5
         out_std = attn_std * (2 * max(cfg.layers, 1)) ** -0.5
         for block in self.blocks:
             for attn in filter(None, (block.attn, block.cross_attn)):
@@ -160,15 +183,34 @@ class Transformer(nn.Module):
                 nn.init.normal_(mlp.fc1.weight, std=(2 * cfg.width) ** -0.5)
                 nn.init.normal_(mlp.fc2.weight, std=out_std)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, is_causal: bool = False,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
-                cache: KVCache | None = None, layers: slice = slice(None), split: int | None = None,
-                fused: bool = False, context_rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        context: torch.Tensor | None = None,
+        context_mask: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        layers: slice = slice(None),
+        split: int | None = None,
+        fused: bool = False,
+        context_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run the blocks in `layers` (ALBEF runs its text half and fusion half separately)."""
         start = layers.indices(len(self.blocks))[0]
         for i, block in enumerate(self.blocks[layers], start=start):
-            x = block(x, mask=mask, is_causal=is_causal, context=context, context_mask=context_mask,
-                      cache=cache, index=i, split=split, fused=fused, context_rows=context_rows)
+            x = block(
+                x,
+                mask=mask,
+                is_causal=is_causal,
+                context=context,
+                context_mask=context_mask,
+                cache=cache,
+                index=i,
+                split=split,
+                fused=fused,
+                context_rows=context_rows,
+            )
         return x
 
 

@@ -27,7 +27,7 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
     grid as a patch embedding, but the tokens see shapes across patch borders.
     """
     depth = patch_size.bit_length() - 1
-    if 2 ** depth != patch_size:
+    if 2**depth != patch_size:
         raise ValueError(f"a conv stem needs a power-of-two patch size, got {patch_size}")
     layers: list[nn.Module] = []
     channels = 3
@@ -60,11 +60,12 @@ class VisionTransformer(nn.Module):
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        nn.init.normal_(self.cls_token, std=cfg.width ** -0.5)
-        nn.init.normal_(self.pos_embed, std=cfg.width ** -0.5)
+        nn.init.normal_(self.cls_token, std=cfg.width**-0.5)
+        nn.init.normal_(self.pos_embed, std=cfg.width**-0.5)
 
-    def embed(self, images: torch.Tensor, hidden: torch.Tensor | None = None,
-              mask_token: torch.Tensor | None = None) -> torch.Tensor:
+    def embed(
+        self, images: torch.Tensor, hidden: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Patch embeddings, class token and positions (and `ln_pre`): [B, 1 + patches, width].
         Patches where `hidden` [B, patches] is True are replaced by `mask_token` (BEiT's MIM)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)

@@ -73,9 +73,11 @@ def load_matching_weights(model: nn.Module, path: Path) -> dict[str, list[str]]:
     returns the names that were missing, unexpected, or of another shape."""
     own = model.state_dict()
     weights = load_file(str(path))
-    report = {"missing": [k for k in own if k not in weights],
-              "unexpected": [k for k in weights if k not in own],
-              "other shape": [k for k in weights if k in own and weights[k].shape != own[k].shape]}
+    report = {
+        "missing": [k for k in own if k not in weights],
+        "unexpected": [k for k in weights if k not in own],
+        "other shape": [k for k in weights if k in own and weights[k].shape != own[k].shape],
+    }
     usable = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
     model.load_state_dict(usable, strict=False)
     return report
@@ -157,8 +159,10 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
             _fsync_file(tmp / name)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"could not write checkpoint step {step} in {root}: {err.strerror or err}; "
-                              f"the previous checkpoint is intact") from None
+        raise CheckpointError(
+            f"could not write checkpoint step {step} in {root}: {err.strerror or err}; "
+            f"the previous checkpoint is intact"
+        ) from None
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     _fsync_dir(root)
@@ -198,11 +202,14 @@ def weights_of(path: Path) -> Path:
 def load_state(checkpoint: Path) -> dict[str, Any]:
     """A checkpoint's training state, without unpickling anything but tensors and plain data."""
     if (checkpoint / "state.json").is_file():
-        return _decode(json.loads((checkpoint / "state.json").read_text()),
-                       load_file(str(checkpoint / "state.safetensors")))
+        return _decode(
+            json.loads((checkpoint / "state.json").read_text()), load_file(str(checkpoint / "state.safetensors"))
+        )
     try:  # written by vlp 0.1 before state.json
         return torch.load(checkpoint / "state.pt", map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         found = next((line for line in str(err).splitlines() if "GLOBAL" in line), "").strip()
-        raise CheckpointError(f"{checkpoint / 'state.pt'} holds objects other than tensors and plain "
-                              f"data; refusing to unpickle them (they could run code). {found}") from None
+        raise CheckpointError(
+            f"{checkpoint / 'state.pt'} holds objects other than tensors and plain "
+            f"data; refusing to unpickle them (they could run code). {found}"
+        ) from None

@@ -14,8 +14,13 @@ from vlp.config import TrainConfig
 def no_decay(name: str, param: nn.Parameter) -> bool:
     """Norms, biases, embeddings, tokens, positions and the temperature get no weight decay."""
     leaf = name.rsplit(".", 1)[-1]
-    return (param.ndim < 2 or leaf in ("bias", "cls_token", "pos_embed", "logit_scale")
-            or "embed" in name and "patch_embed" not in name or "norm" in name)
+    return (
+        param.ndim < 2
+        or leaf in ("bias", "cls_token", "pos_embed", "logit_scale")
+        or "embed" in name
+        and "patch_embed" not in name
+        or "norm" in name
+    )
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -45,8 +50,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     chain of elementwise ops) where the device has it (docs/benchmarks.md: about 3% of a tiny
     CLIP step on a CPU)."""
     fused = all(p.device.type in ("cpu", "cuda") for p in model.parameters())
-    return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
-                             eps=cfg.eps, fused=fused)
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused
+    )
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:

@@ -74,6 +74,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
     if name == "auto":
         return "bf16" if bf16_pays(device) else "fp32"
     if name == "bf16" and not native_bf16(device) and dist.is_main():
-        console.print(f"[yellow]train.precision=bf16 on a {device.type} without native bf16 matmuls: "
-                      "expect steps several times slower than fp32 (train.precision=auto picks for you)")
+        console.print(
+            f"[yellow]train.precision=bf16 on a {device.type} without native bf16 matmuls: "
+            "expect steps several times slower than fp32 (train.precision=auto picks for you)"
+        )
     return name

@@ -20,8 +20,16 @@ from vlp.train.checkpoint import write_text_atomic
 # What a training run writes; `--overwrite` removes exactly these.
 RUN_FILES = ("checkpoints", "metrics.jsonl", "config.yaml", "tokenizer.json", "eval.json", "report.html")
 # Settings that change how a run is executed or logged but not what it computes: a resume may change them.
-RUNTIME_KEYS = {"data.workers", "data.strict", "train.log_every", "train.ckpt_every", "train.keep_checkpoints",
-                "train.threads", "train.device", "train.dist_timeout"}
+RUNTIME_KEYS = {
+    "data.workers",
+    "data.strict",
+    "train.log_every",
+    "train.ckpt_every",
+    "train.keep_checkpoints",
+    "train.threads",
+    "train.device",
+    "train.dist_timeout",
+}
 
 
 class RunError(RuntimeError):
@@ -41,8 +49,10 @@ class RunLock:
             self.file.seek(0)
             holder = self.file.read().strip() or "unknown"
             self.file.close()
-            raise RunError(f"{run_dir} is in use by another vlp process (PID {holder}); wait for it "
-                           "to finish or train into another --out") from None
+            raise RunError(
+                f"{run_dir} is in use by another vlp process (PID {holder}); wait for it "
+                "to finish or train into another --out"
+            ) from None
         self.file.truncate(0)
         self.file.write(f"{os.getpid()}\n")
         self.file.flush()
@@ -67,8 +77,10 @@ def start_fresh(run_dir: Path, overwrite: bool) -> None:
     if not holds_run(run_dir):
         return
     if not overwrite:
-        raise RunError(f"{run_dir} already holds a run: continue it with --resume, start it over with "
-                       "--overwrite, or choose a fresh --out")
+        raise RunError(
+            f"{run_dir} already holds a run: continue it with --resume, start it over with "
+            "--overwrite, or choose a fresh --out"
+        )
     trash.mkdir()
     for name in RUN_FILES:
         if (Path(run_dir) / name).exists():
@@ -97,8 +109,13 @@ def truncate_metrics(run_dir: Path, step: int) -> None:
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in kept))
 
 
-def resume_config(run_dir: Path, recipe: str, config: Path | None = None, overrides: list[str] | None = None,
-                  allow_changes: bool = False) -> RunConfig:
+def resume_config(
+    run_dir: Path,
+    recipe: str,
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    allow_changes: bool = False,
+) -> RunConfig:
     """The config to resume `run_dir` with: its own `config.yaml` (or `config`) plus `overrides`.
 
     A change to anything but `RUNTIME_KEYS` would make the resumed run differ from an unbroken
@@ -114,12 +131,17 @@ def resume_config(run_dir: Path, recipe: str, config: Path | None = None, overri
         cfg = load_run_config(recipe, config, overrides)
     else:
         cfg = from_dict(RunConfig, apply_overrides(to_dict(saved), list(overrides or [])))
-    changes = {key: pair for key, pair in _differences(to_dict(saved), to_dict(cfg)).items()
-               if key not in RUNTIME_KEYS and not _same_path(key, *pair)}
+    changes = {
+        key: pair
+        for key, pair in _differences(to_dict(saved), to_dict(cfg)).items()
+        if key not in RUNTIME_KEYS and not _same_path(key, *pair)
+    }
     if changes and not allow_changes:
         listed = "; ".join(f"{key} {old!r} -> {new!r}" for key, (old, new) in changes.items())
-        raise RunError(f"--resume: {listed} differ from {saved_path}, which breaks exact resumption; drop "
-                       "the change, or pass --allow-changes to resume with it anyway")
+        raise RunError(
+            f"--resume: {listed} differ from {saved_path}, which breaks exact resumption; drop "
+            "the change, or pass --allow-changes to resume with it anyway"
+        )
     return cfg
 
 
@@ -135,5 +157,9 @@ def _differences(old: Any, new: Any, key: str = "") -> dict[str, tuple[Any, Any]
 
 def _same_path(key: str, old: Any, new: Any) -> bool:
     """The data path written two ways (`data/x` and `./data/x/`) is no change."""
-    return key == "data.path" and isinstance(old, str) and isinstance(new, str) and \
-        Path(old).resolve() == Path(new).resolve()
+    return (
+        key == "data.path"
+        and isinstance(old, str)
+        and isinstance(new, str)
+        and Path(old).resolve() == Path(new).resolve()
+    )

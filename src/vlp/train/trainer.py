@@ -67,8 +67,15 @@ class Trainer:
     fine-tuning run (`init`: weights and tokenizer of a pretrained run). Holds the run's lock
     until `fit` returns."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, resume: bool = False, init: Path | None = None,
-                 progress: bool = True, overwrite: bool = False):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        run_dir: Path,
+        resume: bool = False,
+        init: Path | None = None,
+        progress: bool = True,
+        overwrite: bool = False,
+    ):
         dist.init_from_env(cfg.train.dist_timeout)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -85,12 +92,18 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         data_path = Path(cfg.data.path)
-        self.dataset = open_dataset(data_path, split=cfg.data.train_split, format=cfg.data.format,
-                                    strict=cfg.data.strict, image_root=cfg.data.image_root,
-                                    max_pixels=cfg.data.max_pixels)
+        self.dataset = open_dataset(
+            data_path,
+            split=cfg.data.train_split,
+            format=cfg.data.format,
+            strict=cfg.data.strict,
+            image_root=cfg.data.image_root,
+            max_pixels=cfg.data.max_pixels,
+        )
         if not len(self.dataset):
-            raise DataError(f"{data_path}: no usable sample in split {cfg.data.train_split!r}; "
-                            f"{format_skips(self.dataset.skipped)}")
+            raise DataError(
+                f"{data_path}: no usable sample in split {cfg.data.train_split!r}; {format_skips(self.dataset.skipped)}"
+            )
         if init is not None and not resume and dist.is_main():
             shutil.copyfile(ckpt.run_of(init) / "tokenizer.json", self.run_dir / "tokenizer.json")
         dist.barrier()
@@ -116,8 +129,11 @@ class Trainer:
         if dist.is_main():
             ckpt.write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         self._log({"event": "start", "device": str(self.device), "precision": self.precision})
-        self.ddp = (DistributedDataParallel(self.model, find_unused_parameters=self.model.has_unused_parameters)
-                    if dist.is_distributed() else None)
+        self.ddp = (
+            DistributedDataParallel(self.model, find_unused_parameters=self.model.has_unused_parameters)
+            if dist.is_distributed()
+            else None
+        )
         self.pending_skips: dict[int, list[Skipped]] = {}
         self.epoch = max(self.position - 1, 0) // len(self.dataset)  # of the last sample drawn
 
@@ -152,8 +168,10 @@ class Trainer:
             console.print(f"initialised from {weights}")
             for what, names in report.items():
                 if names:
-                    console.print(f"[yellow]{len(names)} weights {what} (not taken from the run): "
-                                  f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}")
+                    console.print(
+                        f"[yellow]{len(names)} weights {what} (not taken from the run): "
+                        f"{', '.join(names[:8])}{' ...' if len(names) > 8 else ''}"
+                    )
             self._log({"event": "init", "from": str(weights), **report})
 
     def _restore(self) -> None:
@@ -170,9 +188,14 @@ class Trainer:
     def _save(self) -> None:
         self._flush_skips()  # logged before the checkpoint: a resume from it neither repeats nor loses them
         if dist.is_main():
-            state = {"step": self.step, "samples_seen": self.position,
-                     "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                     "rng": ckpt.rng_state(), "config": to_dict(self.cfg)}
+            state = {
+                "step": self.step,
+                "samples_seen": self.position,
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": ckpt.rng_state(),
+                "config": to_dict(self.cfg),
+            }
             ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
         dist.barrier()
 
@@ -207,14 +230,14 @@ class Trainer:
                 self.epoch = (self.position - 1) // len(self.dataset)
                 self._flush_skips(before_epoch=self.epoch)
             if dist.all_ranks_true(batch["size"] > 0, self.device):
-                return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
-                        for k, v in batch.items()}
-            dropped = Skipped(f"stream position {self.position}", "dropped batch: another rank's samples were all unreadable")
+                return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            dropped = Skipped(
+                f"stream position {self.position}", "dropped batch: another rank's samples were all unreadable"
+            )
             self.pending_skips.setdefault(self.epoch, []).extend([dropped] * batch["size"])
 
     def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16,
-                                  enabled=self.precision == "bf16")
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
         with autocast:
             losses = (self.ddp or self.model)(batch)
         weights = self.cfg.train.loss_weights
@@ -233,8 +256,9 @@ class Trainer:
             for name, value in {"loss": total, **losses}.items():
                 totals[name] = totals.get(name, 0.0) + value.item() / accum
         if self.cfg.train.grad_clip > 0:
-            totals["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(),
-                                                                        self.cfg.train.grad_clip))
+            totals["grad_norm"] = float(
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+            )
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.model.after_optimizer_step()  # e.g. momentum (EMA) encoders
@@ -244,10 +268,16 @@ class Trainer:
         return totals
 
     def _progress(self) -> Progress:
-        return Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[rate]}"), TextColumn("loss {task.fields[loss]}"),
-                        TimeRemainingColumn(), console=console,
-                        disable=not (self.show_progress and dist.is_main()))
+        return Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[rate]}"),
+            TextColumn("loss {task.fields[loss]}"),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not (self.show_progress and dist.is_main()),
+        )
 
     def fit(self, stop_at: int | None = None) -> dict[str, float]:
         """Train until `train.steps` (or `stop_at`, as if killed there), checkpointing every
@@ -257,18 +287,28 @@ class Trainer:
         self.model.train()
         image_size = self.model.image_size()  # None: a text-only recipe, no images decoded
         transform = train_transform(image_size, scale=self.cfg.data.crop_scale) if image_size else None
-        collator = Collator(self.tokenizer, self.model.text_config().context_length, self.model.tokenizer_style,
-                            self.cfg.data.prompt)
-        loader = train_loader(TrainSet(self.dataset, transform, cfg.seed, self.cfg.data.text), collator,
-                              self.global_batch(), cfg.seed, self.position,
-                              dist.rank(), dist.world_size(), self.cfg.data.workers)
+        collator = Collator(
+            self.tokenizer, self.model.text_config().context_length, self.model.tokenizer_style, self.cfg.data.prompt
+        )
+        loader = train_loader(
+            TrainSet(self.dataset, transform, cfg.seed, self.cfg.data.text),
+            collator,
+            self.global_batch(),
+            cfg.seed,
+            self.position,
+            dist.rank(),
+            dist.world_size(),
+            self.cfg.data.workers,
+        )
         try:
             return self._fit_loop(iter(loader), last)
         except RuntimeError as err:
             if dist.is_distributed() and dist.is_timeout(err):
-                raise rundir.RunError(f"rank {dist.rank()}: another rank did not answer for "
-                                      f"{cfg.dist_timeout:g} s (train.dist_timeout), so the job stops; "
-                                      "the last checkpoint is intact for --resume") from err
+                raise rundir.RunError(
+                    f"rank {dist.rank()}: another rank did not answer for "
+                    f"{cfg.dist_timeout:g} s (train.dist_timeout), so the job stops; "
+                    "the last checkpoint is intact for --resume"
+                ) from err
             raise
         finally:
             self.close()
@@ -289,11 +329,18 @@ class Trainer:
                 if self.step % cfg.log_every == 0 or self.step == cfg.steps:
                     elapsed = time.perf_counter() - window_start
                     steps_per_s = window_steps / elapsed
-                    values.update(step=self.step, epoch=self.epoch, steps_per_s=steps_per_s,
-                                  samples_per_s=steps_per_s * self.global_batch() * cfg.accum)
+                    values.update(
+                        step=self.step,
+                        epoch=self.epoch,
+                        steps_per_s=steps_per_s,
+                        samples_per_s=steps_per_s * self.global_batch() * cfg.accum,
+                    )
                     self._log(values)
-                    bar.update(task, rate=f"{steps_per_s:.2f} it/s {values['samples_per_s']:.0f} samples/s",
-                               loss=f"{values['loss']:.4f}")
+                    bar.update(
+                        task,
+                        rate=f"{steps_per_s:.2f} it/s {values['samples_per_s']:.0f} samples/s",
+                        loss=f"{values['loss']:.4f}",
+                    )
                     window_start, window_steps = time.perf_counter(), 0
                 bar.update(task, completed=self.step)
                 if self.step % cfg.ckpt_every == 0 or self.step == last:
@@ -306,9 +353,17 @@ def _skip_summary(skips: list[Skipped]) -> dict[str, Any]:
     return {"count": len(skips), "samples": [f"{s.source}: {s.reason}" for s in skips[:100]]}
 
 
-def train_run(recipe: str, out: Path, config: Path | None = None, overrides: list[str] | None = None,
-              init: Path | None = None, resume: bool = False, progress: bool = True, overwrite: bool = False,
-              allow_changes: bool = False) -> dict[str, float]:
+def train_run(
+    recipe: str,
+    out: Path,
+    config: Path | None = None,
+    overrides: list[str] | None = None,
+    init: Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+    allow_changes: bool = False,
+) -> dict[str, float]:
     """What `vlp train` does: the run config, then training; returns the last logged values.
 
     A fresh run takes `config` (default: the recipe's tiny.yaml; with `init`, the pretrained run's

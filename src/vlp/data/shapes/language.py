@@ -41,16 +41,40 @@ RELATION_WORDS = {
 
 # Caption templates by (number of objects mentioned, whether a relation between {0} and {1} is).
 _TEMPLATES = {
-    (1, False): ("{0}", "there is {0}", "a picture of {0}", "an image of {0}",
-                 "{0} on a noisy background", "a drawing of {0}"),
+    (1, False): (
+        "{0}",
+        "there is {0}",
+        "a picture of {0}",
+        "an image of {0}",
+        "{0} on a noisy background",
+        "a drawing of {0}",
+    ),
     (2, False): ("{0} and {1}", "there is {0} and {1}", "a picture of {0} and {1}"),
-    (2, True): ("{0} {r} {1}", "there is {0} {r} {1}", "a picture of {0} {r} {1}",
-                "{0} is {r} {1}"),
-    (3, True): ("{0} {r} {1}, and {2}", "a picture of {0} {r} {1}, and {2}",
-                "{2}, and {0} {r} {1}", "there is {0} {r} {1}, and also {2}"),
+    (2, True): ("{0} {r} {1}", "there is {0} {r} {1}", "a picture of {0} {r} {1}", "{0} is {r} {1}"),
+    (3, True): (
+        "{0} {r} {1}, and {2}",
+        "a picture of {0} {r} {1}, and {2}",
+        "{2}, and {0} {r} {1}",
+        "there is {0} {r} {1}, and also {2}",
+    ),
 }
-_FILLER = {"a", "an", "the", "there", "is", "of", "and", "also", "to", "picture", "image",
-           "drawing", "on", "noisy", "background"}
+_FILLER = {
+    "a",
+    "an",
+    "the",
+    "there",
+    "is",
+    "of",
+    "and",
+    "also",
+    "to",
+    "picture",
+    "image",
+    "drawing",
+    "on",
+    "noisy",
+    "background",
+}
 
 
 @dataclass(frozen=True)
@@ -71,6 +95,7 @@ class Claim:
 
 
 # --- parsing -------------------------------------------------------------------------------------
+
 
 def _head(phrase: str) -> str:
     """The word that carries a relation phrase: "to the left of" -> "left"."""
@@ -118,8 +143,7 @@ def parse_caption(text: str) -> Claim:
 
 def _find(mention: Mention, objects: Sequence[dict]) -> dict | None:
     for obj in objects:
-        if (obj["color"], obj["shape"]) == (mention.color, mention.shape) and \
-                mention.size in (None, obj["size"]):
+        if (obj["color"], obj["shape"]) == (mention.color, mention.shape) and mention.size in (None, obj["size"]):
             return obj
     return None
 
@@ -138,6 +162,7 @@ def caption_is_true(text: str, objects: Sequence[dict]) -> bool:
 
 
 # --- captions --------------------------------------------------------------------------------
+
 
 def _with_article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase

@@ -36,7 +36,7 @@ def _corrupt_attribute(claim: Claim, objects: Sequence[dict], rng: np.random.Gen
         wrong = replace(m, shape=_pick(rng, shapes))
     else:
         wrong = replace(m, color=_pick(rng, _absent_colors(objects, m.shape, False)))
-    return replace(claim, mentions=claim.mentions[:k] + (wrong,) + claim.mentions[k + 1:])
+    return replace(claim, mentions=claim.mentions[:k] + (wrong,) + claim.mentions[k + 1 :])
 
 
 def _invert_relation(claim: Claim, objects: Sequence[dict], rng: np.random.Generator) -> Claim:

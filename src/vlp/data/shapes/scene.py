@@ -16,8 +16,14 @@ from PIL import Image, ImageDraw
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = ("red", "green", "blue", "yellow", "purple", "orange")
 SIZES = ("small", "large")
-RGB = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 90, 230),  # before jitter
-       "yellow": (235, 215, 40), "purple": (150, 60, 200), "orange": (245, 140, 30)}
+RGB = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (40, 90, 230),  # before jitter
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 200),
+    "orange": (245, 140, 30),
+}
 RELATIONS = ("left of", "right of", "above", "below")
 HELD_OUT = (("red", "triangle"), ("green", "circle"), ("blue", "diamond"), ("yellow", "square"))
 OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
@@ -39,8 +45,13 @@ def relation_holds(a: dict, relation: str, b: dict) -> bool:
 
 def true_relations(objects: Sequence[dict]) -> list[list]:
     """All [i, relation, j] that hold between the objects of a scene."""
-    return [[i, rel, j] for i, a in enumerate(objects) for j, b in enumerate(objects)
-            for rel in RELATIONS if i != j and relation_holds(a, rel, b)]
+    return [
+        [i, rel, j]
+        for i, a in enumerate(objects)
+        for j, b in enumerate(objects)
+        for rel in RELATIONS
+        if i != j and relation_holds(a, rel, b)
+    ]
 
 
 def _pick(rng: np.random.Generator | None, options: Sequence) -> Any:
@@ -61,19 +72,20 @@ def _absent_colors(objects: Sequence[dict], shape: str, held_out_ok: bool) -> li
 
 # --- layout and pixels ---------------------------------------------------------------------------
 
+
 def _attributes(n: int, compositional: bool, rng: np.random.Generator) -> list[tuple[str, str]]:
     """Distinct shapes and colours; one held-out pair or more in compositional scenes, else none."""
     pairs = [_pick(rng, HELD_OUT)] if compositional else []
     shapes = [str(s) for s in rng.permutation(SHAPES) if s not in {p[1] for p in pairs}]
     for shape in shapes[: n - len(pairs)]:
         used = {c for c, _ in pairs}
-        pairs.append((_pick(rng, [c for c in COLORS if c not in used
-                                  and _allowed(c, shape, compositional)]), shape))
+        pairs.append((_pick(rng, [c for c in COLORS if c not in used and _allowed(c, shape, compositional)]), shape))
     return [pairs[k] for k in rng.permutation(n)]
 
 
-def _try_place(radii: list[int], image_size: int, margin: int, rng: np.random.Generator,
-               attempts: int = 20, candidates: int = 32) -> list[tuple[int, int]] | None:
+def _try_place(
+    radii: list[int], image_size: int, margin: int, rng: np.random.Generator, attempts: int = 20, candidates: int = 32
+) -> list[tuple[int, int]] | None:
     """Centres keeping every pair of objects apart on some axis, or None if none were found."""
     for _ in range(attempts):
         placed: list[tuple[int, int]] = []

@@ -26,6 +26,7 @@ _NUMBERS = ("one", "two", "three")
 
 # --- questions and swap pairs ------------------------------------------------------------------
 
+
 def _qa(objects: Sequence[dict], rng: np.random.Generator, held_out_ok: bool) -> list[dict]:
     """One question per type: color, shape, count, exists (yes/no balanced), relation."""
     obj = _pick(rng, objects)
@@ -38,8 +39,9 @@ def _qa(objects: Sequence[dict], rng: np.random.Generator, held_out_ok: bool) ->
         color, shape = _pick(rng, present)
         answer = "yes"
     else:
-        color, shape = _pick(rng, [(c, s) for c in COLORS for s in SHAPES
-                                   if (c, s) not in present and _allowed(c, s, held_out_ok)])
+        color, shape = _pick(
+            rng, [(c, s) for c in COLORS for s in SHAPES if (c, s) not in present and _allowed(c, s, held_out_ok)]
+        )
         answer = "no"
     qa.append((f"is there {_with_article(f'{color} {shape}')}?", answer, "exists"))
     if len(objects) > 1:
@@ -47,17 +49,18 @@ def _qa(objects: Sequence[dict], rng: np.random.Generator, held_out_ok: bool) ->
         answer = "yes" if rng.random() < 0.5 else "no"
         asked = rel if answer == "yes" else OPPOSITE[rel]
         a, b = objects[i], objects[j]
-        qa.append((f"is the {a['color']} {a['shape']} {asked} the {b['color']} {b['shape']}?",
-                   answer, "relation"))
+        qa.append((f"is the {a['color']} {a['shape']} {asked} the {b['color']} {b['shape']}?", answer, "relation"))
     return [{"question": q, "answer": a, "type": t} for q, a, t in qa]
 
 
-def _attribute_swap(objects: Sequence[dict], rng: np.random.Generator,
-                    held_out_ok: bool) -> tuple[Claim, Claim]:
+def _attribute_swap(objects: Sequence[dict], rng: np.random.Generator, held_out_ok: bool) -> tuple[Claim, Claim]:
     """Exchange the colours of two objects or, where none can, replace one object's colour."""
     full = [Mention(o["color"], o["shape"], o["size"]) for o in objects]
-    pairs = [(a, b) for a, b in itertools.combinations(full, 2)
-             if _allowed(b.color, a.shape, held_out_ok) and _allowed(a.color, b.shape, held_out_ok)]
+    pairs = [
+        (a, b)
+        for a, b in itertools.combinations(full, 2)
+        if _allowed(b.color, a.shape, held_out_ok) and _allowed(a.color, b.shape, held_out_ok)
+    ]
     if pairs:
         a, b = _pick(rng, pairs)
         return Claim((a, b)), Claim((replace(a, color=b.color), replace(b, color=a.color)))
@@ -73,12 +76,18 @@ def _swaps(objects: Sequence[dict], rng: np.random.Generator, held_out_ok: bool)
     if len(objects) > 1:
         i, rel, j = _pick(rng, true_relations(objects))
         a, b = (Mention(o["color"], o["shape"], o["size"]) for o in (objects[i], objects[j]))
-        swaps.append({"true": _render(Claim((a, b), ((0, rel, 1),)), None),
-                      "false": _render(Claim((b, a), ((0, rel, 1),)), None), "kind": "relation"})
+        swaps.append(
+            {
+                "true": _render(Claim((a, b), ((0, rel, 1),)), None),
+                "false": _render(Claim((b, a), ((0, rel, 1),)), None),
+                "kind": "relation",
+            }
+        )
     return swaps
 
 
 # --- classification ------------------------------------------------------------------------------
+
 
 def class_names(task: str) -> list[str]:
     """Class names for zero-shot classification: task "shape", "color" or "color_shape"."""

@@ -72,8 +72,11 @@ class ShapesWorld:
         meta["relations"] = true_relations(objects)
         if split == "classify":
             obj = objects[0]
-            meta["labels"] = {"shape": obj["shape"], "color": obj["color"],
-                              "color_shape": f"{obj['color']} {obj['shape']}"}
+            meta["labels"] = {
+                "shape": obj["shape"],
+                "color": obj["color"],
+                "color_shape": f"{obj['color']} {obj['shape']}",
+            }
         meta["qa"] = _qa(objects, task_rng, held_out_ok)
         meta["swaps"] = _swaps(objects, task_rng, held_out_ok)
         if split == "train":
@@ -93,9 +96,10 @@ class ShapesWorld:
         pairs = _attributes(n, split == "compositional", rng)
         sizes = [_pick(rng, SIZES) for _ in pairs]
         sizes, centres = self._place(sizes, rng)
-        return [{"shape": shape, "color": color, "size": size, "x": x, "y": y,
-                 "r": self._radius(size)}
-                for (color, shape), size, (x, y) in zip(pairs, sizes, centres)]
+        return [
+            {"shape": shape, "color": color, "size": size, "x": x, "y": y, "r": self._radius(size)}
+            for (color, shape), size, (x, y) in zip(pairs, sizes, centres)
+        ]
 
     def _radius(self, size: str) -> int:
         return round((0.10 if size == "small" else 0.18) * self.image_size)
@@ -103,14 +107,14 @@ class ShapesWorld:
     def _place(self, sizes: list[str], rng: np.random.Generator) -> tuple[list[str], list]:
         """Centres for the objects; large ones shrink to small while they do not fit."""
         margin = -(-6 * self.image_size // 100)  # ceil(0.06 * image_size)
-        while (centres := _try_place([self._radius(s) for s in sizes], self.image_size,
-                                     margin, rng)) is None:
+        while (centres := _try_place([self._radius(s) for s in sizes], self.image_size, margin, rng)) is None:
             sizes = list(sizes)
             sizes[sizes.index("large")] = "small"  # all-small scenes always fit at >= 32 px
         return sizes, centres
 
-    def _train_caption(self, objects: list[dict], i: int, text_rng: np.random.Generator,
-                       noise_rng: np.random.Generator) -> tuple[str, dict]:
+    def _train_caption(
+        self, objects: list[dict], i: int, text_rng: np.random.Generator, noise_rng: np.random.Generator
+    ) -> tuple[str, dict]:
         """The one train caption, corrupted with probability `noise`, and its noise flags."""
         claim = _claim(objects, text_rng)
         style = int(text_rng.integers(2**63))  # the same words for the clean and noisy text

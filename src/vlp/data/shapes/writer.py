@@ -58,20 +58,30 @@ def _write_csv(out: Path, split: str, records: Iterator[Record], shard_size: int
 
 
 _WRITERS: dict[str, Callable[[Path, str, Iterator[Record], int], None]] = {
-    "wds": _write_wds, "jsonl": _write_jsonl, "csv": _write_csv}
+    "wds": _write_wds,
+    "jsonl": _write_jsonl,
+    "csv": _write_csv,
+}
 
 
-def _records(world: ShapesWorld, split: str, count: int,
-             advance: Callable[[], None]) -> Iterator[Record]:
+def _records(world: ShapesWorld, split: str, count: int, advance: Callable[[], None]) -> Iterator[Record]:
     for i in range(count):
         sample = world.sample(split, i)
         yield i, _png(sample.image), sample.captions, sample.meta
         advance()
 
 
-def write_shapes(out: Path, counts: dict[str, int], *, seed: int = 0, image_size: int = 64,
-                 noise: float = 0.0, format: str = "wds", shard_size: int = 5000,
-                 progress: bool = True) -> dict:
+def write_shapes(
+    out: Path,
+    counts: dict[str, int],
+    *,
+    seed: int = 0,
+    image_size: int = 64,
+    noise: float = 0.0,
+    format: str = "wds",
+    shard_size: int = 5000,
+    progress: bool = True,
+) -> dict:
     """Write the given number of samples of each split under `out`; returns info.json's dict."""
     if format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; expected one of {FORMATS}")
@@ -84,17 +94,23 @@ def write_shapes(out: Path, counts: dict[str, int], *, seed: int = 0, image_size
         raise ValueError(f"shard_size must be positive, got {shard_size!r}")
     world = ShapesWorld(seed=seed, image_size=image_size, noise=noise)
     out = Path(out)
-    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(),
-                  disable=not progress) as bar:
+    with Progress(*Progress.get_default_columns(), MofNCompleteColumn(), disable=not progress) as bar:
         for split, count in counts.items():
             (out / split).mkdir(parents=True, exist_ok=True)
             task = bar.add_task(f"shapes {split}", total=count)
             records = _records(world, split, count, partial(bar.advance, task))
             _WRITERS[format](out, split, records, shard_size)
     info = {
-        "version": 1, "format": format, "seed": seed, "image_size": image_size, "noise": noise,
-        "splits": dict(counts), "shapes": list(SHAPES), "colors": list(COLORS),
-        "held_out": [list(pair) for pair in HELD_OUT], "prompt_templates": list(PROMPT_TEMPLATES),
+        "version": 1,
+        "format": format,
+        "seed": seed,
+        "image_size": image_size,
+        "noise": noise,
+        "splits": dict(counts),
+        "shapes": list(SHAPES),
+        "colors": list(COLORS),
+        "held_out": [list(pair) for pair in HELD_OUT],
+        "prompt_templates": list(PROMPT_TEMPLATES),
         "classes": {task: class_names(task) for task in ("shape", "color", "color_shape")},
     }
     (out / "info.json").write_text(json.dumps(info, indent=2) + "\n")
