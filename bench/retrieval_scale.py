@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from generation_hf import hf_compatible_blip  # noqa: E402  (bench/ is the script's folder)
 from PIL import Image
 
+from vlp.eval.encode import itm_scorer
 from vlp.eval.retrieval import blockwise_topk, rerank
-from vlp.eval.run import itm_scorer
 
 QUERIES, DIM, K, K_TEST = 1000, 256, 10, 16
 RERANKED = "vlp + ITM re-ranking"

@@ -25,8 +25,8 @@ import torch
 import vlp
 from vlp.data.formats import open_dataset
 from vlp.data.shapes import caption_is_true
-from vlp.eval.retrieval import blockwise_topk
-from vlp.eval.run import embed_images, embed_texts, itm_scorer, texts_of
+from vlp.eval.encode import embed_images, embed_texts, itm_scorer
+from vlp.eval.retrieval import blockwise_topk, texts_of
 
 
 def mean(values: list[float]) -> float | None:

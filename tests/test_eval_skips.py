@@ -12,7 +12,8 @@ import torch
 import vlp
 from vlp.data.tokenizer import Tokenizer
 from vlp.eval.report import write_report
-from vlp.eval.run import evaluate, metric_rows
+from vlp.eval.results import metric_rows
+from vlp.eval.run import evaluate
 
 
 def _members(shard: Path) -> list[tuple[str, bytes]]:

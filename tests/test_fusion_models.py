@@ -184,7 +184,7 @@ def test_itm_scorer_reads_images_per_block_and_equals_direct_scores(shapes_dir):
     from vlp.data.formats import open_dataset
     from vlp.data.tokenizer import Tokenizer
     from vlp.data.transforms import model_images
-    from vlp.eval.run import itm_scorer
+    from vlp.eval.encode import itm_scorer
 
     tokenizer = Tokenizer.load(shapes_dir)
     torch.manual_seed(0)

@@ -210,7 +210,7 @@ def evaluate(
     """Evaluate a trained run; writes eval.json (and report.html) in the run directory."""
     import vlp
     from vlp.eval.report import write_report
-    from vlp.eval.run import console, results_table
+    from vlp.eval.results import console, results_table
     from vlp.eval.run import evaluate as run_eval
     from vlp.interop.pretrained import is_pretrained_dir
     from vlp.train.checkpoint import run_of
@@ -234,7 +234,7 @@ def evaluate(
 
 def decoding_options(method: str) -> dict:
     """The decoding settings behind a `--decoding` choice (BLIP's evaluation uses beam 3)."""
-    from vlp.eval.run import decoding_preset
+    from vlp.eval.captioning import decoding_preset
 
     try:
         return decoding_preset(method)

@@ -31,7 +31,7 @@ import torch
 from vlp.data.formats import CaptionDataset, write_webdataset
 from vlp.data.sample import Skipped
 from vlp.data.transforms import model_images
-from vlp.eval.run import DEFAULT_DECODING, decoding_preset
+from vlp.eval.captioning import DEFAULT_DECODING, decoding_preset
 from vlp.train.checkpoint import write_text_atomic
 
 Captioner = Callable[[list[Any], torch.Generator], list[list[str]]]  # images -> captions per image
@@ -317,7 +317,7 @@ def itm_scorer(model: Any) -> Scorer:
     """BLIP's filter: the ITM match probability of each (image, candidate caption)."""
 
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
-        from vlp.eval.run import itm_pair_scores, tokenize_texts
+        from vlp.eval.encode import itm_pair_scores, tokenize_texts
 
         texts, rows = _flatten(candidates)
         encoded = tokenize_texts(model, texts)
@@ -332,7 +332,7 @@ def embedding_scorer(model: Any) -> Scorer:
 
     @torch.no_grad()
     def score(images: list[Any], candidates: list[list[str]]) -> list[list[float]]:
-        from vlp.eval.run import embed_texts, paired
+        from vlp.eval.encode import embed_texts, paired
 
         image_emb = model.encode_image(model_images(model, images)).cpu()
         texts, rows = _flatten(candidates)

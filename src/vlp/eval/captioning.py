@@ -12,8 +12,17 @@ from __future__ import annotations
 
 import re
 import shutil
+import time
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import torch
+
+from vlp.data.formats import CaptionDataset
+from vlp.data.sample import Skipped
+from vlp.eval.encode import image_batches
+from vlp.models.recipe import Recipe
 
 METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor")
 _WORD = re.compile(r"[^\W_]+")
@@ -98,3 +107,44 @@ def caption_diversity(captions: Sequence[str]) -> dict[str, float]:
     counts = Counter(map(tuple, words))
     result["unique_captions"] = 100.0 * sum(counts[tuple(w)] == 1 for w in words) / len(words)
     return result
+
+
+# 30 new tokens: the longest shapes-world caption is 22 (capped by the model at its context length)
+DEFAULT_DECODING = {"method": "beam", "num_beams": 3, "max_new_tokens": 30, "min_new_tokens": 3}
+
+
+def decoding_preset(method: str) -> dict[str, Any]:
+    """The decoding settings behind a method name: beam (3 beams, BLIP's evaluation), greedy, or
+    nucleus (top-p 0.9), each with DEFAULT_DECODING's lengths."""
+    presets = {
+        "beam": DEFAULT_DECODING,
+        "greedy": {**DEFAULT_DECODING, "method": "greedy"},
+        "nucleus": {**DEFAULT_DECODING, "method": "nucleus", "top_p": 0.9},
+    }
+    if method not in presets:
+        raise ValueError(f"decoding must be one of {sorted(presets)}, got {method!r}")
+    options = dict(presets[method])
+    if method != "beam":
+        options.pop("num_beams")
+    return options
+
+
+@torch.no_grad()
+def captioning(
+    model: Recipe,
+    dataset: CaptionDataset,
+    decoding: dict[str, Any],
+    batch_size: int = 64,
+    skipped: list[Skipped] | None = None,
+) -> tuple[dict[str, Any], dict[int, str]]:
+    """BLEU-4, CIDEr (and METEOR with Java) of generated captions against each test image's
+    references, and their diversity; returns the metrics and the captions by sample index.
+    Images that do not decode are appended to `skipped`."""
+    start = time.perf_counter()
+    generated: dict[int, str] = {}
+    for indices, images in image_batches(model, dataset, [] if skipped is None else skipped, batch_size):
+        generated.update(zip(indices, model.caption(images, **decoding)))
+    metrics = caption_metrics(generated, {i: dataset.captions(i) for i in generated})
+    metrics.update(caption_diversity(list(generated.values())))
+    metrics.update(seconds=time.perf_counter() - start, decoding=[f"{k}={v}" for k, v in decoding.items()])
+    return metrics, generated

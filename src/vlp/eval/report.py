@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
-from vlp.eval.run import metric_rows  # noqa: E402
+from vlp.eval.results import metric_rows  # noqa: E402
 
 
 def _png_data_uri(data: bytes) -> str:

@@ -8,11 +8,16 @@ re-rank each query's ITC shortlist by their match score (`reranked_recall_at_k`)
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import torch
 
+from vlp.data.formats import CaptionDataset
+from vlp.data.sample import Skipped
+from vlp.eval.encode import embed_images, embed_texts, itm_scorer, record_skips
 from vlp.losses.itc import dot_similarity
+from vlp.models.recipe import Recipe
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -119,3 +124,70 @@ def rerank(top: torch.Tensor, k_test: int, score: Callable[[torch.Tensor, torch.
     scores = score(queries, top[:, :k_test].reshape(-1)).view(-1, k_test)
     order = scores.argsort(dim=1, descending=True, stable=True)
     return torch.cat([top[:, :k_test].gather(1, order), top[:, k_test:]], dim=1)
+
+
+def texts_of(dataset: CaptionDataset, kept: list[int]) -> tuple[list[str], torch.Tensor]:
+    """Every caption of the `kept` items and, for each, its item's row in `kept`."""
+    texts, owner = [], []
+    for row, index in enumerate(kept):
+        captions = dataset.captions(index)
+        texts += captions
+        owner += [row] * len(captions)
+    return texts, torch.tensor(owner)
+
+
+def retrieval(
+    model: Recipe, dataset: CaptionDataset, examples: int = 0, k_test: int = 0, skipped: list[Skipped] | None = None
+) -> tuple[dict, dict | None, list]:
+    """Recall@1/5/10 both ways; with `k_test` and a recipe with an ITM head, also the recalls
+    after ITM re-ranking of each query's ITC top-k_test; optionally the top-5 captions of the
+    first `examples` images. Returns (ITC metrics, re-ranked metrics or None, examples); images
+    that do not decode are appended to `skipped`."""
+    start = time.perf_counter()
+    image_emb, kept, lost = embed_images(model, dataset)
+    record_skips(skipped, lost)
+    texts, owner = texts_of(dataset, kept)
+    text_emb = embed_texts(model, texts)
+    metrics = recall_at_k(image_emb, text_emb, owner, similarity=model.embedding_similarity)
+    metrics["seconds"] = time.perf_counter() - start
+    reranked = None
+    if k_test and model.has_itm():
+        reranked = _itm_reranked(model, dataset, kept, image_emb, texts, owner, text_emb, k_test)
+    shown = []
+    if examples:
+        top = blockwise_topk(image_emb[:examples], text_emb, 5, similarity=model.embedding_similarity)
+        for row, indices in enumerate(top.tolist()):
+            shown.append(
+                {
+                    "index": kept[row],
+                    "truth": dataset.captions(kept[row]),
+                    "top5": [{"caption": texts[j], "correct": int(owner[j]) == row} for j in indices],
+                }
+            )
+    return metrics, reranked, shown
+
+
+def _itm_reranked(
+    model: Recipe,
+    dataset: CaptionDataset,
+    kept: list[int],
+    image_emb: torch.Tensor,
+    texts: list[str],
+    owner: torch.Tensor,
+    text_emb: torch.Tensor,
+    k_test: int,
+) -> dict[str, float]:
+    """Recall@K with each query's ITC top-`k_test` re-ranked by the model's ITM score; reports
+    the extra seconds and the number of ITM (fusion) passes it cost."""
+    start = time.perf_counter()
+    itm = itm_scorer(model, dataset, kept, texts)
+    pairs = 0
+
+    def score(image_idx: torch.Tensor, text_idx: torch.Tensor) -> torch.Tensor:
+        nonlocal pairs
+        pairs += len(image_idx)
+        return itm(image_idx, text_idx)
+
+    metrics = reranked_recall_at_k(image_emb, text_emb, owner, score, k_test, similarity=model.embedding_similarity)
+    metrics.update(extra_seconds=time.perf_counter() - start, k_test=k_test, itm_pairs=pairs)
+    return metrics
