@@ -8,6 +8,7 @@ captions and metadata. Supported formats:
 - open_clip style CSV/TSV, one row per caption (`read_csv`)
 - COCO captions in Karpathy's or BLIP/LAVIS's JSON layout (`read_coco_karpathy`)
 - a folder of class subfolders, for classification (`read_image_folder`)
+- VQAv2's questions and annotations JSON with COCO's images, for VQA (`read_vqav2`)
 
 `open_dataset` picks the right reader for a path.
 
@@ -609,6 +610,152 @@ def _is_image_folder(path: Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------
+# VQAv2 (questions and annotations JSON, COCO images)
+
+VQAV2_QUESTIONS = "v2_OpenEnded_mscoco_{split}_questions.json"
+VQAV2_ANNOTATIONS = "v2_mscoco_{split}_annotations.json"
+VQAV2_IMAGE_PATTERNS = ("COCO_{split}_{image_id:012d}.jpg", "{image_id}.jpg")  # COCO's names, else bare ids
+VQAV2_DEFAULT_SPLIT = "val2014"
+_VQAV2_SPLITS = {"train": "train2014", "val": "val2014", "test": "test2015", "test-dev": "test-dev2015"}
+
+
+def read_vqav2(
+    path: PathLike,
+    split: str = VQAV2_DEFAULT_SPLIT,
+    image_root: PathLike | None = None,
+    strict: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    image_patterns: str | tuple[str, ...] = VQAV2_IMAGE_PATTERNS,
+) -> CaptionDataset:
+    """Read VQAv2 as downloaded: `path/v2_OpenEnded_mscoco_<split>_questions.json` and
+    `path/v2_mscoco_<split>_annotations.json`, with COCO's images of the split.
+
+    One item per image (in the order of the questions), without captions, with meta
+    {"image_id", "qa": [{"question", "answer" (the annotation's "multiple_choice_answer"),
+    "answers" (the ten annotators'), "type" (the answer type: "yes/no", "number", "other"),
+    "question_type", "question_id"}]}. `split` is VQAv2's name ("val2014"; "train", "val",
+    "test" and "test-dev" name the 2014/2015 splits). An image is the first of `image_patterns`
+    (formatted with `split` and `image_id`) found in `image_root`, default `path/<split>` (COCO's
+    folder) if that exists, else `path`; it must lie inside that folder.
+
+    Scoring needs the annotators' answers, so the annotations file is required (DataError
+    without it: the test splits' answers are held by the evaluation server). A question without
+    an annotation is skipped as "missing annotation: question_id N", a malformed one as the
+    other readers skip theirs; an image left with no question is not an item.
+    """
+    split, path = _VQAV2_SPLITS.get(split, split), Path(path)
+    questions_path = path / VQAV2_QUESTIONS.format(split=split)
+    annotations = _vqav2_annotations(path / VQAV2_ANNOTATIONS.format(split=split))
+    if image_root is None:
+        image_root = path / split if (path / split).is_dir() else path
+    root, patterns = Path(image_root), _vqav2_patterns(image_patterns, split)
+    listing, allowed = _Listing(strict, max_pixels), _real(root)
+    by_image: dict[int, list[dict[str, Any]]] = {}
+    for i, record in enumerate(_vqav2_section(questions_path, "questions")):
+        try:
+            image_id, qa = _vqav2_qa(record, annotations)
+        except _Bad as bad:
+            listing.skip(f"{questions_path}:questions[{i}]", str(bad))
+            continue
+        by_image.setdefault(image_id, []).append(qa)
+    for image_id, qa in by_image.items():
+        listing.add(f"{questions_path}:image_id {image_id}", _vqav2_entry, image_id, qa, split, patterns, root, allowed)
+    return listing.dataset(path)
+
+
+def _vqav2_annotations(path: Path) -> dict[int, dict[str, Any]]:
+    """The annotations by question id (records without an integer id are left out: their
+    questions are then skipped as missing an annotation)."""
+    if not path.is_file():
+        raise DataError(
+            f"{path}: not found; VQA accuracy needs the annotators' answers "
+            "(a test split has none: its evaluation server holds them)"
+        )
+    records = _vqav2_section(path, "annotations")
+    return {a["question_id"]: a for a in records if isinstance(a, dict) and isinstance(a.get("question_id"), int)}
+
+
+def _vqav2_section(path: Path, key: str) -> list[Any]:
+    """The list under `key` of a VQAv2 JSON file; DataError if the file cannot be used at all."""
+    try:
+        data = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found") from None
+    except (ValueError, RecursionError) as exc:
+        raise DataError(f"{path}: not valid JSON: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get(key), list):
+        raise DataError(f"{path}: expected VQAv2's {{{key!r}: [...]}}")
+    return data[key]
+
+
+def _vqav2_patterns(patterns: str | tuple[str, ...], split: str) -> tuple[str, ...]:
+    patterns = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    for pattern in patterns:
+        try:
+            pattern.format(split=split, image_id=0)
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ValueError(f"image pattern {pattern!r}: {exc!r}; it may use {{split}} and {{image_id}}") from None
+    return patterns
+
+
+def _vqav2_qa(record: Any, annotations: dict[int, dict[str, Any]]) -> tuple[int, dict[str, Any]]:
+    """(image id, qa) of one question joined with its annotation; _Bad if either is unusable."""
+    if not isinstance(record, dict):
+        raise _Bad("malformed record", f"expected a JSON object, got {type(record).__name__}")
+    question_id, image_id = _vqav2_id(record, "question_id"), _vqav2_id(record, "image_id")
+    question = _vqav2_text(record, "question")
+    if not question:
+        raise _Bad("bad field", f"question_id {question_id}: 'question' is empty")
+    annotation = annotations.get(question_id)
+    if annotation is None:
+        raise _Bad("missing annotation", f"question_id {question_id}")
+    if annotation.get("image_id", image_id) != image_id:
+        raise _Bad("bad field", f"question_id {question_id}: annotated for image {annotation['image_id']}")
+    answers = _require(annotation, "answers")
+    if not isinstance(answers, list) or len(answers) < 2 or not all(isinstance(a, dict) for a in answers):
+        raise _Bad("bad field", f"question_id {question_id}: 'answers' must list 2+ annotators' {{'answer': ...}}")
+    qa = {
+        "question": question,
+        "answer": _vqav2_text(annotation, "multiple_choice_answer"),
+        "answers": [_vqav2_text(a, "answer") for a in answers],
+        "type": _vqav2_text(annotation, "answer_type"),
+        "question_type": _vqav2_text(annotation, "question_type") if "question_type" in annotation else "",
+        "question_id": question_id,
+    }
+    return image_id, qa
+
+
+def _vqav2_id(record: dict[str, Any], field: str) -> int:
+    value = _require(record, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise _Bad("bad field", f"{field!r} must be an integer id >= 0, got {value!r}")
+    return value
+
+
+def _vqav2_text(record: dict[str, Any], field: str) -> str:
+    value = _require(record, field)
+    if not isinstance(value, str) or _SURROGATES.search(value):
+        raise _Bad("bad field", f"{field!r} must be a (valid Unicode) string")
+    return value.strip()
+
+
+def _vqav2_entry(
+    image_id: int, qa: list[dict[str, Any]], split: str, patterns: tuple[str, ...], root: Path, allowed: Path
+) -> _Entry:
+    names = [pattern.format(split=split, image_id=image_id) for pattern in patterns]
+    name = next((name for name in names if (root / name).is_file()), names[0])
+    image = _image_path(root, name, "image", allowed)
+    return _Entry(image, [], {"image_id": image_id, "qa": qa}, image)
+
+
+def _is_vqav2(path: Path, split: str | None) -> bool:
+    """Whether `path` is a folder holding VQAv2's questions file for `split` (default val2014)."""
+    split = split or VQAV2_DEFAULT_SPLIT
+    split = _VQAV2_SPLITS.get(split, split)
+    return (path / VQAV2_QUESTIONS.format(split=split)).is_file()
+
+
+# ---------------------------------------------------------------------------------------------
 # one entry point
 
 READERS: dict[str, Callable[..., CaptionDataset]] = {
@@ -617,6 +764,7 @@ READERS: dict[str, Callable[..., CaptionDataset]] = {
     "csv": read_csv,
     "coco_karpathy": read_coco_karpathy,
     "image_folder": read_image_folder,
+    "vqav2": read_vqav2,
 }
 _FORMAT_BY_EXTENSION = {
     ".tar": "webdataset",
@@ -644,10 +792,15 @@ def open_dataset(
     (.tar, .jsonl, .csv/.tsv, .json = COCO; `split` is passed on to the COCO reader).
     `image_root` and `max_pixels` go to every reader (webdataset shards hold their images, so
     it ignores `image_root`); `reader_kwargs` go to the reader (see the `read_*` functions).
+    A directory holding VQAv2's `v2_OpenEnded_mscoco_{split}_questions.json` (split default
+    val2014) is read by `read_vqav2`.
     """
     if format is not None and format not in READERS:
         raise ValueError(f"unknown format {format!r}; expected one of {', '.join(READERS)}")
     path = Path(path)
+    if format == "vqav2" or (format is None and path.is_dir() and _is_vqav2(path, split)):
+        vqav2_split = split or VQAV2_DEFAULT_SPLIT
+        return read_vqav2(path, vqav2_split, image_root, strict, max_pixels, **reader_kwargs)
     if path.is_file():
         target = path
         format = format or _FORMAT_BY_EXTENSION.get(path.suffix.lower())
