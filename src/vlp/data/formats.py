@@ -29,6 +29,14 @@ allows images elsewhere; other paths are skipped as "path outside data set". Ima
 only if width x height <= `max_pixels` (`DEFAULT_MAX_PIXELS`), checked from the header before any
 pixel is decoded, so a small file cannot expand to gigabytes (a "pixel bomb"). Decoding applies
 the EXIF orientation (phone photos), so what the model sees is what a viewer shows.
+
+Labels, for classification, are read in every format that can carry one: image folders (the
+folder), webdataset `<key>.cls` members or a "label" in the `.json` member (CLIP_benchmark's
+layout), and a `label_key` column or field of CSV and JSONL. A labelled item needs no caption.
+Its metadata holds "label" (a class name) and/or "label_id" (an integer id); `class_labels`
+resolves both against the class list, which comes from a CLIP_benchmark `classnames.txt` beside
+the data (`dataset.classes_file`), else from the class folders or the sorted label names.
+`dataset.templates` holds the prompts of a `zeroshot_classification_templates.txt` found there.
 """
 
 from __future__ import annotations
@@ -57,6 +65,8 @@ from vlp.data.sample import DataError, Sample, Skipped
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PathLike = str | os.PathLike
 _SURROGATES = re.compile("[\ud800-\udfff]")  # in str from bytes that were not UTF-8
+CLASS_NAMES_FILE = "classnames.txt"  # CLIP_benchmark: line i is the name of class id i
+TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # CLIP_benchmark: "{c}" marks the name
 
 
 @dataclass(slots=True)
@@ -97,6 +107,8 @@ class CaptionDataset(Dataset):
         self.skipped = skipped
         self.strict = strict
         self.classes = classes or []
+        self.classes_file: str | None = None  # the classnames.txt `classes` was read from
+        self.templates: list[str] = []  # prompt templates ("{}" placeholder) found beside the data
         self.max_pixels = max_pixels
 
     def __len__(self) -> int:
@@ -184,8 +196,9 @@ class _Listing:
         return CaptionDataset(self.entries, str(source), self.skipped, self.strict, classes, self.max_pixels)
 
 
-def _clean_captions(value: Any, field: str) -> list[str]:
-    """A caption or list of captions, stripped, empty ones dropped; _Bad if none is left."""
+def _clean_captions(value: Any, field: str, allow_empty: bool = False) -> list[str]:
+    """A caption or list of captions, stripped, empty ones dropped; _Bad if none is left
+    (unless `allow_empty`: a labelled item needs no caption)."""
     if isinstance(value, str):
         value = [value]
     if not isinstance(value, list) or not all(isinstance(c, str) for c in value):
@@ -193,9 +206,25 @@ def _clean_captions(value: Any, field: str) -> list[str]:
     if any(_SURROGATES.search(c) for c in value):
         raise _Bad("bad field", f"{field!r} is not valid Unicode (a lone surrogate)")
     captions = [c.strip() for c in value if c.strip()]
-    if not captions:
+    if not captions and not allow_empty:
         raise _Bad("empty caption", f"field {field!r} has no non-empty caption")
     return captions
+
+
+def _label_meta(value: Any, field: str) -> dict[str, Any]:
+    """A listed label as metadata: {"label_id": id} for an integer or a string of ASCII digits
+    (CSV cells and `.cls` members are text), else {"label": class name}; _Bad otherwise."""
+    if isinstance(value, str):
+        value = value.strip()
+        if re.fullmatch("[0-9]+", value):
+            value = int(value) if len(value) <= 18 else -1  # int() refuses over 4300 digits
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise _Bad("bad label", f"{field!r} must be an id >= 0 with at most 18 digits")
+        return {"label_id": value}
+    if not isinstance(value, str) or not value or _SURROGATES.search(value):
+        raise _Bad("bad label", f"{field!r} must be a class name or an integer class id")
+    return {"label": value}
 
 
 def _image_path(base: Path, value: Any, field: str, root: Path) -> str:
@@ -243,25 +272,31 @@ def read_webdataset(
     image_keys: tuple[str, ...] = ("png", "jpg", "jpeg", "webp"),
     text_keys: tuple[str, ...] = ("json", "txt"),
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    label_keys: tuple[str, ...] = ("cls",),
 ) -> CaptionDataset:
     """Read webdataset tar shards: a directory of .tar files, a glob, a brace pattern
     (`shard-{000000..000003}.tar`), a single path, or a list of any of these.
 
     Members are grouped by key (the member path up to the first dot of its basename). A "json"
     member holds {"caption": str | [str], ...meta}; a "txt" member holds one caption. The first
-    of `image_keys` / `text_keys` present in a group is used.
+    of `image_keys` / `text_keys` present in a group is used. A label comes from a `label_keys`
+    member (CLIP_benchmark's `<key>.cls`: the class id as text) or else a "label" in the json
+    member; a labelled item needs no caption. `classnames.txt` and the templates file are looked
+    for in the first shard's folder, then its parent (CLIP_benchmark: `root/classnames.txt`
+    beside `root/test/0.tar`).
 
     All image bytes are held in memory, so this is meant for data sets that fit in RAM (up to a
     few GB of images); stream larger ones with the `webdataset` library instead.
     """
     shards = _resolve_shards(urls)
     listing = _Listing(strict, max_pixels)
+    wanted = set(image_keys) | set(text_keys) | set(label_keys)
     for shard in shards:
-        for key, members in _read_tar(shard, set(image_keys) | set(text_keys), listing).items():
+        for key, members in _read_tar(shard, wanted, listing).items():
             where = f"{shard}#{key}"
-            listing.add(where, _tar_entry, members, where, image_keys, text_keys)
+            listing.add(where, _tar_entry, members, where, image_keys, text_keys, label_keys)
     source = urls if isinstance(urls, (str, os.PathLike)) else ", ".join(map(str, urls))
-    return listing.dataset(source)
+    return _with_class_files(listing.dataset(source), Path(shards[0]).parent)
 
 
 def write_webdataset(
@@ -324,23 +359,43 @@ def _tar_entry(
     source: str,
     image_keys: Iterable[str],
     text_keys: Iterable[str],
+    label_keys: Iterable[str] = (),
 ) -> _Entry:
     image_key = next((k for k in image_keys if k in members), None)
     if image_key is None:
         raise _Bad("missing image", f"no member with extension {'/'.join(image_keys)}")
     text_key = next((k for k in text_keys if k in members), None)
-    if text_key is None:
-        raise _Bad("missing field", f"no {'/'.join(text_keys)} member")
+    label_key = next((k for k in label_keys if k in members), None)
+    if text_key is None and label_key is None:
+        raise _Bad("missing field", f"no {'/'.join([*text_keys, *label_keys])} member")
+    record = _tar_record(members, text_key) if text_key else {}
+    if label_key is not None:
+        label = _label_meta(_tar_text(members, label_key), f".{label_key}")
+    else:
+        label = _label_meta(record["label"], "label") if record.get("label") is not None else {}
+    caption = record.get("caption", []) if label else _require(record, "caption")
+    captions = _clean_captions(caption, "caption", allow_empty=bool(label))
+    meta = {k: v for k, v in record.items() if k not in ("caption", "label")} | label
+    return _Entry(members[image_key], captions, meta, source)
+
+
+def _tar_text(members: dict[str, bytes], key: str) -> str:
     try:
-        text = members[text_key].decode("utf-8")
+        return members[key].decode("utf-8")
+    except ValueError as exc:
+        raise _Bad("malformed member", f".{key}: {exc}") from None
+
+
+def _tar_record(members: dict[str, bytes], text_key: str) -> dict[str, Any]:
+    """The json member as a dict, or a txt member as {"caption": text}."""
+    text = _tar_text(members, text_key)
+    try:
         record = json.loads(text) if text_key == "json" else {"caption": text}
-    except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
+    except (ValueError, RecursionError) as exc:  # bad JSON, absurd nesting
         raise _Bad("malformed member", f".{text_key}: {exc}") from None
     if not isinstance(record, dict):
         raise _Bad("malformed member", f".{text_key}: expected a JSON object")
-    captions = _clean_captions(_require(record, "caption"), "caption")
-    meta = {k: v for k, v in record.items() if k != "caption"}
-    return _Entry(members[image_key], captions, meta, source)
+    return record
 
 
 # ---------------------------------------------------------------------------------------------
@@ -354,12 +409,15 @@ def read_jsonl(
     caption_key: str = "caption",
     image_root: PathLike | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    label_key: str | None = None,
 ) -> CaptionDataset:
     """Read one JSON object per line: {"image": path, "caption": str | [str], ...meta}.
 
     Image paths are relative to the JSONL file's directory (absolute paths are kept) and must lie
     inside `image_root` (default: that directory). All other fields become the item's metadata.
-    Blank lines are ignored.
+    Blank lines are ignored. With `label_key`, every line needs that field (a class name or an
+    integer id) and the caption becomes optional; `classnames.txt` and the templates file are
+    looked for in the file's folder, then its parent.
     """
     path = Path(path)
     root = _real(path.parent if image_root is None else image_root)
@@ -368,25 +426,32 @@ def read_jsonl(
         for line_number, line in enumerate(f, start=1):
             if line.strip():
                 where = f"{path}:{line_number}"
-                listing.add(where, _jsonl_entry, line, path.parent, image_key, caption_key, root)
-    return listing.dataset(path)
+                listing.add(where, _jsonl_entry, line, path.parent, image_key, caption_key, root, label_key)
+    return _with_class_files(listing.dataset(path), path.parent)
 
 
-def _jsonl_entry(line: bytes, base: Path, image_key: str, caption_key: str, root: Path) -> _Entry:
+def _jsonl_entry(
+    line: bytes, base: Path, image_key: str, caption_key: str, root: Path, label_key: str | None
+) -> _Entry:
     try:
         record = json.loads(line)
     except (ValueError, RecursionError) as exc:  # bad UTF-8, bad JSON, absurd nesting
         raise _Bad("malformed line", str(exc)) from None
     if not isinstance(record, dict):
         raise _Bad("malformed line", f"expected a JSON object, got {type(record).__name__}")
-    return _record_entry(record, base, image_key, caption_key, root)
+    return _record_entry(record, base, image_key, caption_key, root, label_key)
 
 
-def _record_entry(record: dict[str, Any], base: Path, image_key: str, caption_key: str, root: Path) -> _Entry:
-    """An entry from a {image_key: path, caption_key: str | [str], ...meta} record."""
-    captions = _clean_captions(_require(record, caption_key), caption_key)
+def _record_entry(
+    record: dict[str, Any], base: Path, image_key: str, caption_key: str, root: Path, label_key: str | None = None
+) -> _Entry:
+    """An entry from a {image_key: path, caption_key: str | [str], ...meta} record; with
+    `label_key`, a {image_key, label_key, [caption_key], ...meta} record."""
+    label = _label_meta(_require(record, label_key), label_key) if label_key else {}
+    caption = record.get(caption_key, []) if label else _require(record, caption_key)
+    captions = _clean_captions(caption, caption_key, allow_empty=bool(label))
     image = _image_path(base, _require(record, image_key), image_key, root)
-    meta = {k: v for k, v in record.items() if k not in (image_key, caption_key)}
+    meta = {k: v for k, v in record.items() if k not in (image_key, caption_key, label_key)} | label
     return _Entry(image, captions, meta, image)
 
 
@@ -402,6 +467,7 @@ def read_csv(
     sep: str | None = None,
     image_root: PathLike | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    label_key: str | None = None,
 ) -> CaptionDataset:
     """Read an open_clip style CSV/TSV with a header row, one row per caption.
 
@@ -410,7 +476,10 @@ def read_csv(
     Image paths are relative to the file's directory and must lie inside `image_root` (default:
     that directory). Other columns of an image's first row become its metadata. A row with bytes
     that are not UTF-8 is skipped. A missing column, or a header that is not UTF-8, always
-    raises DataError: the file is unusable.
+    raises DataError: the file is unusable. With `label_key`, that column is needed (a class
+    name or an integer id per row; an image's first row gives its label), the caption column
+    becomes optional and a row with an empty caption keeps its label; `classnames.txt` and the
+    templates file are looked for in the file's folder, then its parent.
     """
     path = Path(path)
     root = _real(path.parent if image_root is None else image_root)
@@ -422,15 +491,15 @@ def read_csv(
         if sep is None:
             sep = "\t" if path.suffix.lower() == ".tsv" or "\t" in header else ","
         columns = next(csv.reader([header], delimiter=sep), [])
-        for column in (image_key, caption_key):
+        for column in (image_key, label_key) if label_key else (image_key, caption_key):
             if column not in columns:
                 found = ", ".join(columns) or "nothing"
                 raise DataError(f"{path}:1: missing column {column!r} (header has {found})")
         listing = _Listing(strict, max_pixels)
-        groups = _group_csv_rows(path, f, sep, columns, image_key, caption_key, listing)
+        groups = _group_csv_rows(path, f, sep, columns, (image_key, caption_key, label_key), listing)
     for image, (where, captions, meta) in groups.items():
         listing.add(where, _csv_entry, path.parent, image, captions, meta, image_key, root)
-    return listing.dataset(path)
+    return _with_class_files(listing.dataset(path), path.parent)
 
 
 def _group_csv_rows(
@@ -438,12 +507,12 @@ def _group_csv_rows(
     f: Iterable[str],
     sep: str,
     columns: list[str],
-    image_key: str,
-    caption_key: str,
+    keys: tuple[str, str, str | None],
     listing: _Listing,
-) -> dict[str, tuple[str, list[str], dict[str, str]]]:
-    """Rows grouped by image: {image: (where it is first listed, captions, first row's meta)}."""
-    groups: dict[str, tuple[str, list[str], dict[str, str]]] = {}
+) -> dict[str, tuple[str, list[str], dict[str, Any]]]:
+    """Rows grouped by image: {image: (where it is first listed, captions, first row's meta)};
+    `keys` are the image, caption and label columns."""
+    groups: dict[str, tuple[str, list[str], dict[str, Any]]] = {}
     rows = csv.reader(f, delimiter=sep)
     try:
         for values in rows:
@@ -451,35 +520,38 @@ def _group_csv_rows(
             if not values:
                 continue
             try:
-                image, caption, meta = _csv_row(values, columns, image_key, caption_key)
+                image, caption, meta = _csv_row(values, columns, *keys)
             except _Bad as bad:
                 listing.skip(where, str(bad))
                 continue
-            groups.setdefault(image, (where, [], meta))[1].append(caption)
+            captions = groups.setdefault(image, (where, [], meta))[1]
+            captions += [caption] if caption else []  # only a labelled row may have none
     except csv.Error as exc:
         raise DataError(f"{path}:{rows.line_num + 1}: unreadable row: {exc}") from None
     return groups
 
 
 def _csv_row(
-    values: list[str], columns: list[str], image_key: str, caption_key: str
-) -> tuple[str, str, dict[str, str]]:
-    """(image, caption, other columns) of one row; _Bad if the row is malformed or empty."""
+    values: list[str], columns: list[str], image_key: str, caption_key: str, label_key: str | None = None
+) -> tuple[str, str, dict[str, Any]]:
+    """(image, caption, other columns) of one row; _Bad if the row is malformed or empty (with
+    `label_key`: if its label is; the caption may then be empty or its column absent)."""
     if any(_SURROGATES.search(v) for v in values):
         raise _Bad("malformed row", "not UTF-8")
     if len(values) != len(columns):
         raise _Bad("malformed row", f"{len(values)} fields, the header has {len(columns)}")
     row = dict(zip(columns, values))
-    caption = row[caption_key].strip()
-    if not caption:
+    label = _label_meta(row[label_key], label_key) if label_key else {}
+    caption = row.get(caption_key, "").strip()
+    if not caption and not label:
         raise _Bad("empty caption", f"column {caption_key!r}")
     if not row[image_key]:
         raise _Bad("bad field", f"column {image_key!r} is empty")
-    meta = {k: v for k, v in row.items() if k not in (image_key, caption_key)}
+    meta = {k: v for k, v in row.items() if k not in (image_key, caption_key, label_key)} | label
     return row[image_key], caption, meta
 
 
-def _csv_entry(base: Path, image: str, captions: list[str], meta: dict[str, str], image_key: str, root: Path) -> _Entry:
+def _csv_entry(base: Path, image: str, captions: list[str], meta: dict[str, Any], image_key: str, root: Path) -> _Entry:
     path = _image_path(base, image, image_key, root)
     return _Entry(path, captions, meta, path)
 
@@ -578,7 +650,10 @@ def read_image_folder(
     Items have no captions and meta {"label": class_name, "label_id": int}, classes sorted by
     name (`dataset.classes`). Files without an image extension are recorded as skipped; hidden
     files are ignored. Files must resolve inside `image_root` (default: `root`), so a symlink
-    to elsewhere is skipped unless `image_root` allows it.
+    to elsewhere is skipped unless `image_root` allows it. A class folder without any image file
+    is recorded as skipped ("empty class"; DataError when strict) and keeps its id, so ids agree
+    across splits. A `classnames.txt` in `root` or its parent replaces the folder names in
+    `dataset.classes` (ImageNet's folders are WordNet ids; line i names the i-th folder).
     """
     root = Path(root)
     if not root.is_dir():
@@ -589,10 +664,12 @@ def read_image_folder(
     allowed = _real(root if image_root is None else image_root)
     listing = _Listing(strict, max_pixels)
     for label_id, label in enumerate(classes):
-        for path in sorted((root / label).rglob("*")):
-            if path.is_file() and not path.name.startswith("."):
-                listing.add(str(path), _folder_entry, path, label, label_id, allowed)
-    return listing.dataset(root, classes)
+        files = [p for p in sorted((root / label).rglob("*")) if p.is_file() and not p.name.startswith(".")]
+        if not any(p.suffix.lower() in IMAGE_EXTENSIONS for p in files):
+            listing.skip(str(root / label), f"empty class: no image file in class folder {label!r} (id {label_id})")
+        for path in files:
+            listing.add(str(path), _folder_entry, path, label, label_id, allowed)
+    return _with_class_files(listing.dataset(root, classes), root)
 
 
 def _folder_entry(path: Path, label: str, label_id: int, root: Path) -> _Entry:
@@ -607,6 +684,114 @@ def _is_image_folder(path: Path) -> bool:
     return path.is_dir() and any(
         sub.is_dir() and any(f.suffix.lower() in IMAGE_EXTENSIONS for f in sub.iterdir()) for sub in path.iterdir()
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# class names and prompt templates (classification, CLIP_benchmark's files)
+
+
+def read_class_names(path: PathLike) -> list[str]:
+    """A `classnames.txt`: one class name per line, line i naming class id i. Names are
+    stripped and trailing blank lines ignored; a blank line before the last name (it would shift
+    every later id) or bytes that are not UTF-8 are a DataError naming the line. A name may
+    repeat (ids, not names, define the classes).
+    """
+    lines = _text_lines(path)
+    while lines and not lines[-1].strip():
+        lines.pop()
+    names = [line.strip() for line in lines]
+    if "" in names:
+        raise DataError(f"{path}:{names.index('') + 1}: blank line; line i must name class id i")
+    if not names:
+        raise DataError(f"{path}: no class names")
+    return names
+
+
+def read_templates(path: PathLike) -> list[str]:
+    """A `zeroshot_classification_templates.txt`: one prompt template per line, blank lines
+    ignored, as vlp templates (`template.format(name)`). CLIP_benchmark's `{c}` placeholder
+    becomes `{}` (other braces in such a line are literal); a line without `{c}` must already
+    be a vlp template with one `{}`. A line with neither is a DataError naming the line.
+    """
+    templates = []
+    for number, line in enumerate(_text_lines(path), start=1):
+        line = line.strip()
+        if not line:
+            continue
+        if "{c}" in line:  # "{0}" where the name appears twice
+            placeholder = "{}" if line.count("{c}") == 1 else "{0}"
+            line = placeholder.join(part.replace("{", "{{").replace("}", "}}") for part in line.split("{c}"))
+        try:
+            marked = "\0" in line.format("\0")
+        except (IndexError, KeyError, ValueError):
+            marked = False
+        if not marked:
+            raise DataError(f"{path}:{number}: template {line!r} has no {{c}} or {{}} placeholder for the class name")
+        templates.append(line)
+    if not templates:
+        raise DataError(f"{path}: no templates")
+    return templates
+
+
+def _text_lines(path: PathLike) -> list[str]:
+    try:
+        return Path(path).read_bytes().decode("utf-8-sig").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8: {exc}") from None
+
+
+def _with_class_files(dataset: CaptionDataset, folder: Path) -> CaptionDataset:
+    """Attach the class names and templates found in `folder`, else its parent (CLIP_benchmark
+    keeps them beside the split folders). Without a class-names file, labels that are all class
+    names give the sorted distinct names, as class folders do."""
+    for directory in (folder, folder.parent):
+        if (directory / CLASS_NAMES_FILE).is_file():
+            dataset.classes_file = str(directory / CLASS_NAMES_FILE)
+            dataset.classes = read_class_names(dataset.classes_file)
+            break
+    else:
+        metas = [entry.meta for entry in dataset.entries]
+        if not dataset.classes and metas and all("label" in meta for meta in metas):
+            dataset.classes = sorted({meta["label"] for meta in metas})
+    for directory in (folder, folder.parent):
+        if (directory / TEMPLATES_FILE).is_file():
+            dataset.templates = read_templates(directory / TEMPLATES_FILE)
+            break
+    return dataset
+
+
+def class_labels(dataset: CaptionDataset, class_names: list[str] | None = None) -> tuple[list[int], list[str]]:
+    """(each item's class id, the class names) for zero-shot classification.
+
+    The names are `class_names` if given, else `dataset.classes`. An item's class is its label
+    name (meta "label") when the names hold it, else its id (meta "label_id", e.g. a `.cls`
+    member or a class folder's position) when 0 <= id < len(names). Any other label, or an item
+    without one, is a DataError naming the label, the first item carrying it, how many items are
+    affected and where the names came from: a class list that does not match the data (a wrong
+    `classnames.txt`, a typo) would otherwise score a different task without a word.
+    """
+    names = list(class_names) if class_names is not None else dataset.classes
+    origin = "the class_names given" if class_names is not None else dataset.classes_file
+    origin = origin or f"the classes of {dataset.source}"
+    if not names:
+        raise DataError(f"{dataset.source}: no class names; put a {CLASS_NAMES_FILE} (line i names id i) beside it")
+    index = {name: i for i, name in reversed(list(enumerate(names)))}  # a repeated name: its first id
+    ids, unmatched = [], {}
+    for entry in dataset.entries:
+        label, label_id = entry.meta.get("label"), entry.meta.get("label_id")
+        if isinstance(label, str) and label in index:
+            ids.append(index[label])
+        elif isinstance(label_id, int) and 0 <= label_id < len(names):
+            ids.append(label_id)
+        else:
+            what = repr(label) if label is not None else f"id {label_id}" if label_id is not None else None
+            unmatched.setdefault(what, []).append(entry.source)
+    if unmatched:
+        what, sources = next(iter(unmatched.items()))
+        problem = "no label" if what is None else f"label {what}, not in {origin} ({len(names)} classes)"
+        count = f"{sum(len(s) for s in unmatched.values())} item(s), {len(unmatched)} distinct label(s)"
+        raise DataError(f"{dataset.source}: {sources[0]} has {problem}; {count} do not match")
+    return ids, names
 
 
 # ---------------------------------------------------------------------------------------------
