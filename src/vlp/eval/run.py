@@ -30,10 +30,11 @@ import torch
 from vlp.data.formats import CaptionDataset, open_dataset
 from vlp.data.sample import Skipped
 from vlp.eval.captioning import DEFAULT_DECODING, captioning
-from vlp.eval.encode import embed_images, embed_texts, image_batches, record_skips
+from vlp.eval.encode import embed_images, embed_texts, record_skips
 from vlp.eval.probe import probe
 from vlp.eval.results import console, report_skips
 from vlp.eval.retrieval import retrieval
+from vlp.eval.vqa import vqa
 from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
 from vlp.models.recipe import Recipe
 
@@ -53,28 +54,6 @@ def zeroshot(
         labels = torch.tensor([names.index(dataset.meta(i)["labels"][task]) for i in kept])
         results[f"{task}_top1"] = zeroshot_accuracy(image_emb, labels, class_emb, model.embedding_similarity)
     return results
-
-
-@torch.no_grad()
-def vqa(
-    model: Recipe, dataset: CaptionDataset, batch_size: int = 64, skipped: list[Skipped] | None = None
-) -> dict[str, float]:
-    """Exact-match accuracy (overall and per question type) of greedy answers to every
-    question-answer pair of the split; images that do not decode are appended to `skipped`."""
-    from vlp.eval.vqa import vqa_accuracy
-
-    predictions, answers, types = [], [], []
-    for indices, images in image_batches(model, dataset, [] if skipped is None else skipped, batch_size):
-        pairs = [(row, qa) for row, index in enumerate(indices) for qa in dataset.meta(index).get("qa", [])]
-        if not pairs:
-            continue
-        rows = torch.tensor([row for row, _ in pairs], device=images.device)
-        predictions += model.answer_texts(images[rows], [qa["question"] for _, qa in pairs])
-        answers += [qa["answer"] for _, qa in pairs]
-        types += [qa["type"] for _, qa in pairs]
-    if not answers:
-        raise ValueError(f"{dataset.source}: no question-answer pairs (meta.qa) to evaluate VQA on")
-    return vqa_accuracy(predictions, answers, types)
 
 
 def evaluate(

@@ -20,6 +20,13 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 
+import torch
+
+from vlp.data.formats import CaptionDataset
+from vlp.data.sample import Skipped
+from vlp.eval.encode import image_batches
+from vlp.models.recipe import Recipe
+
 _WORD = re.compile(r"[^\W_]+")
 _ARTICLES = {"a", "an", "the"}
 _NUMBERS = {
@@ -144,3 +151,27 @@ def _by_type(scores: list[float], types: list[str]) -> dict[str, float]:
         result[f"accuracy_{kind}"] = 100.0 * sum(by_type[kind]) / len(by_type[kind])
         result[f"n_{kind}"] = len(by_type[kind])
     return result
+
+
+@torch.no_grad()
+def vqa(
+    model: Recipe, dataset: CaptionDataset, batch_size: int = 64, skipped: list[Skipped] | None = None
+) -> dict[str, float]:
+    """Accuracy (overall and per question type) of greedy answers to every question-answer pair
+    of the split: VQAv2's official accuracy where pairs carry the ten annotators' "answers",
+    exact match against the one "answer" otherwise (the shapes world). Images that do not
+    decode are appended to `skipped`."""
+    predictions, answers, types = [], [], []
+    for indices, images in image_batches(model, dataset, [] if skipped is None else skipped, batch_size):
+        pairs = [(row, qa) for row, index in enumerate(indices) for qa in dataset.meta(index).get("qa", [])]
+        if not pairs:
+            continue
+        rows = torch.tensor([row for row, _ in pairs], device=images.device)
+        predictions += model.answer_texts(images[rows], [qa["question"] for _, qa in pairs])
+        answers += [qa.get("answers", qa["answer"]) for _, qa in pairs]
+        types += [qa["type"] for _, qa in pairs]
+    if not answers:
+        raise ValueError(f"{dataset.source}: no question-answer pairs (meta.qa) to evaluate VQA on")
+    if all(isinstance(answer, list) for answer in answers):
+        return vqa_official_accuracy(predictions, answers, types)
+    return vqa_accuracy(predictions, answers, types)
