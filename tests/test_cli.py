@@ -36,7 +36,8 @@ def test_train_eval_report_end_to_end(tmp_path, tiny_config, shapes_dir):
     result = runner.invoke(app, ["eval", str(run)])
     assert result.exit_code == 0, result.output
     results = json.loads((run / "eval.json").read_text())
-    assert set(results["zeroshot"]) == {"shape_top1", "color_top1", "color_shape_top1"}
+    metrics = ("top1", "top5", "mean_per_class_recall")
+    assert set(results["zeroshot"]) == {f"{task}_{m}" for task in ("shape", "color", "color_shape") for m in metrics}
     assert 0 <= results["retrieval"]["i2t_R@1"] <= results["retrieval"]["i2t_R@5"] <= 100
     assert 0 <= results["probe"]["accuracy"] <= 100
     html = (run / "report.html").read_text()

@@ -93,7 +93,7 @@ def test_eval_reports_unreadable_samples_and_scores_the_rest(tmp_path, damaged_s
     # The metrics were computed on the 22 readable test images, none of the damaged ones.
     shown = json.loads((run / "examples.json").read_text())
     assert len(shown) == 22 and 0 <= saved["retrieval"]["i2t_R@1"] <= 100
-    assert set(saved["zeroshot"]) == {"shape_top1", "color_top1", "color_shape_top1"}
+    assert {"shape_top1", "color_top1", "color_shape_top1"} <= set(saved["zeroshot"])
     assert 0 <= saved["probe"]["accuracy"] <= 100
 
     printed = capsys.readouterr().out

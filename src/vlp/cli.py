@@ -191,13 +191,34 @@ def evaluate(
             help="Run directory (or one of its checkpoints), or a transformers/open_clip checkpoint directory."
         ),
     ],
-    data: Annotated[Optional[Path], typer.Option(help="Data set (default: the run's data.path).")] = None,
+    data: Annotated[
+        Optional[Path],
+        typer.Option(
+            help="Data set in any format vlp reads (shards, JSONL, CSV, COCO-Karpathy JSON, an image "
+            "folder, VQAv2), or the shapes world (default: the run's data.path)."
+        ),
+    ] = None,
     tasks: Annotated[
         Optional[str],
         typer.Option(
             help="Comma-separated subset of zeroshot,retrieval,probe,caption,vqa "
-            "(default: every task the run's recipe supports)."
+            "(default: every task the recipe supports that the data allows)."
         ),
+    ] = None,
+    split: Annotated[
+        Optional[str],
+        typer.Option(help="Split of --data to evaluate on (default: the data itself, else 'test')."),
+    ] = None,
+    classes: Annotated[
+        Optional[str],
+        typer.Option(
+            help="Zero-shot class names: a file (one per line, line i = class id i) or a comma-separated "
+            "list (default: the data's classnames.txt or class folders)."
+        ),
+    ] = None,
+    templates: Annotated[
+        Optional[Path],
+        typer.Option(help="Zero-shot prompt templates, one per line with {} or {c} for the class name."),
     ] = None,
     decoding: Annotated[
         str, typer.Option(help="Caption decoding: beam (3 beams), greedy or nucleus (top-p 0.9).")
@@ -207,8 +228,15 @@ def evaluate(
         int, typer.Option(help="Recipes with an ITM head: re-rank each query's ITC top-k by ITM score.")
     ] = 16,
 ) -> None:
-    """Evaluate a trained run; writes eval.json (and report.html) in the run directory."""
+    """Evaluate a model on a data set; writes eval.json (and report.html) beside the model.
+
+    Examples: `vlp eval runs/clip` (the run's own data), `vlp eval runs/clip --data imagenet/val
+    --classes classnames.txt` (zero-shot top-1/top-5/mean per-class recall), `vlp eval hf-clip
+    --data dataset_coco.json --tasks retrieval` (Karpathy's test split), `vlp eval runs/blip_vqa
+    --data vqav2/` (official VQA accuracy).
+    """
     import vlp
+    from vlp.data.formats import read_class_names, read_templates
     from vlp.eval.report import write_report
     from vlp.eval.results import console, results_table
     from vlp.eval.run import evaluate as run_eval
@@ -225,6 +253,9 @@ def evaluate(
         run_dir,
         tasks=tasks and [t.strip() for t in tasks.split(",") if t.strip()],
         k_test=k_test,
+        split=split,
+        classes=classes and (read_class_names(Path(classes)) if Path(classes).is_file() else classes.split(",")),
+        templates=templates and read_templates(templates),
         decoding=decoding_options(decoding),
     )
     console.print(results_table(results))

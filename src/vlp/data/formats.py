@@ -765,7 +765,8 @@ def class_labels(dataset: CaptionDataset, class_names: list[str] | None = None) 
 
     The names are `class_names` if given, else `dataset.classes`. An item's class is its label
     name (meta "label") when the names hold it, else its id (meta "label_id", e.g. a `.cls`
-    member or a class folder's position) when 0 <= id < len(names). Any other label, or an item
+    member or a class folder's position) when 0 <= id < len(names) and the item has no name, or no
+    item's name is among the names (folders named by id, named in order). Any other label, or an item
     without one, is a DataError naming the label, the first item carrying it, how many items are
     affected and where the names came from: a class list that does not match the data (a wrong
     `classnames.txt`, a typo) would otherwise score a different task without a word.
@@ -776,12 +777,15 @@ def class_labels(dataset: CaptionDataset, class_names: list[str] | None = None) 
     if not names:
         raise DataError(f"{dataset.source}: no class names; put a {CLASS_NAMES_FILE} (line i names id i) beside it")
     index = {name: i for i, name in reversed(list(enumerate(names)))}  # a repeated name: its first id
+    # Names match names; ids stand in for items without a name, and for all when no name matches
+    # (class folders named by WordNet id, with a classnames.txt in folder order).
+    by_name = any(entry.meta.get("label") in index for entry in dataset.entries)
     ids, unmatched = [], {}
     for entry in dataset.entries:
         label, label_id = entry.meta.get("label"), entry.meta.get("label_id")
         if isinstance(label, str) and label in index:
             ids.append(index[label])
-        elif isinstance(label_id, int) and 0 <= label_id < len(names):
+        elif (label is None or not by_name) and isinstance(label_id, int) and 0 <= label_id < len(names):
             ids.append(label_id)
         else:
             what = repr(label) if label is not None else f"id {label_id}" if label_id is not None else None

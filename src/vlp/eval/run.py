@@ -21,39 +21,22 @@ split's listing, or an image that does not decode) are printed once per split wi
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from vlp.data.formats import CaptionDataset, open_dataset
-from vlp.data.sample import Skipped
+from vlp.data.formats import CaptionDataset, class_labels, format_skips, open_dataset
+from vlp.data.sample import DataError, Skipped
 from vlp.eval.captioning import DEFAULT_DECODING, captioning
-from vlp.eval.encode import embed_images, embed_texts, record_skips
 from vlp.eval.probe import probe
 from vlp.eval.results import console, report_skips
 from vlp.eval.retrieval import retrieval
 from vlp.eval.vqa import vqa
-from vlp.eval.zeroshot import class_embeddings, zeroshot_accuracy
+from vlp.eval.zeroshot import zeroshot
 from vlp.models.recipe import Recipe
 
 TASKS = ("zeroshot", "retrieval", "probe", "caption", "vqa")
-
-
-def zeroshot(
-    model: Recipe, dataset: CaptionDataset, info: dict[str, Any], skipped: list[Skipped] | None = None
-) -> dict[str, float]:
-    """Top-1 accuracy on the classify split for each label task in `info["classes"]`; images
-    that do not decode are appended to `skipped`."""
-    image_emb, kept, lost = embed_images(model, dataset)
-    record_skips(skipped, lost)
-    results = {}
-    for task, names in info["classes"].items():
-        class_emb = class_embeddings(lambda t: embed_texts(model, t), names, info["prompt_templates"])
-        labels = torch.tensor([names.index(dataset.meta(i)["labels"][task]) for i in kept])
-        results[f"{task}_top1"] = zeroshot_accuracy(image_emb, labels, class_emb, model.embedding_similarity)
-    return results
 
 
 def evaluate(
@@ -64,54 +47,156 @@ def evaluate(
     examples: int = 8,
     k_test: int = 16,
     decoding: dict[str, Any] | None = None,
+    split: str | None = None,
+    classes: list[str] | None = None,
+    templates: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run the chosen protocols (default: all the recipe supports); write eval.json (and
-    examples.json) into `run_dir` if given."""
+    """Run the chosen protocols on `data`; write eval.json (and examples.json) into `run_dir`.
+
+    `data` is the shapes world (its info.json names the splits, classes and templates) or any
+    data set `open_dataset` reads: a directory, a split of it (`split`), or a file (COCO-Karpathy
+    JSON: `split` defaults to "test"). `classes` and `templates` give zero-shot classification
+    what the data does not hold (else its `classnames.txt` / templates file, its class folders,
+    vlp's default templates). Default tasks: those the recipe supports that the data allows.
+    """
     data = Path(data)
     unknown = set(tasks or ()) - set(TASKS)
     if unknown:
         raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {list(TASKS)}")
+    shapes = data.is_dir() and (data / "info.json").is_file() and split is None and classes is None
+    plan = _shapes_plan(data) if shapes else _data_plan(data, split, classes, templates)
+    tasks = _chosen_tasks(model, tasks, plan)
+    results: dict[str, Any] = {"data": str(data)}
+    shown: list = []
+    main = plan.open(plan.main)
+    if "zeroshot" in tasks:
+        labelled = plan.open(plan.labelled)
+        label_sets = plan.label_sets(labelled)
+        results["zeroshot"] = zeroshot(model, labelled, label_sets, plan.templates, plan.skips(plan.labelled))
+    if "retrieval" in tasks:
+        results["retrieval"], reranked, shown = retrieval(model, main, examples, k_test, plan.skips(plan.main))
+        if reranked is not None:
+            results["retrieval_itm"] = reranked
+        if plan.compositional:
+            compositional = plan.open(plan.compositional)
+            results["retrieval_compositional"] = retrieval(
+                model, compositional, skipped=plan.skips(plan.compositional)
+            )[0]
+    if "probe" in tasks:
+        results["probe"] = probe(model, main, plan.skips(plan.main))
+    if "vqa" in tasks:
+        results["vqa"] = vqa(model, main, skipped=plan.skips(plan.main))
+    if "caption" in tasks:
+        results["caption"], generated = captioning(
+            model, main, decoding or DEFAULT_DECODING, skipped=plan.skips(plan.main)
+        )
+        for example in shown:
+            example["generated"] = generated.get(example["index"])
+    results["skipped"] = report_skips(plan.skipped)
+    if run_dir is not None:
+        (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
+        _save_examples(Path(run_dir), main, shown)
+    return results
+
+
+@dataclass
+class _Plan:
+    """Where each task reads its data: split names of `data` (None: `data` itself)."""
+
+    data: Path
+    main: str | None  # retrieval, probe, captioning, VQA
+    labelled: str | None  # zero-shot classification
+    compositional: str | None
+    templates: list[str] | None
+    label_sets: Callable[[CaptionDataset], dict[str, tuple[list[int], list[str]]]]
+    offers: set[str]  # the tasks the data allows
+    opened: dict[str | None, CaptionDataset] = field(default_factory=dict)
+    skipped: dict[str, list[Skipped]] = field(default_factory=dict)  # by split: listing and decoding skips
+
+    def skips(self, split: str | None) -> list[Skipped]:
+        """The list that collects `split`'s skips (eval.json names the data itself "data")."""
+        return self.skipped.setdefault(split or "data", [])
+
+    def open(self, split: str | None) -> CaptionDataset:
+        """A split, opened once; its listing-time skips start its `skips`."""
+        if split not in self.opened:
+            self.opened[split] = open_dataset(self.data, split=split)
+            if not len(self.opened[split]):
+                raise DataError(
+                    f"{self.data}: split {split or '(the data itself)'} has no usable sample; "
+                    f"{format_skips(self.opened[split].skipped)}"
+                )
+            self.skips(split).extend(self.opened[split].skipped)
+        return self.opened[split]
+
+
+def _shapes_plan(data: Path) -> _Plan:
+    """The shapes world: retrieval, probe, captioning and VQA on "test", zero-shot on "classify"
+    for each label task of info.json (shape, colour, colour+shape) with its prompt templates."""
     info = json.loads((data / "info.json").read_text())
+
+    def label_sets(dataset: CaptionDataset) -> dict[str, tuple[list[int], list[str]]]:
+        return {
+            task: ([names.index(dataset.meta(i)["labels"][task]) for i in range(len(dataset))], names)
+            for task, names in info["classes"].items()
+        }
+
+    compositional = "compositional" if info["splits"].get("compositional") else None
+    return _Plan(data, "test", "classify", compositional, info["prompt_templates"], label_sets, set(TASKS))
+
+
+def _data_plan(data: Path, split: str | None, classes: list[str] | None, templates: list[str] | None) -> _Plan:
+    """Any other data set: every task on the one set (`split` of `data`, or `data` itself), as
+    far as it holds what the task needs (labels, captions, question-answer pairs, swaps)."""
+    split = _default_split(data) if split is None else split
+    plan = _Plan(data, split, split, None, templates, lambda d: {"": class_labels(d, classes)}, set())
+    dataset = plan.open(split)
+    plan.templates = templates or dataset.templates or None
+    metas = [dataset.meta(i) for i in range(len(dataset))]
+    if any("label" in m or "label_id" in m for m in metas):
+        plan.offers.add("zeroshot")
+    if any(dataset.captions(i) for i in range(len(dataset))):
+        plan.offers |= {"retrieval", "caption"}
+    plan.offers |= {task for task, key in (("vqa", "qa"), ("probe", "swaps")) if any(m.get(key) for m in metas)}
+    return plan
+
+
+def _default_split(data: Path) -> str | None:
+    """None where `data` itself is the set (a listing file, shards, class folders), "test" for a
+    directory of splits and for a COCO-Karpathy file."""
+    if data.is_file():
+        return "test" if data.suffix == ".json" else None
+    try:
+        open_dataset(data)
+        return None
+    except DataError:
+        return "test"
+
+
+def _chosen_tasks(model: Recipe, tasks: Iterable[str] | None, plan: _Plan) -> list[str]:
+    """The tasks to run: those asked (default: all) that the recipe supports and the data offers;
+    a task asked for explicitly that the data cannot serve is an error naming what is missing."""
     supported = model.eval_tasks
-    tasks = list(supported if tasks is None else tasks)
+    if tasks is None:
+        return [task for task in supported if task in plan.offers]
+    missing = [task for task in tasks if task in supported and task not in plan.offers]
+    if missing:
+        needs = {
+            "zeroshot": "labels",
+            "retrieval": "captions",
+            "caption": "captions",
+            "vqa": "question-answer pairs",
+            "probe": "swap pairs",
+        }
+        raise DataError(
+            f"{plan.data}: --tasks {','.join(missing)} need(s) "
+            f"{', '.join(needs[t] for t in missing)}, which the data set does not hold"
+        )
     if set(tasks) - set(supported):
         console.print(
             f"[yellow]skipping {sorted(set(tasks) - set(supported))}: recipe {model.recipe} supports {list(supported)}"
         )
-    tasks = [task for task in tasks if task in supported]
-    results: dict[str, Any] = {"data": str(data)}
-    shown: list = []
-    skipped: dict[str, list[Skipped]] = {}  # split -> its listing-time and decoding skips
-    test = open_split(data, "test", skipped)
-    if "zeroshot" in tasks:
-        results["zeroshot"] = zeroshot(model, open_split(data, "classify", skipped), info, skipped["classify"])
-    if "retrieval" in tasks:
-        results["retrieval"], reranked, shown = retrieval(model, test, examples, k_test, skipped["test"])
-        if reranked is not None:
-            results["retrieval_itm"] = reranked
-        if info["splits"].get("compositional"):
-            compositional = open_split(data, "compositional", skipped)
-            results["retrieval_compositional"] = retrieval(model, compositional, skipped=skipped["compositional"])[0]
-    if "probe" in tasks:
-        results["probe"] = probe(model, test, skipped["test"])
-    if "vqa" in tasks:
-        results["vqa"] = vqa(model, test, skipped=skipped["test"])
-    if "caption" in tasks:
-        results["caption"], generated = captioning(model, test, decoding or DEFAULT_DECODING, skipped=skipped["test"])
-        for example in shown:
-            example["generated"] = generated.get(example["index"])
-    results["skipped"] = report_skips(skipped)
-    if run_dir is not None:
-        (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
-        _save_examples(Path(run_dir), test, shown)
-    return results
-
-
-def open_split(data: Path, split: str, skipped: dict[str, list[Skipped]]) -> CaptionDataset:
-    """`split` of the data set `data`; its listing-time skips start `skipped[split]`."""
-    dataset = open_dataset(data, split=split)
-    skipped.setdefault(split, []).extend(dataset.skipped)
-    return dataset
+    return [task for task in tasks if task in supported]
 
 
 def _save_examples(run_dir: Path, dataset: CaptionDataset, shown: list[dict]) -> None:

@@ -14,7 +14,11 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from vlp.data.formats import CaptionDataset
+from vlp.data.sample import Skipped
+from vlp.eval.encode import embed_images, embed_texts, record_skips
 from vlp.losses.itc import dot_similarity
+from vlp.models.recipe import Recipe
 
 Similarity = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -90,3 +94,26 @@ def _mean_per_class_recall(hits: torch.Tensor, labels: torch.Tensor, num_classes
     right = torch.bincount(labels[hits], minlength=num_classes)  # [C] of them predicted right
     present = count > 0
     return 100.0 * (right[present].float() / count[present]).mean().item()
+
+
+@torch.no_grad()
+def zeroshot(
+    model: Recipe,
+    dataset: CaptionDataset,
+    label_sets: dict[str, tuple[list[int], list[str]]],
+    templates: list[str] | None = None,
+    skipped: list[Skipped] | None = None,
+) -> dict[str, float]:
+    """Zero-shot classification of `dataset`'s images, once per label set: {name: (class id of
+    each item, class names)}; metrics as `zeroshot_metrics`, prefixed "name_" (none for the
+    name ""). The images are embedded once; those that do not decode go to `skipped`."""
+    image_emb, kept, lost = embed_images(model, dataset)
+    record_skips(skipped, lost)
+    results: dict[str, float] = {}
+    for name, (labels, classes) in label_sets.items():
+        class_emb = class_embeddings(lambda texts: embed_texts(model, texts), classes, templates)
+        metrics = zeroshot_metrics(
+            image_emb, torch.tensor([labels[i] for i in kept]), class_emb, model.embedding_similarity
+        )
+        results.update({f"{name}_{key}" if name else key: value for key, value in metrics.items()})
+    return results

@@ -1,0 +1,184 @@
+"""`vlp eval` on data sets other than the shapes world: image folders, CLIP_benchmark shards,
+a user's CSV, COCO-Karpathy JSON; known answers from models that are perfect or constant by
+construction, and clear errors for data that cannot serve a task."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+import webdataset as wds
+from PIL import Image
+from typer.testing import CliRunner
+
+from test_interop_clip import HF_SHAPES, hf_clip
+from vlp.cli import app
+from vlp.data.sample import DataError
+from vlp.data.tokenizer import Tokenizer
+from vlp.eval.run import evaluate
+from vlp.models.recipe import Recipe
+
+COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220)}
+
+
+class WordTokenizer:
+    """Each text becomes one token: the id of the first colour word it contains."""
+
+    def __call__(self, texts, max_length=None, style=None):
+        ids = [next(i for i, word in enumerate(COLOURS) if word in text) for text in texts]
+        return {"input_ids": torch.tensor(ids)[:, None], "attention_mask": torch.ones(len(ids), 1, dtype=torch.long)}
+
+
+class ColourOracle(Recipe):
+    """Embeds an image by its dominant channel and a text by its colour word: perfect by
+    construction on red/green/blue images; with `constant`, every image looks red."""
+
+    eval_tasks = ("zeroshot", "retrieval")
+
+    def __init__(self, constant: bool = False):
+        cfg = SimpleNamespace(vision=SimpleNamespace(image_size=16), text=SimpleNamespace(context_length=4))
+        super().__init__(cfg, tokenizer=WordTokenizer())
+        self.constant = constant
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # evaluation reads the device from a parameter
+
+    def encode_image(self, images):
+        channel = images.mean(dim=(2, 3)).argmax(dim=1)
+        return F.one_hot(torch.zeros_like(channel) if self.constant else channel, 3).float()
+
+    def encode_text(self, input_ids, attention_mask):
+        return F.one_hot(input_ids[:, 0], 3).float()
+
+
+def image(colour: str, size: int = 16) -> Image.Image:
+    return Image.new("RGB", (size, size), COLOURS[colour])
+
+
+def image_folder(root: Path, counts: dict[str, int]) -> Path:
+    for colour, n in counts.items():
+        (root / colour).mkdir(parents=True)
+        for i in range(n):
+            image(colour).save(root / colour / f"{i}.png")
+    return root
+
+
+def test_a_perfect_model_scores_100_and_a_constant_one_scores_chance(tmp_path):
+    data = image_folder(tmp_path / "val", {"red": 2, "green": 3, "blue": 5})
+    perfect = evaluate(ColourOracle(), data, tasks=["zeroshot"])["zeroshot"]
+    assert perfect == {"top1": 100.0, "top5": 100.0, "mean_per_class_recall": 100.0}
+    constant = evaluate(ColourOracle(constant=True), data, tasks=["zeroshot"])["zeroshot"]
+    assert constant["top1"] == pytest.approx(20.0)  # the 2 red images of 10
+    assert constant["mean_per_class_recall"] == pytest.approx(100 / 3)  # red all right, the others none
+    assert constant["top5"] == 100.0  # 3 classes: all in the top 5
+
+
+def test_clip_benchmark_shards_with_class_names_and_templates(tmp_path):
+    """CLIP_benchmark's layout: test/*.tar with <key>.webp + <key>.cls, classnames.txt and
+    zeroshot_classification_templates.txt ({c}) beside them."""
+    (tmp_path / "test").mkdir()
+    names = ["blue", "red", "green"]  # class ids follow the file, not alphabetical order
+    with wds.TarWriter(str(tmp_path / "test" / "0.tar")) as sink:
+        for i, name in enumerate(["red", "green", "blue", "blue"]):
+            webp = io.BytesIO()
+            image(name).save(webp, format="WEBP", lossless=True)
+            sink.write({"__key__": f"s{i}", "webp": webp.getvalue(), "cls": str(names.index(name))})
+    (tmp_path / "classnames.txt").write_text("\n".join(names) + "\n")
+    (tmp_path / "zeroshot_classification_templates.txt").write_text("a photo of a {c} thing.\n")
+    results = evaluate(ColourOracle(), tmp_path)
+    assert results["zeroshot"]["top1"] == 100.0 and "retrieval" not in results  # no captions
+
+
+def test_retrieval_and_errors_for_tasks_the_data_cannot_serve(tmp_path):
+    data = image_folder(tmp_path / "val", {"red": 1, "green": 1})
+    with pytest.raises(DataError, match="--tasks retrieval need.*captions"):
+        evaluate(ColourOracle(), data, tasks=["retrieval"])
+    with pytest.raises(DataError, match="'green'.*not in the class_names given"):
+        evaluate(ColourOracle(), data, tasks=["zeroshot"], classes=["red", "blue"])  # green missing
+    (tmp_path / "empty.jsonl").write_text("")
+    with pytest.raises(DataError, match="no usable sample"):
+        evaluate(ColourOracle(), tmp_path / "empty.jsonl", tasks=["retrieval"])
+
+
+def write_karpathy(root: Path, colours: list[str]) -> Path:
+    """A COCO-Karpathy file: images listed with their split and five captions each."""
+    (root / "images").mkdir(parents=True)
+    records = []
+    for i, colour in enumerate(colours):
+        image(colour, 32).save(root / "images" / f"{i}.png")
+        sentences = [{"raw": f"a {colour} square number {j}"} for j in range(5)]
+        records.append(
+            {"filepath": "images", "filename": f"{i}.png", "split": "test", "imgid": i, "sentences": sentences}
+        )
+    path = root / "dataset_coco.json"
+    path.write_text(json.dumps({"images": records}))
+    return path
+
+
+def test_a_converted_transformers_checkpoint_on_karpathy_json_from_the_command_line(tmp_path, shapes_dir):
+    tokenizer = Tokenizer.load(shapes_dir / "tokenizer.json")
+    hf_clip(HF_SHAPES[0], tokenizer.vocab_size, tokenizer.eot_id).save_pretrained(tmp_path / "hf")
+    tokenizer.save(tmp_path / "hf")
+    karpathy = write_karpathy(tmp_path / "coco", ["red", "green", "blue", "red"])
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "hf"), "--data", str(karpathy), "--no-report"])
+    assert result.exit_code == 0, result.output
+    retrieval = json.loads((tmp_path / "hf" / "eval.json").read_text())["retrieval"]
+    assert 0 <= retrieval["i2t_R@1"] <= retrieval["i2t_R@10"] == 100.0  # 20 captions, 4 images
+    assert retrieval["t2i_R@5"] == 100.0  # every image is within the 5 best of 4
+
+
+def test_a_clip_trained_on_a_csv_set_evaluates_on_an_image_folder(tmp_path):
+    """A user's own data: train a CLIP on a CSV of photos and captions, then classify a held-out
+    image folder with class names given on the command line."""
+    (tmp_path / "photos").mkdir()
+    rows = ["filepath,title"]
+    for i in range(48):
+        colour = list(COLOURS)[i % 3]
+        image(colour, 32).save(tmp_path / "photos" / f"{i}.png")
+        rows.append(f"photos/{i}.png,a {colour} photo")
+    (tmp_path / "train.csv").write_text("\n".join(rows) + "\n")
+    image_folder(tmp_path / "held_out", {"red": 2, "green": 2, "blue": 2})
+    model = {
+        "embed_dim": 16,
+        "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
+        "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2},
+    }
+    common = [sys.executable, "-m", "vlp.cli"]
+    train = [
+        *common,
+        "train",
+        "clip",
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "6",
+        "--no-progress",
+        "data.batch_size=16",
+        "data.workers=0",
+        "train.warmup=1",
+        *[f"model.{k}={json.dumps(v)}" for k, v in model.items()],
+    ]
+    assert subprocess.run(train, capture_output=True, text=True).returncode == 0
+    evaluate_cmd = [
+        *common,
+        "eval",
+        str(tmp_path / "run"),
+        "--data",
+        str(tmp_path / "held_out"),
+        "--classes",
+        "red,green,blue",
+        "--no-report",
+    ]
+    result = subprocess.run(evaluate_cmd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    zeroshot = json.loads((tmp_path / "run" / "eval.json").read_text())["zeroshot"]
+    assert set(zeroshot) == {"top1", "top5", "mean_per_class_recall"} and zeroshot["top5"] == 100.0
+    wrong = subprocess.run(
+        [*evaluate_cmd[:-3], "--classes", "red,green", "--no-report"], capture_output=True, text=True
+    )
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: ") and "'blue'" in wrong.stderr
