@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 import webdataset as wds
 from PIL import Image
+from test_interop_clip import HF_SHAPES, hf_clip
 from typer.testing import CliRunner
 
-from test_interop_clip import HF_SHAPES, hf_clip
 from vlp.cli import app
 from vlp.data.sample import DataError
 from vlp.data.tokenizer import Tokenizer
@@ -182,3 +182,50 @@ def test_a_clip_trained_on_a_csv_set_evaluates_on_an_image_folder(tmp_path):
         [*evaluate_cmd[:-3], "--classes", "red,green", "--no-report"], capture_output=True, text=True
     )
     assert wrong.returncode == 1 and wrong.stderr.startswith("error: ") and "'blue'" in wrong.stderr
+
+
+class CaptionOracle(ColourOracle):
+    """Captions an image by its dominant colour."""
+
+    eval_tasks = ("caption",)
+    can_caption = True
+
+    def caption(self, images, prompt=None, method="beam", **options):
+        return [f"a {list(COLOURS)[c]} square" for c in self.encode_image(images).argmax(dim=1).tolist()]
+
+
+def test_captioning_on_karpathy_references_equals_pycocoevalcap(tmp_path):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    karpathy = write_karpathy(tmp_path, ["red", "green", "blue", "red"])
+    metrics = evaluate(CaptionOracle(), karpathy)["caption"]
+    colours = ["red", "green", "blue", "red"]
+    gts = {i: [f"a {c} square number {j}" for j in range(5)] for i, c in enumerate(colours)}
+    res = {i: [f"a {c} square"] for i, c in enumerate(colours)}
+    bleu = Bleu(4).compute_score(gts, res, verbose=0)[0]
+    assert [metrics[f"bleu{n}"] for n in range(1, 5)] == pytest.approx([100 * b for b in bleu])
+    assert metrics["rouge_l"] == pytest.approx(100 * Rouge().compute_score(gts, res)[0])
+    assert metrics["cider"] == pytest.approx(100 * Cider().compute_score(gts, res)[0])
+    assert any(line.startswith("spice: ") for line in metrics["skipped"]) or "spice" in metrics
+
+
+class AnswerOracle(ColourOracle):
+    """Answers from a fixed table of question -> answer: the official accuracy is known."""
+
+    eval_tasks = ("vqa",)
+    ANSWERS = {"Is there a dog?": "Yes.", "How many cats are there?": "three", "What colour is the dog?": "black"}
+
+    def answer_texts(self, images, questions):
+        return [self.ANSWERS[q] for q in questions]
+
+
+def test_vqa_on_vqav2_files_scores_the_official_accuracy(tmp_path):
+    from test_eval_vqa import write_vqav2
+
+    data = write_vqav2(tmp_path / "vqa")
+    vqa = evaluate(AnswerOracle(), data)["vqa"]
+    # "Yes." against ten "yes": 1; "three" = "3", given by 4 of 10: 1; "black" by none: 0.
+    assert vqa["accuracy"] == pytest.approx(100 * 2 / 3)
+    assert vqa["accuracy_yes/no"] == 100.0 and vqa["accuracy_number"] == 100.0 and vqa["accuracy_other"] == 0.0

@@ -15,6 +15,7 @@ import shutil
 import time
 from collections import Counter
 from collections.abc import Hashable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -24,7 +25,8 @@ from vlp.data.sample import Skipped
 from vlp.eval.encode import image_batches
 from vlp.models.recipe import Recipe
 
-METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "cider", "meteor")
+METRICS = ("bleu1", "bleu2", "bleu3", "bleu4", "meteor", "rouge_l", "cider", "spice")
+EVAL_METRICS = METRICS  # what `vlp eval` reports: the COCO caption leaderboard's set
 _WORD = re.compile(r"[^\W_]+")
 
 
@@ -59,6 +61,23 @@ def _meteor(gts: dict, res: dict) -> float:
     return scorer.compute_score(gts, res)[0]
 
 
+def _spice(gts: dict, res: dict) -> float:
+    from pycocoevalcap.spice.spice import Spice
+
+    return Spice().compute_score(gts, res)[0]
+
+
+def _spice_missing() -> str | None:
+    """Why SPICE cannot run here, or None: it needs Java and the Stanford CoreNLP 3.6.0 jars,
+    which pycocoevalcap downloads on first use (not from PyPI) into its spice/lib folder."""
+    if not shutil.which("java"):
+        return "java not found on PATH"
+    from pycocoevalcap.spice import get_stanford_models as models
+
+    jar = Path(models.SPICEDIR) / models.SPICELIB / f"{models.JAR}.jar"
+    return None if jar.is_file() else f"Stanford CoreNLP jars missing ({jar}; run get_stanford_models online)"
+
+
 def caption_metrics(
     predictions: Mapping[Hashable, str],
     references: Mapping[Hashable, Sequence[str]],
@@ -67,7 +86,8 @@ def caption_metrics(
     """Corpus-level caption scores in % for one predicted caption per key against its references.
 
     `metrics` are names from METRICS. The result also holds `skipped`: one "metric: reason" line
-    per requested metric that could not run (METEOR needs `java` on the PATH).
+    per requested metric that could not run (METEOR needs `java` on the PATH; SPICE also the
+    Stanford CoreNLP jars).
     """
     _check(predictions, references, metrics)
     try:
@@ -84,11 +104,21 @@ def caption_metrics(
         result.update({m: 100.0 * bleu[int(m[-1]) - 1] for m in metrics if m.startswith("bleu")})
     if "cider" in metrics:
         result["cider"] = 100.0 * float(Cider().compute_score(gts, res)[0])
+    if "rouge_l" in metrics:
+        from pycocoevalcap.rouge.rouge import Rouge
+
+        result["rouge_l"] = 100.0 * float(Rouge().compute_score(gts, res)[0])
     if "meteor" in metrics:
         if shutil.which("java"):
             result["meteor"] = 100.0 * _meteor(gts, res)
         else:
             skipped.append("meteor: java not found on PATH")
+    if "spice" in metrics:
+        missing = _spice_missing()
+        if missing is None:
+            result["spice"] = 100.0 * float(_spice(gts, res))
+        else:
+            skipped.append(f"spice: {missing}")
     result["skipped"] = skipped
     return result
 
@@ -137,14 +167,15 @@ def captioning(
     batch_size: int = 64,
     skipped: list[Skipped] | None = None,
 ) -> tuple[dict[str, Any], dict[int, str]]:
-    """BLEU-4, CIDEr (and METEOR with Java) of generated captions against each test image's
-    references, and their diversity; returns the metrics and the captions by sample index.
+    """EVAL_METRICS (BLEU-1..4, METEOR, ROUGE-L, CIDEr; SPICE where Java and its CoreNLP jars
+    are present, else named in `skipped`) of generated captions against each image's references,
+    and their diversity; returns the metrics and the captions by sample index.
     Images that do not decode are appended to `skipped`."""
     start = time.perf_counter()
     generated: dict[int, str] = {}
     for indices, images in image_batches(model, dataset, [] if skipped is None else skipped, batch_size):
         generated.update(zip(indices, model.caption(images, **decoding)))
-    metrics = caption_metrics(generated, {i: dataset.captions(i) for i in generated})
+    metrics = caption_metrics(generated, {i: dataset.captions(i) for i in generated}, EVAL_METRICS)
     metrics.update(caption_diversity(list(generated.values())))
     metrics.update(seconds=time.perf_counter() - start, decoding=[f"{k}={v}" for k, v in decoding.items()])
     return metrics, generated
