@@ -103,6 +103,17 @@ def test_retrieval_and_errors_for_tasks_the_data_cannot_serve(tmp_path):
         evaluate(ColourOracle(), tmp_path / "empty.jsonl", tasks=["retrieval"])
 
 
+def test_a_csv_with_a_label_column(tmp_path):
+    (tmp_path / "images").mkdir()
+    rows = ["filepath,kind"]
+    for i, colour in enumerate(["red", "green", "blue", "blue"]):
+        image(colour).save(tmp_path / "images" / f"{i}.png")
+        rows.append(f"images/{i}.png,{colour}")
+    (tmp_path / "set.csv").write_text("\n".join(rows) + "\n")
+    results = evaluate(ColourOracle(), tmp_path / "set.csv", label_key="kind", classes=["red", "green", "blue"])
+    assert results["zeroshot"]["top1"] == 100.0
+
+
 def write_karpathy(root: Path, colours: list[str]) -> Path:
     """A COCO-Karpathy file: images listed with their split and five captions each."""
     (root / "images").mkdir(parents=True)

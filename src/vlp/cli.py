@@ -220,6 +220,9 @@ def evaluate(
         Optional[Path],
         typer.Option(help="Zero-shot prompt templates, one per line with {} or {c} for the class name."),
     ] = None,
+    label_key: Annotated[
+        Optional[str], typer.Option(help="The label column of a CSV or JSONL --data (zero-shot classification).")
+    ] = None,
     decoding: Annotated[
         str, typer.Option(help="Caption decoding: beam (3 beams), greedy or nucleus (top-p 0.9).")
     ] = "beam",
@@ -256,6 +259,7 @@ def evaluate(
         split=split,
         classes=classes and (read_class_names(Path(classes)) if Path(classes).is_file() else classes.split(",")),
         templates=templates and read_templates(templates),
+        label_key=label_key,
         decoding=decoding_options(decoding),
     )
     console.print(results_table(results))

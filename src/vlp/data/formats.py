@@ -971,6 +971,7 @@ def open_dataset(
     strict: bool = False,
     image_root: PathLike | None = None,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    label_key: str | None = None,
     **reader_kwargs: Any,
 ) -> CaptionDataset:
     """Open `path` (a file or a directory) with the right reader, detected unless `format` is set.
@@ -980,7 +981,8 @@ def open_dataset(
     split, for `{path}/*.tar` and `{path}/<class>/<images>`. A file is read by its extension
     (.tar, .jsonl, .csv/.tsv, .json = COCO; `split` is passed on to the COCO reader).
     `image_root` and `max_pixels` go to every reader (webdataset shards hold their images, so
-    it ignores `image_root`); `reader_kwargs` go to the reader (see the `read_*` functions).
+    it ignores `image_root`), `label_key` to the JSONL and CSV readers (the others find their
+    labels themselves); `reader_kwargs` go to the reader (see the `read_*` functions).
     A directory holding VQAv2's `v2_OpenEnded_mscoco_{split}_questions.json` (split default
     val2014) is read by `read_vqav2`.
     """
@@ -1004,6 +1006,8 @@ def open_dataset(
         reader_kwargs["split"] = split
     if format != "webdataset":
         reader_kwargs["image_root"] = image_root
+    if format in ("jsonl", "csv") and label_key is not None:
+        reader_kwargs["label_key"] = label_key
     return READERS[format](target, strict=strict, max_pixels=max_pixels, **reader_kwargs)
 
 
