@@ -1,10 +1,18 @@
-"""Shared fixtures: a small shapes world on disk and a tiny CLIP config."""
+"""Shared fixtures and helpers: a small shapes world on disk, a tiny CLIP config and model,
+and `vlp train` under torchrun."""
+
+import os
+import subprocess
+import sys
 
 import pytest
+import torch
 import yaml
 from typer.testing import CliRunner
 
+import vlp
 from vlp.cli import app
+from vlp.data.tokenizer import Tokenizer
 
 COUNTS = {"train": 96, "val": 8, "test": 24, "clean": 8, "classify": 24, "compositional": 8}
 
@@ -39,3 +47,28 @@ def tiny_config(tmp_path, shapes_dir):
     path = tmp_path / "tiny.yaml"
     path.write_text(yaml.safe_dump(config))
     return path
+
+
+def torchrun_train(*args: str) -> subprocess.CompletedProcess:
+    """`vlp train ARGS` in 2 gloo processes under torchrun, one thread each."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*command, "-m", "vlp.cli", "train", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=300,
+    )
+
+
+def tiny_clip(shapes_dir) -> torch.nn.Module:
+    """A randomly initialised tiny CLIP with the shapes world's tokenizer, in eval mode."""
+    tokenizer = Tokenizer.load(shapes_dir)
+    torch.manual_seed(0)
+    tower = {"width": 32, "layers": 1, "heads": 2}
+    config = {
+        "embed_dim": 16,
+        "vision": {"image_size": 32, "patch_size": 8, **tower},
+        "text": {"vocab_size": tokenizer.vocab_size, "context_length": 32, **tower},
+    }
+    return vlp.create_model("clip", config, tokenizer=tokenizer).eval()

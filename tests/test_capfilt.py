@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 import yaml
+from conftest import tiny_clip
 from typer.testing import CliRunner
 
 from vlp.apps.capfilt import CapFiltOptions, bootstrap, select, summarize
@@ -200,29 +201,17 @@ def test_capfilt_command_end_to_end(tmp_path, noisy_dir):
 
 def test_rank_mode_scores_candidates_with_a_clip_model(shapes_dir):
     """BLIP-2's variant: candidates scored by CLIP similarity, the best `keep` kept."""
-    import vlp
     from vlp.apps.capfilt import embedding_scorer
-    from vlp.data.tokenizer import Tokenizer
     from vlp.data.transforms import model_images
 
-    tokenizer = Tokenizer.load(shapes_dir)
-    torch.manual_seed(0)
-    model = vlp.create_model(
-        "clip",
-        {
-            "embed_dim": 16,
-            "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
-            "text": {"vocab_size": tokenizer.vocab_size, "width": 32, "layers": 1, "heads": 2},
-        },
-    ).eval()
-    model.tokenizer = tokenizer
+    model = tiny_clip(shapes_dir)
     dataset = open_dataset(shapes_dir, split="test")
     images = [dataset[0].image, dataset[1].image]
     candidates = [["a red circle", "a blue square", "two shapes"], ["a green triangle"]]
     scores = embedding_scorer(model)(images, candidates)
     with torch.no_grad():
         image_emb = model.encode_image(model_images(model, images))
-        tokens = tokenizer(candidates[0], style="clip")
+        tokens = model.tokenizer(candidates[0], style="clip")
         expected = image_emb[0] @ model.encode_text(tokens["input_ids"], tokens["attention_mask"]).T
     assert [len(s) for s in scores] == [3, 1]
     torch.testing.assert_close(torch.tensor(scores[0]), expected, atol=1e-5, rtol=0)

@@ -1,5 +1,6 @@
 import json
 
+from conftest import torchrun_train
 from typer.testing import CliRunner
 
 from vlp.cli import app
@@ -63,32 +64,8 @@ def test_tokenizer_train_command(tmp_path, shapes_dir):
 
 def test_torchrun_two_processes(tmp_path, tiny_config):
     """The same entry point under torchrun (gloo on CPU) trains and checkpoints once."""
-    import os
-    import subprocess
-    import sys
-
     run = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "vlp.cli",
-        "train",
-        "clip",
-        "--config",
-        str(tiny_config),
-        "--out",
-        str(run),
-        "--steps",
-        "3",
-        "--no-progress",
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    result = torchrun_train("clip", "--config", str(tiny_config), "--out", str(run), "--steps", "3", "--no-progress")
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["event"] for r in records if "event" in r] == ["start"]  # only rank 0 logs

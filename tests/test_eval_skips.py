@@ -7,10 +7,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import tiny_clip
 
-import vlp
-from vlp.data.tokenizer import Tokenizer
 from vlp.eval.report import write_report
 from vlp.eval.results import metric_rows
 from vlp.eval.run import evaluate
@@ -59,26 +57,11 @@ def damaged_shapes(tmp_path, shapes_dir):
     return data, {"corrupt": corrupt, "uncaptioned": uncaptioned, "classify": classify_key}
 
 
-def _tiny_clip(shapes_dir: Path):
-    tokenizer = Tokenizer.load(shapes_dir)
-    torch.manual_seed(0)
-    model = vlp.create_model(
-        "clip",
-        {
-            "embed_dim": 16,
-            "vision": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "heads": 2},
-            "text": {"vocab_size": tokenizer.vocab_size, "context_length": 32, "width": 32, "layers": 1, "heads": 2},
-        },
-    ).eval()
-    model.tokenizer = tokenizer
-    return model
-
-
 def test_eval_reports_unreadable_samples_and_scores_the_rest(tmp_path, damaged_shapes, capsys):
     data, damaged = damaged_shapes
     run = tmp_path / "run"
     run.mkdir()
-    results = evaluate(_tiny_clip(data), data, run, tasks=["zeroshot", "retrieval", "probe"], examples=100)
+    results = evaluate(tiny_clip(data), data, run, tasks=["zeroshot", "retrieval", "probe"], examples=100)
 
     saved = json.loads((run / "eval.json").read_text())
     assert saved["skipped"] == results["skipped"]

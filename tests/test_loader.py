@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, torchrun_train
 from PIL import Image
 
 from vlp.config import load_run_config
@@ -111,10 +111,6 @@ def test_a_batch_with_no_readable_sample_is_skipped(tmp_path):
 def test_ddp_ranks_report_their_skips_and_drop_a_batch_together(tmp_path):
     """Under torchrun every rank's skips reach metrics.jsonl (only rank 0 writes it), and a
     global batch in which one rank read nothing is dropped by both ranks, its samples counted."""
-    import os
-    import subprocess
-    import sys
-
     (tmp_path / "data").mkdir()
     sampler = StreamSampler(8, 4, seed=0)
     rank_1_first = {sampler.key(2)[1], sampler.key(3)[1]}  # rank 1's half of the first global batch
@@ -128,25 +124,8 @@ def test_ddp_ranks_report_their_skips_and_drop_a_batch_together(tmp_path):
             }
         )
     )
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "vlp.cli",
-        "train",
-        "clip",
-        "--config",
-        str(tmp_path / "ddp.yaml"),
-        "--out",
-        str(tmp_path / "run"),
-        "--no-progress",
-    ]
-    result = subprocess.run(
-        cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300
+    result = torchrun_train(
+        "clip", "--config", str(tmp_path / "ddp.yaml"), "--out", str(tmp_path / "run"), "--no-progress"
     )
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
