@@ -129,6 +129,19 @@ def write_karpathy(root: Path, colours: list[str]) -> Path:
     return path
 
 
+def test_flickr_style_karpathy_json_with_images_elsewhere(tmp_path):
+    """Flickr30k's Karpathy file names only file names: --image-root says where they are."""
+    karpathy = write_karpathy(tmp_path / "flickr", ["red", "green", "blue"])
+    records = json.loads(karpathy.read_text())
+    for record in records["images"]:
+        del record["filepath"]
+    karpathy.write_text(json.dumps(records))
+    with pytest.raises(DataError, match="no usable sample"):
+        evaluate(CaptionOracle(), karpathy)
+    results = evaluate(CaptionOracle(), karpathy, image_root=tmp_path / "flickr" / "images")
+    assert results["caption"]["cider"] > 0
+
+
 def test_a_converted_transformers_checkpoint_on_karpathy_json_from_the_command_line(tmp_path, shapes_dir):
     tokenizer = Tokenizer.load(shapes_dir / "tokenizer.json")
     hf_clip(HF_SHAPES[0], tokenizer.vocab_size, tokenizer.eot_id).save_pretrained(tmp_path / "hf")

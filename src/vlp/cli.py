@@ -223,6 +223,10 @@ def evaluate(
     label_key: Annotated[
         Optional[str], typer.Option(help="The label column of a CSV or JSONL --data (zero-shot classification).")
     ] = None,
+    image_root: Annotated[
+        Optional[Path],
+        typer.Option(help="Folder the images listed by --data lie in (default: beside the listing file)."),
+    ] = None,
     decoding: Annotated[
         str, typer.Option(help="Caption decoding: beam (3 beams), greedy or nucleus (top-p 0.9).")
     ] = "beam",
@@ -260,6 +264,7 @@ def evaluate(
         classes=classes and (read_class_names(Path(classes)) if Path(classes).is_file() else classes.split(",")),
         templates=templates and read_templates(templates),
         label_key=label_key,
+        image_root=image_root,
         decoding=decoding_options(decoding),
     )
     console.print(results_table(results))

@@ -51,6 +51,7 @@ def evaluate(
     classes: list[str] | None = None,
     templates: list[str] | None = None,
     label_key: str | None = None,
+    image_root: Path | None = None,
 ) -> dict[str, Any]:
     """Run the chosen protocols on `data`; write eval.json (and examples.json) into `run_dir`.
 
@@ -58,7 +59,8 @@ def evaluate(
     data set `open_dataset` reads: a directory, a split of it (`split`), or a file (COCO-Karpathy
     JSON: `split` defaults to "test"). `classes` and `templates` give zero-shot classification
     what the data does not hold (else its `classnames.txt` / templates file, its class folders,
-    vlp's default templates); `label_key` names the label column of a CSV or JSONL set.
+    vlp's default templates); `label_key` names the label column of a CSV or JSONL set;
+    `image_root` the folder its listed images lie in (Flickr30k's JSON names only file names).
     Default tasks: those the recipe supports that the data allows.
     """
     data = Path(data)
@@ -66,7 +68,7 @@ def evaluate(
     if unknown:
         raise ValueError(f"unknown eval task(s) {sorted(unknown)}; choose from {list(TASKS)}")
     shapes = data.is_dir() and (data / "info.json").is_file() and split is None and classes is None
-    plan = _shapes_plan(data) if shapes else _data_plan(data, split, classes, templates, label_key)
+    plan = _shapes_plan(data) if shapes else _data_plan(data, split, classes, templates, label_key, image_root)
     tasks = _chosen_tasks(model, tasks, plan)
     results: dict[str, Any] = {"data": str(data)}
     shown: list = []
@@ -113,6 +115,7 @@ class _Plan:
     label_sets: Callable[[CaptionDataset], dict[str, tuple[list[int], list[str]]]]
     offers: set[str]  # the tasks the data allows
     label_key: str | None = None  # the label column of a CSV or JSONL set
+    image_root: Path | None = None  # where listed images lie (default: beside the listing)
     opened: dict[str | None, CaptionDataset] = field(default_factory=dict)
     skipped: dict[str, list[Skipped]] = field(default_factory=dict)  # by split: listing and decoding skips
 
@@ -123,7 +126,9 @@ class _Plan:
     def open(self, split: str | None) -> CaptionDataset:
         """A split, opened once; its listing-time skips start its `skips`."""
         if split not in self.opened:
-            self.opened[split] = open_dataset(self.data, split=split, label_key=self.label_key)
+            self.opened[split] = open_dataset(
+                self.data, split=split, label_key=self.label_key, image_root=self.image_root
+            )
             if not len(self.opened[split]):
                 raise DataError(
                     f"{self.data}: split {split or '(the data itself)'} has no usable sample; "
@@ -149,12 +154,18 @@ def _shapes_plan(data: Path) -> _Plan:
 
 
 def _data_plan(
-    data: Path, split: str | None, classes: list[str] | None, templates: list[str] | None, label_key: str | None
+    data: Path,
+    split: str | None,
+    classes: list[str] | None,
+    templates: list[str] | None,
+    label_key: str | None,
+    image_root: Path | None,
 ) -> _Plan:
     """Any other data set: every task on the one set (`split` of `data`, or `data` itself), as
     far as it holds what the task needs (labels, captions, question-answer pairs, swaps)."""
     split = _default_split(data) if split is None else split
-    plan = _Plan(data, split, split, None, templates, lambda d: {"": class_labels(d, classes)}, set(), label_key)
+    label_sets = lambda d: {"": class_labels(d, classes)}  # noqa: E731
+    plan = _Plan(data, split, split, None, templates, label_sets, set(), label_key, image_root)
     dataset = plan.open(split)
     plan.templates = templates or dataset.templates or None
     metas = [dataset.meta(i) for i in range(len(dataset))]
