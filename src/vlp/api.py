@@ -1,4 +1,5 @@
-"""The Python entry points: `vlp.create_model`, `vlp.load`, `vlp.save` and `vlp.caption`."""
+"""The Python entry points: `vlp.create_model`, `vlp.load`, `vlp.save`, `vlp.caption` and
+`vlp.classify`."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 import torch
 import yaml
 
+from vlp.apps.classify import classify  # noqa: F401  (vlp.classify)
 from vlp.config import RunConfig, from_dict, load_yaml, to_dict
 from vlp.data.tokenizer import Tokenizer
 from vlp.interop.pretrained import is_pretrained_dir, load_pretrained, save_hf

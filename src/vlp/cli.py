@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -282,36 +283,107 @@ def decoding_options(method: str) -> dict:
         raise typer.BadParameter(f"--{err}") from None
 
 
+IMAGES_HELP = "Image files, folders of images (walked recursively) or data sets in any format vlp reads."
+
+
 @app.command()
 def caption(
-    run: Annotated[Path, typer.Argument(help="Run directory or checkpoint of a recipe with a decoder.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    run: Annotated[Path, typer.Argument(help="A run or checkpoint of a recipe with a decoder (BLIP, CoCa, BLIP-2).")],
+    images: Annotated[list[Path], typer.Argument(help=IMAGES_HELP)],
     decoding: Annotated[str, typer.Option(help="beam (3 beams), greedy or nucleus (top-p 0.9).")] = "beam",
     prompt: Annotated[Optional[str], typer.Option(help="Text the caption starts with (default: the run's).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images captioned together.")] = 32,
+    out: Annotated[Optional[Path], typer.Option(help='Also write {"path", "caption"} JSON lines here.')] = None,
 ) -> None:
-    """Print a caption for each image; one that cannot be read is skipped with a line on stderr.
-
-    Exits non-zero only when no image could be read.
-    """
+    """Print a caption for each image ("path<TAB>caption"); an image that cannot be read is
+    skipped with a line on stderr. Exits non-zero only when no image could be read."""
     import vlp
-    from vlp.data.formats import load_image
-    from vlp.data.sample import DataError
+    from vlp.apps.ability import require
     from vlp.data.transforms import model_images
 
-    loaded = []
-    for path in images:
-        try:
-            loaded.append((path, load_image(path)))
-        except DataError as err:  # "path: reason"
-            typer.echo(f"skipped {err}", err=True)
-    if not loaded:
+    model = vlp.load(run)
+    require(model, "caption")
+    options = decoding_options(decoding)
+
+    def work(batch: list) -> list[str]:
+        return model.caption(model_images(model, batch), prompt=prompt, **options)
+
+    _for_each_image(images, work, batch_size, out, "caption", str)
+
+
+@app.command()
+def classify(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A run or checkpoint of an aligned recipe.")],
+    images: Annotated[list[Path], typer.Argument(help=IMAGES_HELP)],
+    labels: Annotated[Optional[str], typer.Option(help='Comma-separated labels, e.g. "cat,dog,red car".')] = None,
+    labels_file: Annotated[Optional[Path], typer.Option(help="Labels, one per line.")] = None,
+    templates: Annotated[
+        Optional[Path], typer.Option(help="Prompt templates, one per line with {} for the label (default: vlp's).")
+    ] = None,
+    top_k: Annotated[int, typer.Option(help="Labels shown per image.")] = 5,
+    batch_size: Annotated[int, typer.Option(help="Images classified together.")] = 64,
+    out: Annotated[
+        Optional[Path], typer.Option(help='Also write {"path", "labels": [[label, probability], ...]} JSON lines here.')
+    ] = None,
+) -> None:
+    """Label images with words you choose (zero-shot, CLIP Sec. 3.1.4): prints each image's most
+    probable labels with their probabilities."""
+    import vlp
+    from vlp.apps.classify import classifier
+    from vlp.data.formats import read_class_names, read_templates
+
+    if (labels is None) == (labels_file is None):
+        raise typer.BadParameter("give --labels or --labels-file (one of them)")
+    names = read_class_names(labels_file) if labels_file else [x.strip() for x in labels.split(",") if x.strip()]
+    model = vlp.load(model_path)
+    work = classifier(model, names, templates and read_templates(templates), top_k)
+
+    def show(result: list) -> str:
+        return ", ".join(f"{label} {probability:.3f}" for label, probability in result)
+
+    _for_each_image(images, work, batch_size, out, "labels", show)
+
+
+@app.command()
+def ask(
+    model_path: Annotated[Path, typer.Argument(metavar="MODEL", help="A run of a VQA recipe (BLIP VQA, BLIP-2).")],
+    image: Annotated[Path, typer.Argument(help="An image file.")],
+    question: Annotated[str, typer.Argument(help='A question about the image, e.g. "what colour is the square?"')],
+) -> None:
+    """Answer a question about an image."""
+    import vlp
+    from vlp.apps.ability import require
+    from vlp.data.formats import load_image
+    from vlp.data.transforms import model_images
+
+    model = vlp.load(model_path)
+    require(model, "ask")
+    typer.echo(model.answer_texts(model_images(model, [load_image(image)]), [question])[0])
+
+
+def _for_each_image(paths: list[Path], work, batch_size: int, out: Path | None, key: str, show) -> None:
+    """Run `work` over the images of `paths` in batches, print "path<TAB>show(result)" per image
+    (and {"path", key: result} JSON lines to `out`), each unreadable image on stderr; exit 1 when
+    no image could be read."""
+    import json
+
+    from vlp.apps.inputs import over_images
+
+    skipped, done = [], 0
+    with open(out, "w") if out else contextlib.nullcontext() as sink:
+        for source, result in over_images(paths, work, batch_size, skipped):
+            for skip in skipped:
+                typer.echo(f"skipped {skip.source}: {skip.reason}", err=True)
+            skipped.clear()
+            typer.echo(f"{source}\t{show(result)}")
+            if sink:
+                sink.write(json.dumps({"path": source, key: result}) + "\n")
+            done += 1
+    for skip in skipped:
+        typer.echo(f"skipped {skip.source}: {skip.reason}", err=True)
+    if not done:
         typer.echo("no image could be read", err=True)
         raise typer.Exit(1)
-    model = vlp.load(run)
-    batch = model_images(model, [image for _, image in loaded])
-    texts = model.caption(batch, prompt=prompt, **decoding_options(decoding))
-    for (path, _), text in zip(loaded, texts):
-        typer.echo(f"{path}\t{text}")
 
 
 @app.command()

@@ -209,6 +209,9 @@ class FusionModel(Recipe):
     def has_itm(self) -> bool:
         return "itm" in self.objectives
 
+    def scale(self) -> torch.Tensor:
+        return self.contrast.scale()
+
     def after_optimizer_step(self) -> None:
         self.contrast.step += 1
         if self.momentum is not None:

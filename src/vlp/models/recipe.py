@@ -70,6 +70,11 @@ class Recipe(nn.Module):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError(f"recipe {self.recipe!r} has no text embedding")
 
+    def scale(self) -> torch.Tensor:
+        """The contrastive head's learned logit scale (1 / temperature): similarities times it
+        are the logits its softmax was trained on (zero-shot probabilities)."""
+        raise NotImplementedError(f"recipe {self.recipe!r} has no contrastive head")
+
     def embedding_similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """[N, M] scores of image embeddings against text embeddings (default: dot product)."""
         return dot_similarity(image_emb, text_emb)

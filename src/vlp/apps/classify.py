@@ -1,0 +1,53 @@
+"""Zero-shot classification of one's own images with labels one chooses (CLIP, Radford et al.
+2021, Sec. 3.1.4): each label in every prompt template, embeddings averaged per label (a prompt
+ensemble), softmax over the model's scaled similarities."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from PIL import Image
+
+from vlp.apps.ability import require
+from vlp.data.transforms import model_images
+from vlp.eval.encode import embed_texts
+from vlp.eval.zeroshot import class_embeddings
+from vlp.models.recipe import Recipe
+
+Labelled = list[tuple[str, float]]  # (label, probability), most probable first
+
+
+def classifier(
+    model: Recipe, labels: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 5
+) -> Callable[[Sequence[Image.Image]], list[Labelled]]:
+    """A function from a batch of PIL images to each image's `top_k` labels with their
+    probabilities; the label embeddings are computed once, here."""
+    require(model, "classify")
+    if not labels:
+        raise ValueError("no labels to classify with")
+    class_emb = class_embeddings(lambda texts: embed_texts(model, texts), list(labels), templates)
+    k = min(top_k, len(labels))
+
+    @torch.no_grad()
+    def classify_batch(images: Sequence[Image.Image]) -> list[Labelled]:
+        image_emb = model.encode_image(model_images(model, images)).cpu()
+        probs = (model.scale().cpu() * model.embedding_similarity(image_emb, class_emb)).softmax(dim=-1)
+        top = probs.topk(k, dim=-1)
+        return [
+            [(labels[j], p) for p, j in zip(row_p, row_j)]
+            for row_p, row_j in zip(top.values.tolist(), top.indices.tolist())
+        ]
+
+    return classify_batch
+
+
+def classify(
+    model: Recipe,
+    images: Sequence[Image.Image],
+    labels: Sequence[str],
+    templates: Sequence[str] | None = None,
+    top_k: int = 5,
+) -> list[Labelled]:
+    """Each image's `top_k` (label, probability) pairs, most probable first (`vlp.classify`)."""
+    return classifier(model, labels, templates, top_k)(images)
