@@ -17,6 +17,8 @@ data_app = typer.Typer(help="Generate or prepare data sets.", no_args_is_help=Tr
 tokenizer_app = typer.Typer(help="Train text tokenizers.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
 app.add_typer(tokenizer_app, name="tokenizer")
+index_app = typer.Typer(help="Index an image collection and search it by text or by image.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
 
 
 @data_app.command("shapes")
@@ -359,6 +361,63 @@ def ask(
     model = vlp.load(model_path)
     require(model, "ask")
     typer.echo(model.answer_texts(model_images(model, [load_image(image)]), [question])[0])
+
+
+@index_app.command("build")
+def index_build(
+    model_path: Annotated[str, typer.Argument(metavar="MODEL", help="A run or checkpoint of an aligned recipe.")],
+    paths: Annotated[list[Path], typer.Argument(help="Image files and folders (walked recursively).")],
+    out: Annotated[Path, typer.Option(help="Index directory (created, or updated when it exists).")],
+    batch_size: Annotated[int, typer.Option(help="Images embedded together.")] = 64,
+    workers: Annotated[int, typer.Option(help="Processes decoding images while the model embeds.")] = 2,
+    exact_limit: Annotated[int, typer.Option(help="Exact search up to this many images, HNSW above.")] = 100_000,
+) -> None:
+    """Embed every image under PATHS into a faiss index with its metadata in SQLite. Re-running
+    adds new files, re-embeds changed ones, drops deleted ones; a killed build resumes."""
+    from rich.progress import Progress
+
+    import vlp
+    from vlp.apps.index import build, image_files
+
+    model = vlp.load(model_path)
+    with Progress(*Progress.get_default_columns(), transient=True) as bar:
+        task = bar.add_task("index", total=len(image_files(paths)))
+        info = build(
+            model,
+            paths,
+            out,
+            str(model_path),
+            batch_size,
+            workers,
+            exact_limit,
+            progress=lambda n: bar.advance(task, n),
+        )
+    for line in info["skipped"]:
+        typer.echo(f"skipped {line}", err=True)
+    recall = f", recall@10 {info['recall_at_10']:.3f} against exact" if "recall_at_10" in info else ""
+    typer.echo(f"{out}: {info['count']} images, {info['kind']} search{recall}")
+
+
+@index_app.command("search")
+def index_search(
+    index: Annotated[Path, typer.Argument(help="An index made by `vlp index build`.")],
+    text: Annotated[Optional[str], typer.Argument(help='A description, e.g. "a red circle".')] = None,
+    image: Annotated[Optional[Path], typer.Option(help="Search by this image instead of a text.")] = None,
+    top_k: Annotated[int, typer.Option(help="Results shown.")] = 10,
+    rerank: Annotated[Optional[str], typer.Option(help="itm: re-score the shortlist with the ITM head.")] = None,
+    shortlist: Annotated[int, typer.Option(help="--rerank: how many of the best to re-score.")] = 50,
+) -> None:
+    """Print the best matching images, "score<TAB>path", best first."""
+    from vlp.apps.index import Index
+    from vlp.data.formats import load_image
+
+    if (text is None) == (image is None):
+        raise typer.BadParameter("give a text or --image (one of them)")
+    if rerank not in (None, "itm"):
+        raise typer.BadParameter(f"--rerank must be itm, got {rerank!r}")
+    query = text if image is None else load_image(image)
+    for hit in Index.open(index).search(query, top_k, rerank, shortlist):
+        typer.echo(f"{hit['score']:.4f}\t{hit['path']}")
 
 
 def _for_each_image(paths: list[Path], work, batch_size: int, out: Path | None, key: str, show) -> None:

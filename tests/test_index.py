@@ -1,0 +1,146 @@
+"""`vlp index build` / `search` (docs/apps.md): search finds the image a text describes; a
+rebuild follows added, changed and deleted files; a killed build resumes to the same index;
+unusual and broken files are indexed or skipped; HNSW's recall against exact search."""
+
+import io
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_clip
+from PIL import Image
+from test_apps import ScaledOracle
+from test_eval_any_data import image, image_folder
+from typer.testing import CliRunner
+
+import vlp
+from vlp.apps.index import Index, _vectors, build, faiss_index
+from vlp.cli import app
+
+
+class CountingOracle(ScaledOracle):
+    """Counts the images it embeds (a rebuild must embed only what changed)."""
+
+    embedded = 0
+
+    def encode_image(self, images):
+        self.embedded += len(images)
+        return super().encode_image(images)
+
+
+def test_search_finds_the_images_a_text_describes(tmp_path):
+    folder = image_folder(tmp_path / "photos", {"red": 2, "green": 2, "blue": 2})
+    model = CountingOracle()
+    info = build(model, [folder], tmp_path / "index", "oracle", batch_size=4, workers=0)
+    assert info["count"] == 6 and info["kind"] == "exact" and model.embedded == 6
+    hits = Index.open(tmp_path / "index", model).search("a photo of something green", k=2)
+    assert [h["path"].split("/")[-2] for h in hits] == ["green", "green"] and hits[0]["score"] == 1.0
+    by_image = Index.open(tmp_path / "index", model).search(image("blue"), k=2)
+    assert {h["path"].split("/")[-2] for h in by_image} == {"blue"}
+
+
+def test_rebuild_adds_changes_and_drops_files(tmp_path):
+    folder = image_folder(tmp_path / "photos", {"red": 2, "green": 1})
+    model = CountingOracle()
+    build(model, [folder], tmp_path / "index", "oracle", workers=0)
+    image("blue").save(folder / "green" / "new.png")
+    (folder / "red" / "1.png").unlink()
+    time.sleep(0.01)
+    image("blue").save(folder / "red" / "0.png")  # changed: now blue
+    model.embedded = 0
+    info = build(model, [folder], tmp_path / "index", "oracle", workers=0)
+    assert info["count"] == 3 and model.embedded == 2  # the new file and the changed one
+    hits = Index.open(tmp_path / "index", model).search("blue", k=2)
+    assert sorted(Path(h["path"]).relative_to(folder.resolve()).as_posix() for h in hits) == [
+        "green/new.png",
+        "red/0.png",
+    ]
+    model.embedded = 0
+    build(model, [folder], tmp_path / "index", "oracle", workers=0)
+    assert model.embedded == 0  # nothing changed
+    with pytest.raises(Exception, match="built with model 'oracle'"):
+        build(model, [folder], tmp_path / "index", "another", workers=0)
+
+
+def unusual_files(folder):
+    """Files a photo collection holds: broken ones and unusual but valid ones."""
+    folder.mkdir()
+    (folder / "zero.png").write_bytes(b"")
+    (folder / "corrupt.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    png = io.BytesIO()
+    image("red", 64).save(png, format="PNG")
+    (folder / "truncated.png").write_bytes(png.getvalue()[:60])
+    Image.new("1", (3000, 3000)).save(folder / "bomb.png")  # 9 M pixels in a few KB
+    Image.new("CMYK", (16, 16), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    Image.fromarray(np.full((16, 16), 40000, dtype=np.uint16)).save(folder / "sixteen.png")
+    image("green").convert("P").save(folder / "palette.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (20, 10), (0, 0, 255)).save(folder / "rotated.jpg", exif=exif)
+    (folder / "notes.txt").write_text("not an image")
+
+
+def test_broken_files_are_skipped_and_unusual_ones_indexed(tmp_path):
+    unusual_files(tmp_path / "photos")
+    info = build(CountingOracle(), [tmp_path / "photos"], tmp_path / "index", "oracle", workers=0, max_pixels=1_000_000)
+    skipped = {line.split(": ")[0].rsplit("/", 1)[-1]: line for line in info["skipped"]}
+    assert sorted(skipped) == ["bomb.png", "corrupt.jpg", "truncated.png", "zero.png"]
+    assert "image too large" in skipped["bomb.png"]
+    assert info["count"] == 4  # cmyk, sixteen, palette, rotated
+
+
+def test_hnsw_recall_against_exact_is_measured():
+    vectors = torch.nn.functional.normalize(torch.randn(3000, 32, generator=torch.Generator().manual_seed(0)), dim=1)
+    index, info = faiss_index(vectors.numpy(), exact_limit=1000)
+    assert info["kind"] == "hnsw" and info["recall_at_10"] >= 0.9 and index.ntotal == 3000
+    assert faiss_index(vectors[:100].numpy(), exact_limit=1000)[1]["kind"] == "exact"
+
+
+def test_a_killed_build_resumes_to_the_same_index(tmp_path, shapes_dir):
+    run = vlp.save(tiny_clip(shapes_dir), tmp_path / "run")
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(240):
+        Image.new("RGB", (32, 32), (i, (7 * i) % 256, (13 * i) % 256)).save(folder / f"{i:03d}.png")
+    command = [
+        sys.executable,
+        "-m",
+        "vlp.cli",
+        "index",
+        "build",
+        str(run),
+        str(folder),
+        "--batch-size",
+        "16",
+        "--workers",
+        "1",
+    ]
+    straight = subprocess.run([*command, "--out", str(tmp_path / "straight")], capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    victim = subprocess.Popen(
+        [*command, "--out", str(tmp_path / "victim")],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    shards = tmp_path / "victim" / "embeddings"
+    while victim.poll() is None and len(list(shards.glob("*.safetensors"))) < 3:
+        time.sleep(0.005)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    resumed = subprocess.run([*command, "--out", str(tmp_path / "victim")], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    for name in ("straight", "victim"):
+        assert (tmp_path / name / "index.faiss").is_file()
+    a = _vectors(sqlite3.connect(tmp_path / "straight" / "meta.sqlite"), tmp_path / "straight")
+    b = _vectors(sqlite3.connect(tmp_path / "victim" / "meta.sqlite"), tmp_path / "victim")
+    assert a[0] == b[0] and len(a[0]) == 240 and np.array_equal(a[1], b[1])
+    result = CliRunner().invoke(app, ["index", "search", str(tmp_path / "victim"), "a red circle", "--top-k", "3"])
+    assert result.exit_code == 0 and len(result.stdout.splitlines()) == 3, result.output
