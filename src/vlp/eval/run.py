@@ -164,7 +164,10 @@ def _data_plan(
     """Any other data set: every task on the one set (`split` of `data`, or `data` itself), as
     far as it holds what the task needs (labels, captions, question-answer pairs, swaps)."""
     split = _default_split(data) if split is None else split
-    label_sets = lambda d: {"": class_labels(d, classes)}  # noqa: E731
+
+    def label_sets(dataset: CaptionDataset) -> dict[str, tuple[list[int], list[str]]]:
+        return {"": class_labels(dataset, classes)}  # one label set, unnamed
+
     plan = _Plan(data, split, split, None, templates, label_sets, set(), label_key, image_root)
     dataset = plan.open(split)
     plan.templates = templates or dataset.templates or None
