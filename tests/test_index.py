@@ -144,3 +144,25 @@ def test_a_killed_build_resumes_to_the_same_index(tmp_path, shapes_dir):
     assert a[0] == b[0] and len(a[0]) == 240 and np.array_equal(a[1], b[1])
     result = CliRunner().invoke(app, ["index", "search", str(tmp_path / "victim"), "a red circle", "--top-k", "3"])
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 3, result.output
+
+
+def test_search_reranks_the_shortlist_with_itm(tmp_path):
+    """A tiny BLIP with random weights: the shortlist comes back re-scored by ITM match
+    probabilities, best first; a CLIP has no ITM head to re-rank with."""
+    from tests.test_fusion_models import TEXT, model_config
+    from vlp.data.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(["a red circle", "a blue square"], vocab_size=60)
+    torch.manual_seed(0)
+    config = model_config("blip", text={**TEXT, "vocab_size": tokenizer.vocab_size}, tokens=tokenizer.special_ids())
+    blip = vlp.create_model("blip", config, tokenizer=tokenizer).eval()
+    folder = image_folder(tmp_path / "photos", {"red": 3, "blue": 3})
+    build(blip, [folder], tmp_path / "index", "blip", workers=0)
+    index = Index.open(tmp_path / "index", blip)
+    plain = index.search("a red circle", k=6)
+    reranked = index.search("a red circle", k=4, rerank="itm", shortlist=6)
+    assert len(reranked) == 4 and {h["path"] for h in reranked} <= {h["path"] for h in plain}
+    scores = [h["score"] for h in reranked]
+    assert scores == sorted(scores, reverse=True) and all(0 <= s <= 1 for s in scores)
+    with pytest.raises(TypeError, match="needs a text query"):
+        index.search(image("red"), k=2, rerank="itm")
