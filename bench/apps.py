@@ -113,7 +113,8 @@ def bench_index_build(model, images: list[Image.Image], reps: int, batch: int, w
         counter = iter(range(10**6))
 
         def run_build():
-            build(model, [folder], Path(tmp) / f"index{next(counter)}", "bench", batch_size=batch, workers=workers)
+            index = Path(tmp) / f"index{next(counter)}"  # fp32, as the bare encoder it is compared with
+            build(model, [folder], index, "bench", batch_size=batch, workers=workers, precision="fp32")
 
         tensors = model_images(model, images).split(batch)
 

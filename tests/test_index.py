@@ -49,14 +49,15 @@ def test_search_finds_the_images_a_text_describes(tmp_path):
 def test_rebuild_adds_changes_and_drops_files(tmp_path):
     folder = image_folder(tmp_path / "photos", {"red": 2, "green": 1})
     model = CountingOracle()
-    build(model, [folder], tmp_path / "index", "oracle", workers=0)
+    assert build(model, [folder], tmp_path / "index", "oracle", workers=0, precision="fp32")["precision"] == "fp32"
     image("blue").save(folder / "green" / "new.png")
     (folder / "red" / "1.png").unlink()
     time.sleep(0.01)
     image("blue").save(folder / "red" / "0.png")  # changed: now blue
     model.embedded = 0
-    info = build(model, [folder], tmp_path / "index", "oracle", workers=0)
+    info = build(model, [folder], tmp_path / "index", "oracle", workers=0, precision="bf16")
     assert info["count"] == 3 and model.embedded == 2  # the new file and the changed one
+    assert info["precision"] == "fp32"  # an index keeps the precision of its first build
     hits = Index.open(tmp_path / "index", model).search("blue", k=2)
     assert sorted(Path(h["path"]).relative_to(folder.resolve()).as_posix() for h in hits) == [
         "green/new.png",

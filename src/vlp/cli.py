@@ -371,6 +371,9 @@ def index_build(
     batch_size: Annotated[int, typer.Option(help="Images embedded together.")] = 64,
     workers: Annotated[int, typer.Option(help="Processes decoding images while the model embeds.")] = 2,
     exact_limit: Annotated[int, typer.Option(help="Exact search up to this many images, HNSW above.")] = 100_000,
+    precision: Annotated[
+        str, typer.Option(help="auto (bf16 where it is measured faster), fp32 or bf16; an index keeps its first.")
+    ] = "auto",
 ) -> None:
     """Embed every image under PATHS into a faiss index with its metadata in SQLite. Re-running
     adds new files, re-embeds changed ones, drops deleted ones; a killed build resumes."""
@@ -391,6 +394,7 @@ def index_build(
             workers,
             exact_limit,
             progress=lambda n: bar.advance(task, n),
+            precision=precision,
         )
     for line in info["skipped"]:
         typer.echo(f"skipped {line}", err=True)
