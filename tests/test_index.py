@@ -140,6 +140,7 @@ def test_a_killed_build_resumes_to_the_same_index(tmp_path, shapes_dir):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     for name in ("straight", "victim"):
         assert (tmp_path / name / "index.faiss").is_file()
+        assert not list((tmp_path / name).rglob("*.tmp"))  # no half-written shard or file left
     a = _vectors(sqlite3.connect(tmp_path / "straight" / "meta.sqlite"), tmp_path / "straight")
     b = _vectors(sqlite3.connect(tmp_path / "victim" / "meta.sqlite"), tmp_path / "victim")
     assert a[0] == b[0] and len(a[0]) == 240 and np.array_equal(a[1], b[1])

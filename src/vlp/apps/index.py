@@ -136,8 +136,11 @@ def _sync(db: sqlite3.Connection, files: list[Path]) -> list[Path]:
 
 
 def _remove_orphan_shards(db: sqlite3.Connection, out: Path) -> None:
-    """Shards no row points at: written by a run killed before it committed them, or replaced."""
+    """Shards no row points at (written by a run killed before it committed them, or replaced),
+    and half-written ones (`.tmp`)."""
     used = {shard for (shard,) in db.execute("SELECT DISTINCT shard FROM images")}
+    for half in (out / "embeddings").glob("*.tmp"):
+        half.unlink()
     for shard in (out / "embeddings").glob("*.safetensors"):
         if int(shard.stem) not in used:
             shard.unlink()
@@ -162,7 +165,7 @@ def _embed(
     (last,) = db.execute("SELECT COALESCE(MAX(shard), 0) FROM images").fetchone()
     for shard, batch in enumerate(loader, start=last + 1):
         good = [(i, image, digest) for i, image, digest in batch if image is not None]
-        skipped += [digest for _, image, digest in batch if image is None]  # (the reason, for these)
+        skipped += [reason for _, image, reason in batch if image is None]
         if good:
             autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
             with torch.no_grad(), autocast:
