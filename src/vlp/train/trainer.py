@@ -146,8 +146,9 @@ class Trainer:
                 self.checkpoint = ckpt.latest_checkpoint(self.run_dir)
                 if self.checkpoint is None:
                     raise FileNotFoundError(f"--resume: no checkpoint in {self.run_dir / 'checkpoints'}")
+                self.resume_state = ckpt.load_state(self.checkpoint)  # read once: _restore uses it
                 if dist.is_main():
-                    rundir.truncate_metrics(self.run_dir, ckpt.load_state(self.checkpoint)["step"])
+                    rundir.truncate_metrics(self.run_dir, self.resume_state["step"])
             elif dist.is_main():
                 rundir.start_fresh(self.run_dir, overwrite)
             dist.barrier()
@@ -175,9 +176,8 @@ class Trainer:
             self._log({"event": "init", "from": str(weights), **report})
 
     def _restore(self) -> None:
-        path = self.checkpoint
+        path, state = self.checkpoint, self.resume_state
         ckpt.load_weights(self.model, path / "model.safetensors")
-        state = ckpt.load_state(path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
