@@ -123,19 +123,26 @@ class _Plan:
         """The list that collects `split`'s skips (eval.json names the data itself "data")."""
         return self.skipped.setdefault(split or "data", [])
 
-    def open(self, split: str | None) -> CaptionDataset:
-        """A split, opened once; its listing-time skips start its `skips`."""
+    def read(self, split: str | None) -> CaptionDataset:
+        """A split as read from disk, kept: each split is read once."""
         if split not in self.opened:
             self.opened[split] = open_dataset(
                 self.data, split=split, label_key=self.label_key, image_root=self.image_root
             )
-            if not len(self.opened[split]):
+        return self.opened[split]
+
+    def open(self, split: str | None) -> CaptionDataset:
+        """A split to evaluate on: an error if it has no usable sample; its listing-time skips
+        start its `skips`."""
+        dataset = self.read(split)
+        if (split or "data") not in self.skipped:
+            if not len(dataset):
                 raise DataError(
                     f"{self.data}: split {split or '(the data itself)'} has no usable sample; "
-                    f"{format_skips(self.opened[split].skipped)}"
+                    f"{format_skips(dataset.skipped)}"
                 )
-            self.skips(split).extend(self.opened[split].skipped)
-        return self.opened[split]
+            self.skips(split).extend(dataset.skipped)
+        return dataset
 
 
 def _shapes_plan(data: Path) -> _Plan:
@@ -163,12 +170,13 @@ def _data_plan(
 ) -> _Plan:
     """Any other data set: every task on the one set (`split` of `data`, or `data` itself), as
     far as it holds what the task needs (labels, captions, question-answer pairs, swaps)."""
-    split = _default_split(data) if split is None else split
 
     def label_sets(dataset: CaptionDataset) -> dict[str, tuple[list[int], list[str]]]:
         return {"": class_labels(dataset, classes)}  # one label set, unnamed
 
     plan = _Plan(data, split, split, None, templates, label_sets, set(), label_key, image_root)
+    if split is None:
+        split = plan.main = plan.labelled = _default_split(plan)
     dataset = plan.open(split)
     plan.templates = templates or dataset.templates or None
     metas = [dataset.meta(i) for i in range(len(dataset))]
@@ -180,13 +188,13 @@ def _data_plan(
     return plan
 
 
-def _default_split(data: Path) -> str | None:
-    """None where `data` itself is the set (a listing file, shards, class folders), "test" for a
-    directory of splits and for a COCO-Karpathy file."""
-    if data.is_file():
-        return "test" if data.suffix == ".json" else None
+def _default_split(plan: _Plan) -> str | None:
+    """None where the data itself is the set (a listing file, shards, class folders; read here,
+    kept by `plan`), "test" for a directory of splits and for a COCO-Karpathy file."""
+    if plan.data.is_file():
+        return "test" if plan.data.suffix == ".json" else None
     try:
-        open_dataset(data)
+        plan.read(None)
         return None
     except DataError:
         return "test"
