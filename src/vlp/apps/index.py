@@ -34,6 +34,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from vlp.apps.ability import require
+from vlp.apps.inputs import folder_images
 from vlp.config import DEFAULT_MAX_PIXELS
 from vlp.data.formats import IMAGE_EXTENSIONS, load_image
 from vlp.data.sample import DataError
@@ -53,10 +54,10 @@ def image_files(paths: Iterable[Path]) -> list[Path]:
     """The image files of `paths` (files, folders walked recursively), absolute, sorted."""
     found = set()
     for path in map(Path, paths):
-        candidates = [path] if path.is_file() else path.rglob("*") if path.is_dir() else []
-        for file in candidates:
-            if file.is_file() and file.suffix.lower() in IMAGE_EXTENSIONS and not file.name.startswith("."):
-                found.add(file.resolve())
+        if path.is_dir():
+            found.update(file.resolve() for file in folder_images(path))
+        elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
+            found.add(path.resolve())
     return sorted(found)
 
 
@@ -126,13 +127,19 @@ def build(
 
 def _sync(db: sqlite3.Connection, files: list[Path]) -> list[Path]:
     """Drop rows of files gone or changed; return the files to embed (new or changed)."""
-    stats = {str(f): (f.stat().st_size, f.stat().st_mtime) for f in files}
+    stats = {str(f): _size_and_mtime(f) for f in files}
     known = {path: (size, mtime) for path, size, mtime in db.execute("SELECT path, size, mtime FROM images")}
     stale = [path for path, stat in known.items() if stats.get(path) != stat]
     with db:
         db.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in stale])
     kept = set(known) - set(stale)
     return [f for f in files if str(f) not in kept]
+
+
+def _size_and_mtime(path: Path) -> tuple[int, float]:
+    """What tells a changed file from an unchanged one (one stat call)."""
+    stat = path.stat()
+    return stat.st_size, stat.st_mtime
 
 
 def _remove_orphan_shards(db: sqlite3.Connection, out: Path) -> None:
@@ -179,7 +186,7 @@ def _embed(
             save_file({"embeddings": emb.contiguous()}, str(path.with_suffix(".tmp")))
             os.replace(path.with_suffix(".tmp"), path)
             rows = [
-                (str(files[i]), files[i].stat().st_size, files[i].stat().st_mtime, digest, shard, row)
+                (str(files[i]), *_size_and_mtime(files[i]), digest, shard, row)
                 for row, (i, _, digest) in enumerate(good)
             ]
             with db:

@@ -28,8 +28,7 @@ def read_images(
         if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
             yield str(path), _load(path, max_pixels)
         elif path.is_dir() and not any(next(path.glob(pattern), None) for pattern in LISTINGS):
-            files = (p for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith("."))
-            yield from ((str(p), _load(p, max_pixels)) for p in files if p.suffix.lower() in IMAGE_EXTENSIONS)
+            yield from ((str(p), _load(p, max_pixels)) for p in folder_images(path))
         elif path.exists():
             dataset = open_dataset(path, max_pixels=max_pixels)
             yield from ((skip.source, skip) for skip in dataset.skipped)
@@ -38,6 +37,12 @@ def read_images(
                 yield item.source, item if isinstance(item, Skipped) else item.image
         else:
             yield str(path), _load(path, max_pixels)  # missing: reported as such
+
+
+def folder_images(folder: Path) -> list[Path]:
+    """The image files under `folder`, walked recursively in name order; hidden files left out."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith("."))
+    return [p for p in files if p.suffix.lower() in IMAGE_EXTENSIONS]
 
 
 def _load(path: Path, max_pixels: int) -> Image.Image | Skipped:
