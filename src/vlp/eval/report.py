@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 
 from vlp.eval.results import metric_rows  # noqa: E402
+from vlp.train.rundir import parse_record  # noqa: E402
 
 
 def _png_data_uri(data: bytes) -> str:
@@ -33,20 +34,12 @@ def _read_metrics(run_dir: Path) -> tuple[list[dict[str, Any]], int]:
         return [], 0
     records, unreadable = [], 0
     for line in path.read_text(errors="replace").splitlines():
-        record = _parse(line)
+        record = parse_record(line)
         if record is None or ("loss" in record and not _plottable(record)):
             unreadable += 1
         elif "loss" in record:
             records.append(record)
     return records, unreadable
-
-
-def _parse(line: str) -> dict[str, Any] | None:
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return None
-    return record if isinstance(record, dict) else None
 
 
 def _plottable(record: dict[str, Any]) -> bool:

@@ -88,17 +88,20 @@ def start_fresh(run_dir: Path, overwrite: bool) -> None:
     shutil.rmtree(trash)
 
 
+def parse_record(line: str) -> dict[str, Any] | None:
+    """One line of a metrics.jsonl as a record, or None: a line cut by a kill mid-write (or any
+    other line that is not a JSON object)."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The records of a metrics.jsonl; a line that does not parse (a kill mid-write) is left out."""
-    records = []
-    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(record, dict):
-            records.append(record)
-    return records
+    """The records of a metrics.jsonl; a line that does not parse is left out."""
+    lines = path.read_text(errors="replace").splitlines() if path.is_file() else []
+    return [record for record in map(parse_record, lines) if record is not None]
 
 
 def truncate_metrics(run_dir: Path, step: int) -> None:
