@@ -28,7 +28,8 @@ from PIL import Image
 
 import vlp
 from vlp.apps.classify import classifier
-from vlp.apps.index import build, faiss_index, image_files
+from vlp.apps.index import build, faiss_index
+from vlp.apps.inputs import count_images, image_sources
 from vlp.config import load_run_config, recipe_config_path
 from vlp.data.tokenizer import EOT, SOT, Tokenizer
 from vlp.data.transforms import model_images
@@ -109,7 +110,7 @@ def bench_index_build(model, images: list[Image.Image], reps: int, batch: int, w
         folder.mkdir()
         for i, image in enumerate(images):
             image.save(folder / f"{i:06d}.png")
-        assert len(image_files([folder])) == len(images)
+        assert count_images(image_sources([folder])) == len(images)
         counter = iter(range(10**6))
 
         def run_build():

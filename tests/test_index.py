@@ -3,6 +3,7 @@ rebuild follows added, changed and deleted files; a killed build resumes to the 
 unusual and broken files are indexed or skipped; HNSW's recall against exact search."""
 
 import io
+import json
 import os
 import signal
 import sqlite3
@@ -21,8 +22,9 @@ from test_eval_any_data import image, image_folder
 from typer.testing import CliRunner
 
 import vlp
-from vlp.apps.index import Index, _vectors, build, faiss_index
+from vlp.apps.index import Index, build, faiss_index, vector_blocks
 from vlp.cli import app
+from vlp.data.formats import write_webdataset
 
 
 class CountingOracle(ScaledOracle):
@@ -70,6 +72,70 @@ def test_rebuild_adds_changes_and_drops_files(tmp_path):
         build(model, [folder], tmp_path / "index", "another", workers=0)
 
 
+def colour_png(colour: str) -> bytes:
+    data = io.BytesIO()
+    image(colour).save(data, format="PNG")
+    return data.getvalue()
+
+
+def test_an_index_of_data_sets_keeps_their_captions_and_reads_tar_members(tmp_path, monkeypatch):
+    """A JSONL listing and webdataset shards are indexed like folders, with each image's
+    caption; a tar member is read back from its shard for re-ranking and thumbnails."""
+    listing = tmp_path / "listed"
+    listing.mkdir()
+    for colour in ("red", "blue"):
+        image(colour).save(listing / f"{colour}.png")
+    lines = [{"image": f"{colour}.png", "caption": f"a {colour} square"} for colour in ("red", "blue")]
+    (listing / "train.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
+    write_webdataset(tmp_path / "shards", "train", [("s0", colour_png("green"), {"caption": "a green circle"})])
+    info = build(
+        CountingOracle(), [listing / "train.jsonl", tmp_path / "shards"], tmp_path / "index", "oracle", workers=0
+    )
+    assert info["count"] == 3 and info["skipped"] == []
+    index = Index.open(tmp_path / "index", CountingOracle())
+    (green,) = index.search("green", k=1)
+    assert green["caption"] == "a green circle" and green["path"].endswith("train-000000.tar#s0")
+    assert np.array_equal(np.asarray(index.image(green["id"])), np.asarray(image("green")))
+    (blue,) = index.search("blue", k=1)
+    assert blue["caption"] == "a blue square" and blue["path"] == str(listing / "blue.png")
+    assert np.array_equal(np.asarray(index.image(blue["id"])), np.asarray(image("blue")))
+    with pytest.raises(KeyError):
+        index.image(99)
+    monkeypatch.setattr("vlp.api.load", lambda source: CountingOracle())  # the model info.json names
+    result = CliRunner().invoke(app, ["index", "search", str(tmp_path / "index"), "red", "--top-k", "1"])
+    assert result.stdout.strip().endswith("red.png\ta red square"), result.output
+
+
+def test_a_build_in_small_chunks_equals_a_build_in_one(tmp_path, monkeypatch):
+    """Images are listed and checked against the index CHUNK at a time (bounded memory): the
+    result, and what a rebuild drops and adds, do not depend on the chunk size."""
+    folder = image_folder(tmp_path / "photos", {"red": 3, "green": 2, "blue": 3})
+    one = build(CountingOracle(), [folder], tmp_path / "one", "oracle", workers=0, batch_size=2)
+    monkeypatch.setattr("vlp.apps.index.CHUNK", 3)
+    model = CountingOracle()
+    small = build(model, [folder, folder / "red"], tmp_path / "small", "oracle", workers=0, batch_size=2)
+    assert small["count"] == one["count"] == 8 and model.embedded == 8  # red given twice, embedded once
+    a, b = stored(tmp_path / "one"), stored(tmp_path / "small")
+    assert a[0] == b[0] and np.array_equal(a[1], b[1])
+    (folder / "red" / "0.png").unlink()
+    image("red").save(folder / "zz.png")
+    model.embedded = 0
+    assert build(model, [folder], tmp_path / "small", "oracle", workers=0)["count"] == 8 and model.embedded == 1
+    assert str(folder / "red" / "0.png") not in stored(tmp_path / "small")[0]
+
+
+def test_an_index_built_before_captions_is_brought_up_to_date(tmp_path):
+    folder = image_folder(tmp_path / "photos", {"red": 1, "blue": 1})
+    build(CountingOracle(), [folder], tmp_path / "index", "oracle", workers=0)
+    with sqlite3.connect(tmp_path / "index" / "meta.sqlite") as db:  # the schema of the first release
+        db.execute("ALTER TABLE images DROP COLUMN caption")
+        db.execute("ALTER TABLE images DROP COLUMN file")
+    image("green").save(folder / "new.png")
+    assert build(CountingOracle(), [folder], tmp_path / "index", "oracle", workers=0)["count"] == 3
+    hits = Index.open(tmp_path / "index", CountingOracle()).search("red", k=1)
+    assert hits[0]["caption"] is None and Index.open(tmp_path / "index", CountingOracle()).image(hits[0]["id"])
+
+
 def unusual_files(folder):
     """Files a photo collection holds: broken ones and unusual but valid ones."""
     folder.mkdir()
@@ -102,6 +168,13 @@ def test_hnsw_recall_against_exact_is_measured():
     index, info = faiss_index(vectors.numpy(), exact_limit=1000)
     assert info["kind"] == "hnsw" and info["recall_at_10"] >= 0.9 and index.ntotal == 3000
     assert faiss_index(vectors[:100].numpy(), exact_limit=1000)[1]["kind"] == "exact"
+
+
+def stored(index: Path) -> tuple[list[str], np.ndarray]:
+    """An index's paths and embeddings, in row id order."""
+    db = sqlite3.connect(index / "meta.sqlite")
+    paths = [path for (path,) in db.execute("SELECT path FROM images ORDER BY id")]
+    return paths, np.concatenate(list(vector_blocks(db, index)))
 
 
 def test_a_killed_build_resumes_to_the_same_index(tmp_path, shapes_dir):
@@ -141,8 +214,7 @@ def test_a_killed_build_resumes_to_the_same_index(tmp_path, shapes_dir):
     for name in ("straight", "victim"):
         assert (tmp_path / name / "index.faiss").is_file()
         assert not list((tmp_path / name).rglob("*.tmp"))  # no half-written shard or file left
-    a = _vectors(sqlite3.connect(tmp_path / "straight" / "meta.sqlite"), tmp_path / "straight")
-    b = _vectors(sqlite3.connect(tmp_path / "victim" / "meta.sqlite"), tmp_path / "victim")
+    a, b = stored(tmp_path / "straight"), stored(tmp_path / "victim")
     assert a[0] == b[0] and len(a[0]) == 240 and np.array_equal(a[1], b[1])
     result = CliRunner().invoke(app, ["index", "search", str(tmp_path / "victim"), "a red circle", "--top-k", "3"])
     assert result.exit_code == 0 and len(result.stdout.splitlines()) == 3, result.output

@@ -366,7 +366,10 @@ def ask(
 @index_app.command("build")
 def index_build(
     model_path: Annotated[str, typer.Argument(metavar="MODEL", help="A run or checkpoint of an aligned recipe.")],
-    paths: Annotated[list[Path], typer.Argument(help="Image files and folders (walked recursively).")],
+    paths: Annotated[
+        list[Path],
+        typer.Argument(help="Image files, folders (walked recursively) and data sets (their captions are kept)."),
+    ],
     out: Annotated[Path, typer.Option(help="Index directory (created, or updated when it exists).")],
     batch_size: Annotated[int, typer.Option(help="Images embedded together.")] = 64,
     workers: Annotated[int, typer.Option(help="Processes decoding images while the model embeds.")] = 2,
@@ -380,11 +383,11 @@ def index_build(
     from rich.progress import Progress
 
     import vlp
-    from vlp.apps.index import build, image_files
+    from vlp.apps.index import build
 
     model = vlp.load(model_path)
     with Progress(*Progress.get_default_columns(), transient=True) as bar:
-        task = bar.add_task("index", total=len(image_files(paths)))
+        task = bar.add_task("index", total=None)
         info = build(
             model,
             paths,
@@ -393,7 +396,7 @@ def index_build(
             batch_size,
             workers,
             exact_limit,
-            progress=lambda n: bar.advance(task, n),
+            progress=lambda done, total: bar.update(task, advance=done, total=total),
             precision=precision,
         )
     for line in info["skipped"]:
@@ -411,7 +414,8 @@ def index_search(
     rerank: Annotated[Optional[str], typer.Option(help="itm: re-score the shortlist with the ITM head.")] = None,
     shortlist: Annotated[int, typer.Option(help="--rerank: how many of the best to re-score.")] = 50,
 ) -> None:
-    """Print the best matching images, "score<TAB>path", best first."""
+    """Print the best matching images, "score<TAB>path", best first (and "<TAB>caption" for
+    images indexed from a data set with captions)."""
     from vlp.apps.index import Index
     from vlp.data.formats import load_image
 
@@ -421,7 +425,8 @@ def index_search(
         raise typer.BadParameter(f"--rerank must be itm, got {rerank!r}")
     query = text if image is None else load_image(image)
     for hit in Index.open(index).search(query, top_k, rerank, shortlist):
-        typer.echo(f"{hit['score']:.4f}\t{hit['path']}")
+        caption = f"\t{hit['caption']}" if hit["caption"] else ""
+        typer.echo(f"{hit['score']:.4f}\t{hit['path']}{caption}")
 
 
 def _for_each_image(paths: list[Path], work, batch_size: int, out: Path | None, key: str, show) -> None:
@@ -432,18 +437,16 @@ def _for_each_image(paths: list[Path], work, batch_size: int, out: Path | None, 
 
     from vlp.apps.inputs import over_images
 
-    skipped, done = [], 0
+    def report(skip) -> None:
+        typer.echo(f"skipped {skip.source}: {skip.reason}", err=True)
+
+    done = 0
     with open(out, "w") if out else contextlib.nullcontext() as sink:
-        for source, result in over_images(paths, work, batch_size, skipped):
-            for skip in skipped:
-                typer.echo(f"skipped {skip.source}: {skip.reason}", err=True)
-            skipped.clear()
+        for source, result in over_images(paths, work, batch_size, report):
             typer.echo(f"{source}\t{show(result)}")
             if sink:
                 sink.write(json.dumps({"path": source, key: result}) + "\n")
             done += 1
-    for skip in skipped:
-        typer.echo(f"skipped {skip.source}: {skip.reason}", err=True)
     if not done:
         typer.echo("no image could be read", err=True)
         raise typer.Exit(1)

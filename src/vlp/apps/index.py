@@ -4,16 +4,18 @@ An index is a directory:
 
     info.json                    the model, its recipe, the dimension, the count, the kind of faiss
                                  index and (approximate kinds) its recall@10 against exact search
-    meta.sqlite                  one row per image: path, size, mtime, sha256, shard, row
+    meta.sqlite                  one row per image: path (a file, or a data set's "shard#key"),
+                                 size and mtime of the file holding it, sha256, caption (images
+                                 from a data set with captions), its shard and row in it
     embeddings/000001.safetensors  normalised image embeddings, one shard per build batch
     index.faiss                  faiss over every row of meta.sqlite, in row id order
 
-A build is incremental: new files are embedded, changed ones (size or mtime) re-embedded, deleted
-ones dropped, the rest skipped. It is safe to kill: a batch's shard is written (atomically) before
-its rows are committed, so a kill leaves at most an orphan shard, removed by the next run, which
-then embeds exactly the files the killed one had not committed; the result equals an
-uninterrupted build. faiss is exact (`IndexFlatIP`) up to `exact_limit` images, HNSW above.
-"""
+A build is incremental: new images are embedded, changed ones (size or mtime of their file)
+re-embedded, deleted ones dropped, the rest skipped. It is safe to kill: a batch's shard is
+written (atomically) before its rows are committed, so a kill leaves at most an orphan shard,
+removed by the next run, which then embeds exactly the images the killed one had not committed;
+the result equals an uninterrupted build. faiss is exact (`IndexFlatIP`) up to `exact_limit`
+images, HNSW above."""
 
 from __future__ import annotations
 
@@ -22,7 +24,8 @@ import json
 import os
 import random
 import sqlite3
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +37,10 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from vlp.apps.ability import require
-from vlp.apps.inputs import folder_images
+from vlp.apps.inputs import ImageEntry, batched, count_images, image_entries, image_sources
 from vlp.config import DEFAULT_MAX_PIXELS
-from vlp.data.formats import IMAGE_EXTENSIONS, load_image
-from vlp.data.sample import DataError
+from vlp.data.formats import CaptionDataset, load_image, read_tar_image
+from vlp.data.sample import DataError, Skipped
 from vlp.data.transforms import eval_transform, model_images
 from vlp.eval.encode import embed_texts, itm_pair_scores, tokenize_texts
 from vlp.models.recipe import Recipe
@@ -45,37 +48,30 @@ from vlp.train.precision import resolve_precision
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER, mtime REAL, sha256 TEXT,
-    shard INTEGER NOT NULL, row INTEGER NOT NULL)"""
+    shard INTEGER NOT NULL, row INTEGER NOT NULL, caption TEXT, file TEXT)"""
+ADDED_COLUMNS = ("caption TEXT", "file TEXT")  # absent from indexes built before they were
 HNSW_NEIGHBOURS, RECALL_QUERIES, TARGET_RECALL = 32, 1000, 0.95
 HNSW_SEARCH_DEPTHS = (64, 128, 256, 512, 1024)  # efSearch tried in turn; the index keeps the last
+CHUNK = 8192  # images listed, checked against the index and embedded at a time: bounds memory
+Progress = Callable[[int, int], None]  # (images done since the last call, images in all)
 
 
-def image_files(paths: Iterable[Path]) -> list[Path]:
-    """The image files of `paths` (files, folders walked recursively), absolute, sorted."""
-    found = set()
-    for path in map(Path, paths):
-        if path.is_dir():
-            found.update(file.resolve() for file in folder_images(path))
-        elif path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("."):
-            found.add(path.resolve())
-    return sorted(found)
+class _Entries(Dataset):
+    """Entry i -> (i, eval-transformed image, sha256) or (i, None, "key: reason"); decoded in
+    the loader's workers."""
 
-
-class _Files(Dataset):
-    """File i -> (i, eval-transformed image, sha256) or (i, None, reason); decoded in workers."""
-
-    def __init__(self, files: list[Path], image_size: int, max_pixels: int):
-        self.files, self.transform, self.max_pixels = files, eval_transform(image_size), max_pixels
+    def __init__(self, entries: list[ImageEntry], image_size: int, max_pixels: int):
+        self.entries, self.transform, self.max_pixels = entries, eval_transform(image_size), max_pixels
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.entries)
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            image = load_image(self.files[i], self.max_pixels)
+            data, image = self.entries[i].read(self.max_pixels)
         except DataError as err:
             return i, None, str(err)
-        return i, self.transform(image), hashlib.sha256(self.files[i].read_bytes()).hexdigest()
+        return i, self.transform(image), hashlib.sha256(data).hexdigest()
 
 
 def _collate(items: list) -> list:
@@ -84,20 +80,22 @@ def _collate(items: list) -> list:
 
 def build(
     model: Recipe,
-    paths: Iterable[Path],
+    paths: Iterable[Path | CaptionDataset],
     out: Path,
     model_source: str = "",
     batch_size: int = 64,
     workers: int = 2,
     exact_limit: int = 100_000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
-    progress: Callable[[int], None] | None = None,
+    progress: Progress | None = None,
     precision: str = "auto",
 ) -> dict[str, Any]:
-    """Build or update the index `out` of the images under `paths`; returns its info.json,
-    with the files skipped this run ("skipped": ["path: reason", ...]). `precision`: fp32, bf16
-    autocast, or auto (bf16 where its matmuls are measured faster, `vlp.train.precision`); an
-    index keeps the precision it was first built with, so that its embeddings stay comparable."""
+    """Build or update the index `out` of the images of `paths` (files, folders, data sets:
+    `vlp.apps.inputs`); returns its info.json, with the images skipped this run ("skipped":
+    ["path: reason", ...]). `precision`: fp32, bf16 autocast, or auto (bf16 where its matmuls
+    are measured faster, `vlp.train.precision`); an index keeps the precision it was first
+    built with, so that its embeddings stay comparable. Memory is bounded: images are listed,
+    checked and embedded `CHUNK` at a time, and faiss is filled shard by shard."""
     require(model, "search")
     out = Path(out)
     (out / "embeddings").mkdir(parents=True, exist_ok=True)
@@ -110,12 +108,21 @@ def build(
             )
         precision = previous.get("precision", precision)
     precision = resolve_precision(precision, next(model.parameters()).device)
-    db = sqlite3.connect(out / "meta.sqlite")
-    db.execute(SCHEMA)
-    files = image_files(paths)
-    todo = _sync(db, files)
+    sources = image_sources(paths, max_pixels)
+    total = count_images(sources) if progress else 0
+    db = _open_db(out)
     _remove_orphan_shards(db, out)
-    skipped = _embed(model, db, out, todo, batch_size, workers, max_pixels, progress, precision)
+    embed = _Embedder(model, db, out, batch_size, workers, max_pixels, precision)
+    skipped: list[str] = []
+    for number, chunk in enumerate(batched(image_entries(sources), CHUNK)):
+        skipped += [f"{skip.source}: {skip.reason}" for skip in chunk if isinstance(skip, Skipped)]
+        entries = [entry for entry in chunk if isinstance(entry, ImageEntry)]
+        skipped += embed(_sync(db, entries, number))
+        if progress:
+            progress(len(entries), total)
+    with db:
+        db.execute("DELETE FROM images WHERE path NOT IN (SELECT path FROM seen)")  # gone since
+    _remove_orphan_shards(db, out)
     info = _write_faiss(db, out, exact_limit)
     info.update(model=model_source, recipe=model.recipe, precision=precision, skipped=skipped)
     tmp = out / ".info.json.tmp"
@@ -125,20 +132,43 @@ def build(
     return info
 
 
-def _sync(db: sqlite3.Connection, files: list[Path]) -> list[Path]:
-    """Drop rows of files gone or changed; return the files to embed (new or changed)."""
-    stats = {str(f): _size_and_mtime(f) for f in files}
-    known = {path: (size, mtime) for path, size, mtime in db.execute("SELECT path, size, mtime FROM images")}
-    stale = [path for path, stat in known.items() if stats.get(path) != stat]
+def _open_db(out: Path) -> sqlite3.Connection:
+    """meta.sqlite, its columns brought up to date, with an empty on-disk table `seen` of the
+    images listed by this run."""
+    db = sqlite3.connect(out / "meta.sqlite")
+    db.execute(SCHEMA)
+    columns = {name for _, name, *_ in db.execute("PRAGMA table_info(images)")}
+    for column in ADDED_COLUMNS:
+        if column.split()[0] not in columns:
+            db.execute(f"ALTER TABLE images ADD COLUMN {column}")
+    db.execute("PRAGMA temp_store = FILE")
+    db.execute("CREATE TEMP TABLE seen (path TEXT PRIMARY KEY, chunk INTEGER)")
+    return db
+
+
+def _sync(db: sqlite3.Connection, entries: list[ImageEntry], chunk: int) -> list[ImageEntry]:
+    """Record `entries` as seen and drop the rows of the changed ones; return the entries to
+    embed (new or changed, one per key; a file that cannot be read is tried, and skipped)."""
+    todo, stamps = [], {}
     with db:
-        db.executemany("DELETE FROM images WHERE path = ?", [(p,) for p in stale])
+        for entry in entries:
+            if db.execute("INSERT OR IGNORE INTO seen VALUES (?, ?)", (entry.key, chunk)).rowcount:
+                stamps[entry.key] = _stamp(entry.file)
+                todo.append(entry)
+        query = "SELECT i.path, i.size, i.mtime FROM images i JOIN seen s ON s.path = i.path WHERE s.chunk = ?"
+        known = {path: (size, mtime) for path, size, mtime in db.execute(query, (chunk,))}
+        stale = [path for path, stamp in known.items() if stamps.get(path) != stamp]
+        db.executemany("DELETE FROM images WHERE path = ?", [(path,) for path in stale])
     kept = set(known) - set(stale)
-    return [f for f in files if str(f) not in kept]
+    return [entry for entry in todo if entry.key not in kept]
 
 
-def _size_and_mtime(path: Path) -> tuple[int, float]:
-    """What tells a changed file from an unchanged one (one stat call)."""
-    stat = path.stat()
+def _stamp(path: str) -> tuple[int, float] | None:
+    """What tells a changed file from an unchanged one (one stat call); None if it is gone."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
     return stat.st_size, stat.st_mtime
 
 
@@ -153,108 +183,129 @@ def _remove_orphan_shards(db: sqlite3.Connection, out: Path) -> None:
             shard.unlink()
 
 
-def _embed(
-    model: Recipe,
-    db: sqlite3.Connection,
-    out: Path,
-    files: list[Path],
-    batch_size: int,
-    workers: int,
-    max_pixels: int,
-    progress: Callable[[int], None] | None,
-    precision: str,
-) -> list[str]:
-    """Embed `files` batch by batch, each batch's shard written before its rows are committed."""
-    loader = DataLoader(
-        _Files(files, model.image_size(), max_pixels), batch_size=batch_size, num_workers=workers, collate_fn=_collate
-    )
-    device, skipped = next(model.parameters()).device, []
-    (last,) = db.execute("SELECT COALESCE(MAX(shard), 0) FROM images").fetchone()
-    for shard, batch in enumerate(loader, start=last + 1):
-        good = [(i, image, digest) for i, image, digest in batch if image is not None]
-        skipped += [reason for _, image, reason in batch if image is None]
-        if good:
-            autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
-            with torch.no_grad(), autocast:
-                emb = model.encode_image(torch.stack([image for _, image, _ in good]).to(device)).float().cpu()
-            if emb.dim() != 2:
-                raise TypeError(
-                    f"recipe {model.recipe!r} gives {emb.dim() - 1}-d image embeddings; an index "
-                    "needs one vector per image"
-                )
-            path = out / "embeddings" / f"{shard:06d}.safetensors"
-            save_file({"embeddings": emb.contiguous()}, str(path.with_suffix(".tmp")))
-            os.replace(path.with_suffix(".tmp"), path)
-            rows = [
-                (str(files[i]), *_size_and_mtime(files[i]), digest, shard, row)
-                for row, (i, _, digest) in enumerate(good)
-            ]
-            with db:
-                db.executemany(
-                    "INSERT INTO images (path, size, mtime, sha256, shard, row) VALUES (?, ?, ?, ?, ?, ?)", rows
-                )
-        if progress:
-            progress(len(batch))
-    return skipped
+class _Embedder:
+    """Embeds lists of entries batch by batch, each batch's shard written before its rows are
+    committed, shards numbered on from the index's last."""
+
+    def __init__(self, model, db, out, batch_size, workers, max_pixels, precision):
+        self.model, self.db, self.out = model, db, out
+        self.batch_size, self.workers, self.max_pixels, self.precision = batch_size, workers, max_pixels, precision
+        self.device = next(model.parameters()).device
+        (self.last_shard,) = db.execute("SELECT COALESCE(MAX(shard), 0) FROM images").fetchone()
+
+    def __call__(self, entries: list[ImageEntry]) -> list[str]:
+        """Embed and record `entries`; returns the skipped ones as "key: reason"."""
+        if not entries:
+            return []
+        dataset = _Entries(entries, self.model.image_size(), self.max_pixels)
+        loader = DataLoader(dataset, self.batch_size, num_workers=self.workers, collate_fn=_collate)
+        skipped = []
+        for batch in loader:
+            good = [(i, image, digest) for i, image, digest in batch if image is not None]
+            skipped += [reason for _, image, reason in batch if image is None]
+            if good:
+                self._record([entries[i] for i, _, _ in good], [image for _, image, _ in good], [d for *_, d in good])
+        return skipped
+
+    def _record(self, entries: list[ImageEntry], images: list[torch.Tensor], digests: list[str]) -> None:
+        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        with torch.no_grad(), autocast:
+            emb = self.model.encode_image(torch.stack(images).to(self.device)).float().cpu()
+        if emb.dim() != 2:
+            raise TypeError(
+                f"recipe {self.model.recipe!r} gives {emb.dim() - 1}-d image embeddings; an index "
+                "needs one vector per image"
+            )
+        self.last_shard += 1
+        path = self.out / "embeddings" / f"{self.last_shard:06d}.safetensors"
+        save_file({"embeddings": emb.contiguous()}, str(path.with_suffix(".tmp")))
+        os.replace(path.with_suffix(".tmp"), path)
+        rows = [
+            (entry.key, *(_stamp(entry.file) or (None, None)), digest, self.last_shard, row, entry.caption, entry.file)
+            for row, (entry, digest) in enumerate(zip(entries, digests))
+        ]
+        with self.db:
+            self.db.executemany(
+                "INSERT INTO images (path, size, mtime, sha256, shard, row, caption, file) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                rows,
+            )
 
 
-def _vectors(db: sqlite3.Connection, out: Path) -> tuple[list[str], np.ndarray]:
-    """Every row's path and embedding, in row id order."""
-    rows = db.execute("SELECT path, shard, row FROM images ORDER BY id").fetchall()
-    shards = {
-        shard: load_file(str(out / "embeddings" / f"{shard:06d}.safetensors"))["embeddings"]
-        for shard in {shard for _, shard, _ in rows}
-    }
-    vectors = [shards[shard][row] for _, shard, row in rows]
-    matrix = torch.stack(vectors).numpy() if vectors else np.zeros((0, 0), dtype=np.float32)
-    return [path for path, _, _ in rows], np.ascontiguousarray(matrix, dtype=np.float32)
+def vector_blocks(db: sqlite3.Connection, out: Path) -> Iterator[np.ndarray]:
+    """Every row's embedding in row id order, one block per run of rows from the same shard
+    (one shard in memory at a time)."""
+    shard_id, shard, block = None, None, []
+    for sid, row in db.execute("SELECT shard, row FROM images ORDER BY id"):
+        if sid != shard_id:
+            if block:
+                yield shard[block].numpy()
+            shard_id, block = sid, []
+            shard = load_file(str(out / "embeddings" / f"{sid:06d}.safetensors"))["embeddings"]
+        block.append(row)
+    if block:
+        yield shard[block].numpy()
 
 
-def faiss_index(vectors: np.ndarray, exact_limit: int) -> tuple[faiss.Index, dict[str, Any]]:
-    """Exact inner-product search up to `exact_limit` vectors, HNSW above it, with HNSW's
-    recall@10 against exact search measured on a seeded sample of the vectors as queries; its
-    search depth (efSearch) is the smallest of HNSW_SEARCH_DEPTHS reaching TARGET_RECALL."""
-    count, dim = vectors.shape
+def new_faiss(count: int, dim: int, exact_limit: int) -> faiss.Index:
+    """Exact inner-product search up to `exact_limit` vectors, HNSW above it."""
     if count <= exact_limit:
-        index = faiss.IndexFlatIP(dim)
-        index.add(vectors)
-        return index, {"kind": "exact", "count": count, "dimension": dim}
-    index = faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
-    index.add(vectors)
-    exact = faiss.IndexFlatIP(dim)
-    exact.add(vectors)
-    queries = vectors[random.Random(0).sample(range(count), min(RECALL_QUERIES, count))]
+        return faiss.IndexFlatIP(dim)
+    return faiss.IndexHNSWFlat(dim, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+
+
+def tune(index: faiss.Index) -> dict[str, Any]:
+    """The index's info; for HNSW, its recall@10 against exact search, measured with a seeded
+    sample of its own vectors as queries against its flat storage (no second copy), and its
+    search depth (efSearch) set to the smallest of HNSW_SEARCH_DEPTHS reaching TARGET_RECALL."""
+    count, dim = index.ntotal, index.d
+    if not isinstance(index, faiss.IndexHNSW):
+        return {"kind": "exact", "count": count, "dimension": dim}
+    sample = random.Random(0).sample(range(count), min(RECALL_QUERIES, count))
+    queries = np.stack([index.storage.reconstruct(i) for i in sample])
     k = min(10, count)
-    truth = exact.search(queries, k)[1]
+    truth = index.storage.search(queries, k)[1]
     for depth in HNSW_SEARCH_DEPTHS:  # the shallowest search that reaches the target recall
         index.hnsw.efSearch = depth
         found = index.search(queries, k)[1]
         recall = float(np.mean([len(set(a) & set(b)) / k for a, b in zip(found, truth)]))
         if recall >= TARGET_RECALL:
             break
-    info = {"kind": "hnsw", "count": count, "dimension": dim, "recall_at_10": recall, "ef_search": depth}
-    return index, info
+    return {"kind": "hnsw", "count": count, "dimension": dim, "recall_at_10": recall, "ef_search": depth}
+
+
+def faiss_index(vectors: np.ndarray, exact_limit: int) -> tuple[faiss.Index, dict[str, Any]]:
+    """`new_faiss` over `vectors`, tuned."""
+    index = new_faiss(*vectors.shape, exact_limit)
+    index.add(np.ascontiguousarray(vectors, dtype=np.float32))
+    return index, tune(index)
 
 
 def _write_faiss(db: sqlite3.Connection, out: Path, exact_limit: int) -> dict[str, Any]:
-    paths, vectors = _vectors(db, out)
-    if not paths:
+    (count,) = db.execute("SELECT COUNT(*) FROM images").fetchone()
+    if not count:
         raise DataError(f"{out}: no image could be indexed")
-    index, info = faiss_index(vectors, exact_limit)
+    index = None
+    for block in vector_blocks(db, out):
+        index = index or new_faiss(count, block.shape[1], exact_limit)
+        index.add(np.ascontiguousarray(block, dtype=np.float32))
+    info = tune(index)
     faiss.write_index(index, str(out / ".index.faiss.tmp"))
     os.replace(out / ".index.faiss.tmp", out / "index.faiss")
     return info
 
 
 class Index:
-    """An index built by `build`, searched by text or by image (`Index.open(path).search(...)`)."""
+    """An index built by `build`, searched by text or by image (`Index.open(path).search(...)`).
+    Safe to search from several threads; rows are read from meta.sqlite per search, so only
+    faiss and one row id per image stay in memory."""
 
     def __init__(self, path: Path, model: Recipe):
         self.path, self.model = Path(path), model
         self.info = json.loads((self.path / "info.json").read_text())
         self.faiss = faiss.read_index(str(self.path / "index.faiss"))
-        with sqlite3.connect(self.path / "meta.sqlite") as db:
-            self.paths = [path for (path,) in db.execute("SELECT path FROM images ORDER BY id")]
+        with self._db() as db:  # faiss's position i holds the i-th row by id
+            self.ids = np.fromiter((i for (i,) in db.execute("SELECT id FROM images ORDER BY id")), dtype=np.int64)
 
     @classmethod
     def open(cls, path: str | Path, model: Recipe | None = None) -> Index:
@@ -266,20 +317,48 @@ class Index:
             model = load(json.loads((Path(path) / "info.json").read_text())["model"])
         return cls(Path(path), model)
 
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _db(self) -> closing[sqlite3.Connection]:
+        """A read-only connection to meta.sqlite, closed on leaving `with`."""
+        return closing(sqlite3.connect(f"file:{self.path / 'meta.sqlite'}?mode=ro", uri=True))
+
+    def rows(self, ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+        """{id: {"id", "path", "caption"}} of the rows `ids` that exist."""
+        ids = [int(i) for i in ids]
+        marks = ",".join("?" * len(ids))
+        with self._db() as db:
+            found = db.execute(f"SELECT id, path, caption FROM images WHERE id IN ({marks})", ids).fetchall()
+        return {i: {"id": i, "path": path, "caption": caption} for i, path, caption in found}
+
+    def image(self, id: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+        """The indexed image of row `id` (a file, or a member of a tar shard); KeyError if the
+        index has no such row."""
+        with self._db() as db:
+            row = db.execute("SELECT path, COALESCE(file, path) FROM images WHERE id = ?", (int(id),)).fetchone()
+        if row is None:
+            raise KeyError(f"{self.path}: no image {id}")
+        path, file = row
+        return load_image(path, max_pixels) if path == file else read_tar_image(file, path[len(file) + 1 :], max_pixels)
+
     @torch.no_grad()
     def search(
         self, query: str | Image.Image, k: int = 10, rerank: str | None = None, shortlist: int = 50
     ) -> list[dict[str, Any]]:
-        """The `k` best images for a text or an image: [{"path", "score"}], best first. With
+        """The `k` best images for a text or an image: [{"id", "path", "caption", "score"}],
+        best first ("caption" None unless indexed from a data set with captions). With
         `rerank="itm"` (text queries, recipes with ITM), the `shortlist` best by embedding
         similarity are re-scored by the ITM head (BLIP Sec. 4, retrieval)."""
         if isinstance(query, str):
             vector = embed_texts(self.model, [query])
         else:
             vector = self.model.encode_image(model_images(self.model, [query])).cpu()
-        depth = min(max(k, shortlist if rerank else k), len(self.paths))
-        scores, ids = self.faiss.search(np.ascontiguousarray(vector.float().numpy()), depth)
-        hits = [{"path": self.paths[i], "score": float(s)} for s, i in zip(scores[0], ids[0]) if i >= 0]
+        depth = min(max(k, shortlist if rerank else k), len(self))
+        scores, positions = self.faiss.search(np.ascontiguousarray(vector.float().numpy()), depth)
+        found = [(float(s), int(self.ids[p])) for s, p in zip(scores[0], positions[0]) if p >= 0]
+        rows = self.rows(i for _, i in found)
+        hits = [{**rows[i], "score": score} for score, i in found if i in rows]
         if rerank is not None:
             hits = self._itm_reranked(query, hits)
         return hits[:k]
@@ -290,7 +369,7 @@ class Index:
                 f"--rerank itm needs a text query and a recipe with a trained ITM head, not {self.model.recipe!r}"
             )
         tokens = tokenize_texts(self.model, [query] * len(hits))
-        images = [load_image(hit["path"]) for hit in hits]
+        images = [self.image(hit["id"]) for hit in hits]
         scores = itm_pair_scores(
             self.model, images, tokens["input_ids"], tokens["attention_mask"], torch.arange(len(hits))
         )

@@ -66,6 +66,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 PathLike = str | os.PathLike
 _SURROGATES = re.compile("[\ud800-\udfff]")  # in str from bytes that were not UTF-8
 CLASS_NAMES_FILE = "classnames.txt"  # CLIP_benchmark: line i is the name of class id i
+WEBDATASET_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
 TEMPLATES_FILE = "zeroshot_classification_templates.txt"  # CLIP_benchmark: "{c}" marks the name
 
 
@@ -122,6 +123,17 @@ class CaptionDataset(Dataset):
             return self._decode_failure(entry.source, str(bad))
         return Sample(image, list(entry.captions), copy.deepcopy(entry.meta), entry.source)
 
+    def image_bytes(self, i: int) -> bytes:
+        """The encoded image of item i: its file's bytes, or the tar member's."""
+        image = self.entries[i].image
+        return image if isinstance(image, bytes) else Path(image).read_bytes()
+
+    def image_file(self, i: int) -> str:
+        """The file holding item i's image: the image file, or the tar shard it is a member of
+        (its source is "shard#key")."""
+        entry = self.entries[i]
+        return entry.image if isinstance(entry.image, str) else entry.source.rsplit("#", 1)[0]
+
     def captions(self, i: int) -> list[str]:
         """The captions of item i, without decoding its image."""
         return list(self.entries[i].captions)
@@ -170,6 +182,33 @@ def load_image(path: PathLike, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
         return _decode(str(path), max_pixels)
     except _Bad as bad:
         raise DataError(f"{path}: {bad}") from None
+
+
+def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Encoded image bytes as RGB, decoded as `load_image` decodes a file; DataError
+    "source: reason" if they cannot be."""
+    try:
+        return _decode(data, max_pixels)
+    except _Bad as bad:
+        raise DataError(f"{source}: {bad}") from None
+
+
+def read_tar_image(shard: PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The image of the group `key` of a webdataset shard (what `read_webdataset` lists as
+    "shard#key"), read without loading the rest of the shard's images."""
+    with tarfile.open(shard) as tar:
+        for member in tar:
+            group, extension = _member_key(member.name)
+            if member.isfile() and group == key and extension.lower() in WEBDATASET_IMAGE_KEYS:
+                return decode_image(tar.extractfile(member).read(), f"{shard}#{key}", max_pixels)
+    raise DataError(f"{shard}#{key}: no such image in the shard")
+
+
+def _member_key(name: str) -> tuple[str, str]:
+    """A tar member's group key (its path up to the first dot of its basename) and extension."""
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension
 
 
 class _Listing:
@@ -269,7 +308,7 @@ def _require(record: dict[str, Any], field: str) -> Any:
 def read_webdataset(
     urls: PathLike | list[PathLike],
     strict: bool = False,
-    image_keys: tuple[str, ...] = ("png", "jpg", "jpeg", "webp"),
+    image_keys: tuple[str, ...] = WEBDATASET_IMAGE_KEYS,
     text_keys: tuple[str, ...] = ("json", "txt"),
     max_pixels: int = DEFAULT_MAX_PIXELS,
     label_keys: tuple[str, ...] = ("cls",),
@@ -344,9 +383,8 @@ def _read_tar(shard: str, wanted: set[str], listing: _Listing) -> dict[str, dict
             for member in tar:
                 if not member.isfile():
                     continue
-                folder, _, name = member.name.rpartition("/")
-                stem, _, extension = name.partition(".")
-                group = groups.setdefault(f"{folder}/{stem}" if folder else stem, {})
+                key, extension = _member_key(member.name)
+                group = groups.setdefault(key, {})
                 if extension.lower() in wanted:
                     group[extension.lower()] = tar.extractfile(member).read()
     except Exception as exc:  # untrusted bytes: tarfile raises more than TarError
