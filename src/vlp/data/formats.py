@@ -64,6 +64,7 @@ from vlp.data.sample import DataError, Sample, Skipped
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 PathLike = str | os.PathLike
+_BUFFER = re.compile(r"<_io\.BytesIO object at 0x[0-9a-f]+>")
 _SURROGATES = re.compile("[\ud800-\udfff]")  # in str from bytes that were not UTF-8
 CLASS_NAMES_FILE = "classnames.txt"  # CLIP_benchmark: line i is the name of class id i
 WEBDATASET_IMAGE_KEYS = ("png", "jpg", "jpeg", "webp")
@@ -189,8 +190,8 @@ def decode_image(data: bytes, source: str, max_pixels: int = DEFAULT_MAX_PIXELS)
     "source: reason" if they cannot be."""
     try:
         return _decode(data, max_pixels)
-    except _Bad as bad:
-        raise DataError(f"{source}: {bad}") from None
+    except _Bad as bad:  # Pillow names the buffer it read from: name the source instead
+        raise DataError(f"{source}: {_BUFFER.sub(repr(source), str(bad))}") from None
 
 
 def read_tar_image(shard: PathLike, key: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
