@@ -2,9 +2,11 @@
 
 - classify: `vlp.apps.classify` vs transformers' `pipeline("zero-shot-image-classification")`
   holding the same tiny CLIP (written by `vlp.save(..., format="hf")`), over the same PIL images,
-  labels and single prompt template; images/s and how often the two agree on the top label.
-- index build: `vlp.apps.index.build` over a folder of PNG files (decoding in worker processes)
-  vs the bare image encoder on pre-decoded tensors: how much of the encoder's speed survives.
+  labels and single prompt template; images/s and how often the two agree on the top label;
+  vlp in fp32 and at its default precision (auto), the pipeline at its default (fp32).
+- index build: `vlp.apps.index.build` over a folder of PNG files, with the default number of
+  decoding workers and with 2, vs the bare image encoder on pre-decoded tensors, all fp32: how
+  much of the encoder's speed survives.
 - search: p50/p95 latency of one query against N synthetic 512-d embeddings, faiss exact
   (IndexFlatIP) vs faiss HNSW (with its recall@10 against exact) vs vlp's blockwise search.
 
@@ -28,7 +30,7 @@ from PIL import Image
 
 import vlp
 from vlp.apps.classify import classifier
-from vlp.apps.index import build, faiss_index
+from vlp.apps.index import build, decode_workers, faiss_index
 from vlp.apps.inputs import count_images, image_sources
 from vlp.config import load_run_config, recipe_config_path
 from vlp.data.tokenizer import EOT, SOT, Tokenizer
@@ -82,8 +84,9 @@ def median_rate(fn, items: int, reps: int) -> float:
     return items / statistics.median(times)
 
 
-def bench_classify(model, images: list[Image.Image], reps: int, batch: int) -> dict:
-    vlp_classify = classifier(model, LABELS, [TEMPLATE], top_k=1)
+def bench_classify(model, images: list[Image.Image], reps: int, batch: int, precision: str) -> dict:
+    """vlp at `precision` vs the pipeline at its default (fp32)."""
+    vlp_classify = classifier(model, LABELS, [TEMPLATE], top_k=1, precision=precision)
     with tempfile.TemporaryDirectory() as tmp:
         hf = transformers_pipeline(model, Path(tmp))
 
@@ -96,7 +99,7 @@ def bench_classify(model, images: list[Image.Image], reps: int, batch: int) -> d
         agree = np.mean([a[0][0] == b[0]["label"] for a, b in zip(run_vlp(), run_hf())])
         rates = {"vlp": median_rate(run_vlp, len(images), reps), "transformers": median_rate(run_hf, len(images), reps)}
     return {
-        "benchmark": "classify (images/s)",
+        "benchmark": f"classify (images/s), vlp --precision {precision}",
         "vlp_per_s": round(rates["vlp"], 1),
         "transformers_pipeline_per_s": round(rates["transformers"], 1),
         "ratio_vlp_over_transformers": round(rates["vlp"] / rates["transformers"], 2),
@@ -104,7 +107,8 @@ def bench_classify(model, images: list[Image.Image], reps: int, batch: int) -> d
     }
 
 
-def bench_index_build(model, images: list[Image.Image], reps: int, batch: int, workers: int) -> dict:
+def bench_index_build(model, images: list[Image.Image], reps: int, batch: int, workers: int | None) -> dict:
+    """`vlp index build` over PNG files vs the bare encoder on decoded tensors, both fp32."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "photos"
         folder.mkdir()
@@ -114,7 +118,7 @@ def bench_index_build(model, images: list[Image.Image], reps: int, batch: int, w
         counter = iter(range(10**6))
 
         def run_build():
-            index = Path(tmp) / f"index{next(counter)}"  # fp32, as the bare encoder it is compared with
+            index = Path(tmp) / f"index{next(counter)}"
             build(model, [folder], index, "bench", batch_size=batch, workers=workers, precision="fp32")
 
         tensors = model_images(model, images).split(batch)
@@ -128,8 +132,9 @@ def bench_index_build(model, images: list[Image.Image], reps: int, batch: int, w
             "build": median_rate(run_build, len(images), reps),
             "encoder": median_rate(run_encoder, len(images), reps),
         }
+    chosen = decode_workers(torch.device("cpu")) if workers is None else workers
     return {
-        "benchmark": f"index build (images/s, {workers} decoding workers)",
+        "benchmark": f"index build (images/s, {chosen} decoding workers{' (default)' if workers is None else ''})",
         "vlp_build_per_s": round(rates["build"], 1),
         "bare_encoder_per_s": round(rates["encoder"], 1),
         "build_share_of_encoder": round(rates["build"] / rates["encoder"], 3),
@@ -174,16 +179,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=512)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="100000", help="comma-separated gallery sizes for the search rows")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     model, images = tiny_clip(), photos(args.images)
-    rows = [
-        bench_classify(model, images, args.reps, args.batch),
-        bench_index_build(model, images, args.reps, args.batch, args.workers),
-    ]
+    rows = [bench_classify(model, images, args.reps, args.batch, precision) for precision in ("fp32", "auto")]
+    rows += [bench_index_build(model, images, args.reps, args.batch, workers) for workers in (None, 2)]
     rows += [bench_search(int(size)) for size in args.sizes.split(",")]
     meta = {
         "machine": platform.processor() or platform.machine(),

@@ -29,6 +29,19 @@ def test_classify_ranks_the_true_label_first_with_softmax_probabilities():
         assert len(labels) == 2
 
 
+def test_classify_in_bf16_agrees_with_fp32(shapes_dir):
+    """--precision bf16 (what auto picks where bf16 is faster) runs the image encoder under
+    autocast: the same top labels, probabilities within bf16's rounding."""
+    model = tiny_clip(shapes_dir)
+    images = [image(colour, 32) for colour in ("red", "green", "blue")]
+    labels = ["a red circle", "a green square", "a blue triangle"]
+    fp32 = vlp.classify(model, images, labels, top_k=3, precision="fp32")
+    bf16 = vlp.classify(model, images, labels, top_k=3, precision="bf16")
+    assert [r[0][0] for r in fp32] == [r[0][0] for r in bf16] and fp32 != bf16  # bf16 did run
+    for a, b in zip(fp32, bf16):
+        assert dict(a) == pytest.approx(dict(b), abs=0.02)
+
+
 def test_inputs_walk_folders_and_report_bad_files(tmp_path):
     folder = image_folder(tmp_path / "photos", {"red": 1, "green": 1})
     (folder / "notes.txt").write_text("not an image")

@@ -22,7 +22,7 @@ from test_eval_any_data import image, image_folder
 from typer.testing import CliRunner
 
 import vlp
-from vlp.apps.index import Index, build, faiss_index, vector_blocks
+from vlp.apps.index import Index, build, decode_workers, faiss_index, vector_blocks
 from vlp.cli import app
 from vlp.data.formats import write_webdataset
 
@@ -161,6 +161,16 @@ def test_broken_files_are_skipped_and_unusual_ones_indexed(tmp_path):
     assert sorted(skipped) == ["bomb.png", "corrupt.jpg", "truncated.png", "zero.png"]
     assert "image too large" in skipped["bomb.png"]
     assert info["count"] == 4  # cmyk, sixteen, palette, rotated
+
+
+def test_decoding_workers_take_only_the_cores_the_encoder_leaves(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(2)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert decode_workers(torch.device("cpu")) == 0  # 2 cores, both the encoder's
+    assert decode_workers(torch.device("cuda")) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert decode_workers(torch.device("cpu")) == 8 and decode_workers(torch.device("cuda")) == 8
 
 
 def test_hnsw_recall_against_exact_is_measured():

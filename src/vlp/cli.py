@@ -285,6 +285,7 @@ def decoding_options(method: str) -> dict:
         raise typer.BadParameter(f"--{err}") from None
 
 
+PRECISION_HELP = "auto (bf16 where this machine runs it measurably faster), fp32 or bf16"
 IMAGES_HELP = "Image files, folders of images (walked recursively) or data sets in any format vlp reads."
 
 
@@ -327,6 +328,7 @@ def classify(
     out: Annotated[
         Optional[Path], typer.Option(help='Also write {"path", "labels": [[label, probability], ...]} JSON lines here.')
     ] = None,
+    precision: Annotated[str, typer.Option(help=f"The image encoder's: {PRECISION_HELP}.")] = "auto",
 ) -> None:
     """Label images with words you choose (zero-shot, CLIP Sec. 3.1.4): prints each image's most
     probable labels with their probabilities."""
@@ -338,7 +340,7 @@ def classify(
         raise typer.BadParameter("give --labels or --labels-file (one of them)")
     names = read_class_names(labels_file) if labels_file else [x.strip() for x in labels.split(",") if x.strip()]
     model = vlp.load(model_path)
-    work = classifier(model, names, templates and read_templates(templates), top_k)
+    work = classifier(model, names, templates and read_templates(templates), top_k, precision)
 
     def show(result: list) -> str:
         return ", ".join(f"{label} {probability:.3f}" for label, probability in result)
@@ -372,11 +374,12 @@ def index_build(
     ],
     out: Annotated[Path, typer.Option(help="Index directory (created, or updated when it exists).")],
     batch_size: Annotated[int, typer.Option(help="Images embedded together.")] = 64,
-    workers: Annotated[int, typer.Option(help="Processes decoding images while the model embeds.")] = 2,
+    workers: Annotated[
+        Optional[int],
+        typer.Option(help="Processes decoding images while the model embeds (default: the cores it leaves idle)."),
+    ] = None,
     exact_limit: Annotated[int, typer.Option(help="Exact search up to this many images, HNSW above.")] = 100_000,
-    precision: Annotated[
-        str, typer.Option(help="auto (bf16 where it is measured faster), fp32 or bf16; an index keeps its first.")
-    ] = "auto",
+    precision: Annotated[str, typer.Option(help=f"{PRECISION_HELP}; an index keeps its first.")] = "auto",
 ) -> None:
     """Embed every image under PATHS into a faiss index with its metadata in SQLite. Re-running
     adds new files, re-embeds changed ones, drops deleted ones; a killed build resumes."""

@@ -44,7 +44,7 @@ from vlp.data.sample import DataError, Skipped
 from vlp.data.transforms import eval_transform, model_images
 from vlp.eval.encode import embed_texts, itm_pair_scores, tokenize_texts
 from vlp.models.recipe import Recipe
-from vlp.train.precision import resolve_precision
+from vlp.train.precision import autocast, resolve_precision
 
 SCHEMA = """CREATE TABLE IF NOT EXISTS images (
     id INTEGER PRIMARY KEY, path TEXT UNIQUE NOT NULL, size INTEGER, mtime REAL, sha256 TEXT,
@@ -84,7 +84,7 @@ def build(
     out: Path,
     model_source: str = "",
     batch_size: int = 64,
-    workers: int = 2,
+    workers: int | None = None,
     exact_limit: int = 100_000,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     progress: Progress | None = None,
@@ -94,9 +94,12 @@ def build(
     `vlp.apps.inputs`); returns its info.json, with the images skipped this run ("skipped":
     ["path: reason", ...]). `precision`: fp32, bf16 autocast, or auto (bf16 where its matmuls
     are measured faster, `vlp.train.precision`); an index keeps the precision it was first
-    built with, so that its embeddings stay comparable. Memory is bounded: images are listed,
+    built with, so that its embeddings stay comparable. `workers`: decoding processes
+    (default `decode_workers`). Memory is bounded: images are listed,
     checked and embedded `CHUNK` at a time, and faiss is filled shard by shard."""
     require(model, "search")
+    device = next(model.parameters()).device
+    workers = decode_workers(device) if workers is None else workers
     out = Path(out)
     (out / "embeddings").mkdir(parents=True, exist_ok=True)
     info_path, previous = out / "info.json", {}
@@ -107,7 +110,7 @@ def build(
                 f"{out}: built with model {previous.get('model')!r}, not {model_source!r}; use a fresh --out"
             )
         precision = previous.get("precision", precision)
-    precision = resolve_precision(precision, next(model.parameters()).device)
+    precision = resolve_precision(precision, device)
     sources = image_sources(paths, max_pixels)
     total = count_images(sources) if progress else 0
     db = _open_db(out)
@@ -130,6 +133,15 @@ def build(
     os.replace(tmp, info_path)
     db.close()
     return info
+
+
+def decode_workers(device: torch.device) -> int:
+    """Processes decoding images beside the encoder: the cores it leaves idle (on a CPU, those
+    beyond torch's threads; beside a GPU, all but one), at most 8. On a 2-core CPU none, as
+    workers there take cores from the encoder's threads (docs/benchmarks.md)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    spare = cores - 1 if device.type == "cuda" else cores - torch.get_num_threads()
+    return max(0, min(8, spare))
 
 
 def _open_db(out: Path) -> sqlite3.Connection:
@@ -208,8 +220,7 @@ class _Embedder:
         return skipped
 
     def _record(self, entries: list[ImageEntry], images: list[torch.Tensor], digests: list[str]) -> None:
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), autocast(self.precision, self.device):
             emb = self.model.encode_image(torch.stack(images).to(self.device)).float().cpu()
         if emb.dim() != 2:
             raise TypeError(

@@ -79,3 +79,8 @@ def resolve_precision(name: str, device: torch.device) -> str:
             "expect steps several times slower than fp32 (train.precision=auto picks for you)"
         )
     return name
+
+
+def autocast(precision: str, device: torch.device) -> torch.autocast:
+    """bf16 autocast on `device` when the resolved `precision` is bf16; a no-op context otherwise."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")

@@ -42,7 +42,7 @@ from vlp.models.registry import build_model, config_fields
 from vlp.train import checkpoint as ckpt
 from vlp.train import rundir
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
-from vlp.train.precision import resolve_device, resolve_precision
+from vlp.train.precision import autocast, resolve_device, resolve_precision
 
 console = Console(stderr=True)
 
@@ -237,8 +237,7 @@ class Trainer:
             self.pending_skips.setdefault(self.epoch, []).extend([dropped] * batch["size"])
 
     def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
-        with autocast:
+        with autocast(self.precision, self.device):
             losses = (self.ddp or self.model)(batch)
         weights = self.cfg.train.loss_weights
         total = sum(weights.get(name, 1.0) * value for name, value in losses.items())
