@@ -432,6 +432,39 @@ def index_search(
         typer.echo(f"{hit['score']:.4f}\t{hit['path']}{caption}")
 
 
+@app.command()
+def serve(
+    index: Annotated[Path, typer.Argument(help="An index made by `vlp index build`.")],
+    model: Annotated[
+        Optional[str],
+        typer.Option(
+            help="The model that captions, labels and answers (default: the index's own); search uses the index's."
+        ),
+    ] = None,
+    host: Annotated[
+        str, typer.Option(help="Address to listen on; 0.0.0.0 shares the server with your network.")
+    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest image upload, in MB.")] = 10,
+    max_in_flight: Annotated[
+        int, typer.Option(help="API requests served at once; 32 more wait, the rest get 503.")
+    ] = 8,
+    max_batch: Annotated[int, typer.Option(help="Concurrent requests answered by one model call (1: none).")] = 16,
+) -> None:
+    """Serve a web page and a JSON API over an index: search it by text or by image; caption,
+    label and ask about an uploaded image where the model can (docs/apps.md). API docs at /docs."""
+    try:
+        from vlp.apps.serve import Limits
+        from vlp.apps.serve import serve as run
+    except ImportError as err:
+        extra = "search" if err.name == "faiss" else "serve"
+        typer.echo(f"error: vlp serve needs {err.name}: pip install 'vlp[{extra}]'", err=True)
+        raise typer.Exit(1) from None
+    limits = Limits(max_upload_bytes=int(max_upload_mb * 2**20), max_in_flight=max_in_flight, max_batch=max_batch)
+    typer.echo(f"serving {index} on http://{host}:{port} (API docs: /docs); Ctrl-C stops")
+    run(index, model, host, port, limits)
+
+
 def _for_each_image(paths: list[Path], work, batch_size: int, out: Path | None, key: str, show) -> None:
     """Run `work` over the images of `paths` in batches, print "path<TAB>show(result)" per image
     (and {"path", key: result} JSON lines to `out`), each unreadable image on stderr; exit 1 when
