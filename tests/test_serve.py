@@ -4,14 +4,20 @@ requests past the in-flight and waiting limits get 503; model work runs off the 
 concurrent text searches share one encoder call."""
 
 import asyncio
+import inspect
 import io
+import socket
 import struct
 import sys
 import threading
+import time
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 import pytest
+import uvicorn
 from fastapi.testclient import TestClient
 from PIL import Image
 from test_apps import ScaledOracle
@@ -19,7 +25,7 @@ from test_eval_any_data import COLOURS, CaptionOracle, image, image_folder
 from typer.testing import CliRunner
 
 from vlp.apps.index import Index, build
-from vlp.apps.serve import Limits, create_app
+from vlp.apps.serve import Limits, create_app, serve
 from vlp.cli import app as cli
 
 
@@ -134,6 +140,16 @@ def test_a_model_without_an_ability_answers_422_naming_recipes_that_can(tmp_path
             assert answer.status_code == 422 and "cannot" in answer.json()["detail"]
             assert "recipes that can" in answer.json()["detail"]
         assert client.post("/api/classify", **upload("red", labels="red,blue")).status_code == 200
+
+
+def test_a_failing_model_call_answers_500_and_the_server_keeps_serving(served):
+    # The oracle's tokenizer raises StopIteration on a text without a colour word: a model bug
+    # that asyncio could not hand on to the waiting request, which would hang.
+    with TestClient(served.app, raise_server_exceptions=False) as client:
+        answer = client.post("/api/classify", **upload("red", labels="a circle"))
+        assert answer.status_code == 500
+        assert client.get("/api/search", params={"q": "no colour here"}).status_code == 500
+        assert client.get("/api/search", params={"q": "red"}).status_code == 200
 
 
 BAD_REQUESTS = [
@@ -328,3 +344,58 @@ def test_serve_command_help_and_a_one_line_error_without_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "fastapi", None)  # as if the extra were not installed
     result = CliRunner().invoke(cli, ["serve", "some.index"])
     assert result.exit_code == 1 and "pip install 'vlp[serve]'" in result.output
+
+
+@contextmanager
+def live_server(app) -> Iterator[str]:
+    """`app` under uvicorn on a free loopback port, in a thread; yields its base URL."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def raw_get(url: str, path: str) -> bytes:
+    """The status line of GET `path` sent byte for byte (no client normalising `..`)."""
+    host, port = url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=5) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        return conn.recv(65536).split(b"\r\n", 1)[0]
+
+
+def test_a_live_server_refuses_raw_traversals_and_endless_uploads_and_keeps_serving(tmp_path):
+    assert inspect.signature(serve).parameters["host"].default == "127.0.0.1"  # loopback unless told
+    with live_server(create_app(colour_index(tmp_path, ServeOracle()))) as url:
+        for path in ("/static/../serve.py", "/static/..%2fserve.py", "/api/thumbnail/../../etc/passwd", "//etc/passwd"):
+            assert raw_get(url, path) == b"HTTP/1.1 404 Not Found", path
+        sent = 0
+
+        def endless():
+            nonlocal sent
+            yield b"--b\r\nContent-Disposition: form-data; name=image; filename=x.png\r\n\r\n"
+            while sent < 2**30:
+                sent += 2**20
+                yield b"\0" * 2**20
+
+        try:
+            answer = httpx.post(
+                f"{url}/api/caption", content=endless(), headers={"content-type": "multipart/form-data; boundary=b"}
+            )
+            assert answer.status_code == 413
+        except httpx.TransportError:
+            pass  # the server answered 413 and closed the connection while the client was still sending
+        assert sent < 64 * 2**20  # of the 1 GB the client would have sent
+        assert (
+            httpx.get(f"{url}/api/search", params={"q": "blue"}).json()["results"][0]["path"].split("/")[-2] == "blue"
+        )

@@ -145,9 +145,15 @@ class Batcher(Generic[T, R]):
 
 
 def _no_grad(work: Callable[[list[T]], list[R]]) -> Callable[[list[T]], list[R]]:
+    """`work` without autograd, a StopIteration raised as RuntimeError (asyncio cannot pass a
+    StopIteration on to a future: the request would never be answered)."""
+
     def run(items: list[T]) -> list[R]:
-        with torch.no_grad():
-            return work(items)
+        try:
+            with torch.no_grad():
+                return work(items)
+        except StopIteration as err:
+            raise RuntimeError(f"StopIteration in {work.__name__}: {err}") from err
 
     return run
 
@@ -250,6 +256,9 @@ def _error(status: int, detail: str, headers: dict[str, str] | None = None) -> J
     return JSONResponse({"detail": detail}, status, headers)
 
 
+CLOSE = {"Connection": "close"}  # else the server would read and drop the rest of the body to reuse the connection
+
+
 class _BodyLimit:
     """ASGI middleware: 413 for a request body over `limit` bytes, told by Content-Length before
     anything is read, else by counting the bytes as they arrive (the rest is never read)."""
@@ -263,7 +272,7 @@ class _BodyLimit:
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
             detail = self.detail if length.isdigit() else "bad Content-Length"
-            return await _error(413 if length.isdigit() else 400, detail)(scope, receive, send)
+            return await _error(413 if length.isdigit() else 400, detail, CLOSE)(scope, receive, send)
         received, over, started = 0, False, False
 
         async def counting_receive():
@@ -287,7 +296,7 @@ class _BodyLimit:
             if not over:
                 raise
         if over and not started:
-            await _error(413, self.detail)(scope, receive, send)
+            await _error(413, self.detail, CLOSE)(scope, receive, send)
 
 
 class _Gate:

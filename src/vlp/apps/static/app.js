@@ -125,7 +125,7 @@ async function start() {
   try {
     const info = await api("/api/info");
     abilities = info.abilities;
-    $("about").textContent = `${info.images} images · ${info.recipe} · ${info.model}`;
+    $("about").textContent = [`${info.images} images`, info.recipe, info.model].filter(Boolean).join(" · ");
     const missing = [];
     for (const box of document.querySelectorAll("[data-ability]")) {
       box.hidden = !abilities[box.dataset.ability];
