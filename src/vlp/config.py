@@ -62,6 +62,7 @@ class TrainConfig:
     eps: float = 1e-6
     grad_clip: float = 1.0
     accum: int = 1
+    grad_checkpointing: bool = False  # recompute each transformer block in backward: less memory, same gradients
     precision: str = "fp32"  # fp32 | bf16 (autocast) | auto: bf16 where it is faster (vlp.train.precision)
     seed: int = 0
     log_every: int = 10

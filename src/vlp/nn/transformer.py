@@ -3,14 +3,20 @@
 Paper differences are configuration: pre-LN (CLIP, ViT) or post-LN (BERT), the activation
 (`quick_gelu` for OpenAI CLIP, `gelu` elsewhere), LayerNorm eps, and optional cross-attention
 to a context (image patches) in every k-th block for fusion encoders and decoders.
+
+Activation checkpointing (`set_grad_checkpointing`, `train.grad_checkpointing`) keeps only each
+block's input during the forward pass and recomputes the block in the backward pass: the same
+gradients for less activation memory, at the price of a second forward (torch.utils.checkpoint).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from vlp.nn.attention import Attention, KVCache
 
@@ -165,6 +171,7 @@ class Transformer(nn.Module):
         )
         self.apply(init_weights)
         self._scale_init(cfg)
+        self.grad_checkpointing = False  # see set_grad_checkpointing
 
     @torch.no_grad()
     def _scale_init(self, cfg: TransformerConfig) -> None:
@@ -198,8 +205,9 @@ class Transformer(nn.Module):
     ) -> torch.Tensor:
         """Run the blocks in `layers` (ALBEF runs its text half and fusion half separately)."""
         start = layers.indices(len(self.blocks))[0]
+        recompute = self.grad_checkpointing and torch.is_grad_enabled() and cache is None
         for i, block in enumerate(self.blocks[layers], start=start):
-            x = block(
+            x = (partial(checkpoint, block, use_reentrant=False) if recompute else block)(
                 x,
                 mask=mask,
                 is_causal=is_causal,
@@ -212,6 +220,16 @@ class Transformer(nn.Module):
                 context_rows=context_rows,
             )
         return x
+
+
+def set_grad_checkpointing(model: nn.Module, enabled: bool = True) -> int:
+    """Turn activation checkpointing on (off) in every `Transformer` of `model`, block by
+    block; returns how many stacks it reached. Generation (with a KV cache) and no-grad passes
+    (momentum encoders, evaluation) run plainly."""
+    stacks = [module for module in model.modules() if isinstance(module, Transformer)]
+    for stack in stacks:
+        stack.grad_checkpointing = enabled
+    return len(stacks)
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -29,6 +29,7 @@ RUNTIME_KEYS = {
     "train.threads",
     "train.device",
     "train.dist_timeout",
+    "train.grad_checkpointing",  # the same gradients, recomputed
 }
 
 

@@ -39,6 +39,7 @@ from vlp.data.sample import DataError, Skipped
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import train_transform
 from vlp.models.registry import build_model, config_fields
+from vlp.nn.transformer import set_grad_checkpointing
 from vlp.train import checkpoint as ckpt
 from vlp.train import rundir
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
@@ -111,6 +112,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)
         random.seed(cfg.train.seed)  # its state is checkpointed: two runs of one seed write the same files
         self.model = build_model(cfg, self.tokenizer).to(self.device)
+        set_grad_checkpointing(self.model, cfg.train.grad_checkpointing)
         self.step, self.position = 0, 0  # optimizer steps; samples drawn from the stream
         if init is not None and not resume:
             self._initialise_from(Path(init))
