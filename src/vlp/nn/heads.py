@@ -1,15 +1,16 @@
 """Output heads shared by the recipes: token prediction (MLM and LM), image-text matching,
-attentional pooling and the contrastive temperature."""
+attentional pooling (CoCa's and SigLIP's MAP) and the contrastive temperature."""
 
 from __future__ import annotations
 
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from vlp.nn.attention import Attention
-from vlp.nn.transformer import ACTIVATIONS, init_weights
+from vlp.nn.transformer import ACTIVATIONS, MLP, init_weights
 
 
 class TokenPredictionHead(nn.Module):
@@ -68,3 +69,42 @@ class AttentionalPooler(nn.Module):
         """tokens [B, N, context_dim] -> pooled [B, num_queries, width]."""
         queries = self.queries.expand(tokens.shape[0], -1, -1)
         return self.norm(self.attn(queries, context=self.norm_context(tokens)))
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling (MAP; Zhai et al. 2022, "Scaling Vision Transformers", Sec.
+    3.3; used by SigLIP's image tower): one learned probe attends to the tokens, then a pre-LN MLP
+    with a residual; the probe's output is the pooled embedding.
+
+    The attention keeps one fused [q; k; v] input projection, as `nn.MultiheadAttention` does in
+    transformers' `SiglipMultiheadAttentionPoolingHead` (timm splits it into q and kv): the probe
+    is projected by its first third, the tokens by the other two.
+    """
+
+    def __init__(self, width: int, heads: int, mlp_dim: int, act: str = "gelu", eps: float = 1e-6):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"MAP width {width} is not divisible by {heads} heads")
+        self.heads = heads
+        self.probe = nn.Parameter(torch.randn(1, 1, width) * width**-0.5)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.out = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width, eps=eps)
+        self.mlp = MLP(width, mlp_dim, act)
+        self.apply(init_weights)
+        nn.init.normal_(self.qkv.weight, std=width**-0.5)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [B, N, width] -> pooled [B, width]."""
+        batch, width = tokens.shape[0], tokens.shape[-1]
+        w_q, w_kv = self.qkv.weight.split([width, 2 * width])
+        b_q, b_kv = self.qkv.bias.split([width, 2 * width])
+        q = F.linear(self.probe, w_q, b_q).expand(batch, -1, -1)  # [B, 1, width]
+        k, v = F.linear(tokens, w_kv, b_kv).chunk(2, dim=-1)  # [B, N, width] each
+
+        def split(x: torch.Tensor) -> torch.Tensor:  # [B, L, width] -> [B, heads, L, width / heads]
+            return x.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+        x = self.out(F.scaled_dot_product_attention(split(q), split(k), split(v)).transpose(1, 2).flatten(2))
+        x = x + self.mlp(self.norm(x))  # [B, 1, width]
+        return x[:, 0]

@@ -21,7 +21,7 @@ class TextConfig(TransformerConfig):
     vocab_size: int = 4096
     context_length: int = 32
     causal: bool = True
-    pool: str = "eos"  # eos: last real token (CLIP) | cls: first token (BERT)
+    pool: str = "eos"  # eos: last real token (CLIP) | cls: first token (BERT) | last: last position (SigLIP)
     embed_norm: bool = False  # LayerNorm on the embeddings (BERT)
 
 
@@ -44,8 +44,8 @@ class TextTransformer(nn.Module):
 
     def __init__(self, cfg: TextConfig):
         super().__init__()
-        if cfg.pool not in ("eos", "cls"):
-            raise ValueError(f"text pool must be 'eos' or 'cls', got {cfg.pool!r}")
+        if cfg.pool not in ("eos", "cls", "last"):
+            raise ValueError(f"text pool must be 'eos', 'cls' or 'last', got {cfg.pool!r}")
         self.cfg = cfg
         self.token_embed = nn.Embedding(cfg.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.context_length, cfg.width))
@@ -110,6 +110,8 @@ class TextTransformer(nn.Module):
             x = self.norm(x)
         if self.cfg.pool == "cls":
             return x[:, 0], x
+        if self.cfg.pool == "last":  # SigLIP: texts padded to the context length, the final position
+            return x[:, -1], x
         rows = torch.arange(x.shape[0], device=x.device)
         return x[rows, eos_positions(attention_mask)], x
 

@@ -1,4 +1,5 @@
-"""Vision Transformer image tower (Dosovitskiy et al. 2021; CLIP's variant adds `ln_pre`)."""
+"""Vision Transformer image tower (Dosovitskiy et al. 2021; CLIP's variant adds `ln_pre`; SigLIP's
+has no class token and pools with a MAP head)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vlp.nn.heads import MAPHead
 from vlp.nn.transformer import Transformer, TransformerConfig
 
 
@@ -14,7 +16,8 @@ from vlp.nn.transformer import Transformer, TransformerConfig
 class VisionConfig(TransformerConfig):
     image_size: int = 64
     patch_size: int = 8
-    pool: str = "cls"  # cls | mean
+    pool: str = "cls"  # cls | mean | map: attention pooling by a learned probe (SigLIP, `MAPHead`)
+    class_token: bool = True  # False: patch tokens only (SigLIP); needs pool mean or map
     ln_pre: bool = True  # LayerNorm after the embeddings (CLIP)
     patch_bias: bool = False
     stem: str = "patch"  # patch: one linear patch embedding (ViT) | conv: 3x3 stride-2 convs (Xiao et al. 2021)
@@ -45,8 +48,10 @@ class VisionTransformer(nn.Module):
         super().__init__()
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
-        if cfg.pool not in ("cls", "mean"):
-            raise ValueError(f"vision pool must be 'cls' or 'mean', got {cfg.pool!r}")
+        if cfg.pool not in ("cls", "mean", "map"):
+            raise ValueError(f"vision pool must be 'cls', 'mean' or 'map', got {cfg.pool!r}")
+        if cfg.pool == "cls" and not cfg.class_token:
+            raise ValueError("vision pool 'cls' needs class_token: true")
         if cfg.stem not in ("patch", "conv"):
             raise ValueError(f"vision stem must be 'patch' or 'conv', got {cfg.stem!r}")
         self.cfg = cfg
@@ -55,24 +60,31 @@ class VisionTransformer(nn.Module):
             self.patch_embed = conv_stem(cfg.width, cfg.patch_size)
         else:
             self.patch_embed = nn.Conv2d(3, cfg.width, cfg.patch_size, cfg.patch_size, bias=cfg.patch_bias)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, cfg.width))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.width)) if cfg.class_token else None
+        self.extra = int(cfg.class_token)  # tokens before the patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.extra, cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_pre else nn.Identity()
         self.transformer = Transformer(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
-        nn.init.normal_(self.cls_token, std=cfg.width**-0.5)
+        self.head = None
+        if cfg.pool == "map":
+            self.head = MAPHead(cfg.width, cfg.heads, cfg.mlp_dim or int(cfg.width * cfg.mlp_ratio), cfg.act, cfg.eps)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=cfg.width**-0.5)
         nn.init.normal_(self.pos_embed, std=cfg.width**-0.5)
 
     def embed(
         self, images: torch.Tensor, hidden: torch.Tensor | None = None, mask_token: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Patch embeddings, class token and positions (and `ln_pre`): [B, 1 + patches, width].
+        """Patch embeddings, class token and positions (and `ln_pre`): [B, 1 + patches, width]
+        (without a class token: [B, patches, width]).
         Patches where `hidden` [B, patches] is True are replaced by `mask_token` (BEiT's MIM)."""
         x = self.patch_embed(images).flatten(2).transpose(1, 2)
         if hidden is not None:
             x = torch.where(hidden[..., None], mask_token.to(x.dtype), x)
-        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        return self.norm_pre(x)
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.norm_pre(x + self.pos_embed)
 
     def forward(self, images: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """images [B, 3, H, W] -> (pooled [B, width], tokens [B, 1 + patches, width]).
@@ -82,5 +94,7 @@ class VisionTransformer(nn.Module):
         x = self.transformer(self.embed(images), layers=slice(layers))
         if layers is None:
             x = self.norm(x)
-        pooled = x[:, 0] if self.cfg.pool == "cls" else x[:, 1:].mean(dim=1)
+        if self.cfg.pool == "map":
+            return self.head(x), x
+        pooled = x[:, 0] if self.cfg.pool == "cls" else x[:, self.extra :].mean(dim=1)
         return pooled, x
