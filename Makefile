@@ -1,4 +1,4 @@
-# Two commands on a fresh clone: `make demo` (data -> train -> eval -> HTML report) and `make test`.
+# Two commands on a fresh clone: `make demo` (data -> train -> eval -> HTML report -> search index) and `make test`.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +12,7 @@ DEMO_RUN := runs/demo
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet -e '.[search,serve]'
 	touch $(STAMP)
 
 # Tests and benchmarks also need the interop/caption extras (transformers, open_clip, pycocoevalcap).
@@ -28,7 +28,9 @@ $(DEMO_DATA)/info.json: | $(STAMP)
 demo: $(STAMP) $(DEMO_DATA)/info.json
 	$(BIN)/vlp train clip --data $(DEMO_DATA) --out $(DEMO_RUN) $(if $(wildcard $(DEMO_RUN)/checkpoints/latest),--resume,--overwrite)
 	$(BIN)/vlp eval $(DEMO_RUN) --data $(DEMO_DATA)
+	$(BIN)/vlp index build $(DEMO_RUN) $(DEMO_DATA)/test --out $(DEMO_RUN)/index
 	@echo "open $(DEMO_RUN)/report.html"
+	@echo "serve it: $(BIN)/vlp serve $(DEMO_RUN)/index   (then open http://127.0.0.1:8000)"
 
 test: $(DEV_STAMP)
 	$(BIN)/python -m pytest

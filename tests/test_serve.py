@@ -103,6 +103,8 @@ def test_classify_caption_and_ask_about_an_upload(served):
     labels = served.post("/api/classify", **upload("red", labels="blue, red, green", top_k=2)).json()["labels"]
     assert labels[0]["label"] == "red"
     assert len(labels) == 2 and labels[0]["probability"] == pytest.approx(1.0, abs=1e-4)
+    many = ",".join(f"red {i}" for i in range(12))  # more labels than the classifier's default top 5
+    assert len(served.post("/api/classify", **upload("red", labels=many, top_k=12)).json()["labels"]) == 12
     assert served.post("/api/caption", **upload("green")).json() == {"caption": "a green square"}
     assert served.post("/api/ask", **upload("blue", question="what colour is it?")).json() == {"answer": "blue"}
 
@@ -150,6 +152,23 @@ def test_a_failing_model_call_answers_500_and_the_server_keeps_serving(served):
         assert answer.status_code == 500
         assert client.get("/api/search", params={"q": "no colour here"}).status_code == 500
         assert client.get("/api/search", params={"q": "red"}).status_code == 200
+
+
+def test_a_request_that_fails_inside_a_batch_fails_no_other(tmp_path):
+    model = BlockingOracle()
+    app = create_app(colour_index(tmp_path, model))
+
+    async def main():
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            first = asyncio.create_task(client.get("/api/search", params={"q": "red"}))
+            await asyncio.get_running_loop().run_in_executor(None, model.entered.wait, 5)
+            batch = [asyncio.create_task(client.get("/api/search", params={"q": q})) for q in ("green", "?", "blue")]
+            await asyncio.sleep(0.1)
+            model.release.set()
+            return await asyncio.gather(first, *batch)
+
+    assert [answer.status_code for answer in asyncio.run(main())] == [200, 200, 500, 200]
 
 
 BAD_REQUESTS = [

@@ -128,11 +128,7 @@ class Batcher(Generic[T, R]):
         try:
             while self.pending:
                 batch, self.pending = self.pending[: self.max_batch], self.pending[self.max_batch :]
-                self.calls += 1
-                try:
-                    results = await loop.run_in_executor(self.pool, self.work, [item for item, _ in batch])
-                except Exception as err:
-                    results = [err] * len(batch)
+                results = await self._results(loop, [item for item, _ in batch])
                 for (_, future), result in zip(batch, results):
                     if future.done():  # its request was cancelled (the client went away)
                         continue
@@ -142,6 +138,16 @@ class Batcher(Generic[T, R]):
                         future.set_result(result)
         finally:
             self.drain = None
+
+    async def _results(self, loop: asyncio.AbstractEventLoop, items: list[T]) -> list[R | Exception]:
+        """work(items), or if that fails, each item alone: one bad request fails no other."""
+        self.calls += 1
+        try:
+            return await loop.run_in_executor(self.pool, self.work, items)
+        except Exception as err:
+            if len(items) == 1:
+                return [err]
+        return [(await self._results(loop, [item]))[0] for item in items]
 
 
 def _no_grad(work: Callable[[list[T]], list[R]]) -> Callable[[list[T]], list[R]]:
@@ -174,7 +180,7 @@ class Worker:
             "ask": self._ask,
         }
         self.batchers = {name: Batcher(_no_grad(work), self.pool, max_batch) for name, work in kinds.items()}
-        self._classifier = lru_cache(maxsize=16)(lambda labels: classifier(model, labels))
+        self._classifier = lru_cache(maxsize=16)(lambda labels: classifier(model, labels, top_k=len(labels)))
 
     async def run(self, kind: str, item: Any) -> Any:
         ability = "search" if kind == "search_image" else kind
