@@ -21,7 +21,7 @@ from torch import nn
 
 from vlp.config import from_dict
 from vlp.data.tokenizer import Tokenizer
-from vlp.interop import blip, blip2, clip
+from vlp.interop import blip, blip2, clip, siglip
 from vlp.interop.mapping import CheckpointMismatch, Entry, from_vlp, to_vlp
 from vlp.models.registry import create_model, recipe_classes
 
@@ -78,9 +78,24 @@ HF_FORMATS = {
         build=blip2.build,
         vlp_tokenizer=False,
     ),
+    "siglip": Format(
+        siglip.config_from_hf,
+        siglip.hf_entries,
+        siglip.architecture,
+        ignore=("position_ids",),
+        config_class="SiglipConfig",
+        config_to=siglip.config_to_hf,
+        architecture_for=siglip.architecture,
+    ),
 }
 OPEN_CLIP = Format(clip.config_from_open_clip, clip.open_clip_entries, clip.architecture, ignore=("attn_mask",))
-SAVABLE = {"clip": HF_FORMATS["clip"], "blip": HF_FORMATS["blip"], "blip_vqa": HF_FORMATS["blip"]}
+OPEN_CLIP_SIGLIP = Format(siglip.config_from_open_clip, siglip.open_clip_entries, siglip.architecture)
+SAVABLE = {
+    "clip": HF_FORMATS["clip"],
+    "blip": HF_FORMATS["blip"],
+    "blip_vqa": HF_FORMATS["blip"],
+    "siglip": HF_FORMATS["siglip"],
+}
 
 
 def is_pretrained_dir(path: Path) -> bool:
@@ -148,13 +163,14 @@ def load_tokenizer(path: Path) -> Tokenizer | None:
 def detect(path: Path) -> tuple[Format, dict[str, Any]]:
     """The format of a checkpoint directory and its config."""
     if (path / OPEN_CLIP_CONFIG).is_file():
-        return OPEN_CLIP, json.loads((path / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+        model_cfg = json.loads((path / OPEN_CLIP_CONFIG).read_text())["model_cfg"]
+        return (OPEN_CLIP_SIGLIP if siglip.is_open_clip_siglip(model_cfg) else OPEN_CLIP), model_cfg
     config = json.loads((path / "config.json").read_text())
     model_type = config.get("model_type")
     if model_type not in HF_FORMATS:
         raise ValueError(
             f"{path / 'config.json'}: model_type {model_type!r} is not supported; "
-            f"vlp loads {sorted(HF_FORMATS)} and open_clip CLIP (see docs/interop.md)"
+            f"vlp loads {sorted(HF_FORMATS)} and open_clip CLIP and SigLIP (see docs/interop.md)"
         )
     return HF_FORMATS[model_type], config
 

@@ -65,7 +65,10 @@ class SigLIP(Recipe):
     def __init__(self, cfg: SigLIPConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         super().__init__(cfg, tokenizer, run_config)
         if cfg.text.pool != "last" or cfg.text.causal:
-            raise ValueError("SigLIP's text tower is bidirectional and pools the last position (pool: last)")
+            raise ValueError(
+                "SigLIP's text tower is bidirectional and pools the last position: a model.text section "
+                "replaces the default whole, so it needs causal: false, pool: last (see configs/siglip/tiny.yaml)"
+            )
         if not cfg.image_proj and cfg.embed_dim != cfg.vision.width:
             raise ValueError(f"embed_dim {cfg.embed_dim} must equal vision.width {cfg.vision.width} without image_proj")
         self.visual = VisionTransformer(cfg.vision)
