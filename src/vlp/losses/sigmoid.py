@@ -70,12 +70,15 @@ def sigmoid_block(
     positives: bool,
 ) -> torch.Tensor:
     """-sum_ij log sigmoid(z_ij * logits_ij) of one [I, T] block (Algorithm 1); `positives`:
-    the block's diagonal holds the matching pairs (z = 1 there), else every pair is negative."""
-    logits = logit_scale * image_emb @ text_emb.T + logit_bias  # [I, T]
-    signs = -torch.ones_like(logits)
-    if positives:
-        signs = signs + 2 * torch.eye(*logits.shape, dtype=logits.dtype, device=logits.device)
-    return -F.logsigmoid(signs * logits).sum()
+    the block's diagonal holds the matching pairs (z = 1 there), else every pair is negative.
+
+    Written as sum_ij softplus(logits_ij) - sum_i logits_ii (-log sigmoid(-l) = softplus(l),
+    -log sigmoid(l) = softplus(l) - l): no label matrix, and autograd keeps one [I, T] tensor
+    (softplus's input) instead of three; the scale multiplies the [I, D] embeddings, not the block.
+    """
+    logits = (logit_scale * image_emb) @ text_emb.T + logit_bias  # [I, T]
+    loss = F.softplus(logits).sum()
+    return loss - logits.diagonal().sum() if positives else loss
 
 
 def sigmoid_loss(
