@@ -3,12 +3,14 @@ gradients and the same run; the trainer turns it on from `train.grad_checkpointi
 
 import pytest
 import torch
+from conftest import torchrun_train
 from test_fusion_models import batch, model_config
 from test_train import final_weights
 
 import vlp
 from vlp.config import load_run_config
 from vlp.nn.transformer import Block, set_grad_checkpointing
+from vlp.train.rundir import read_metrics
 from vlp.train.trainer import Trainer
 
 CLIP = {
@@ -67,3 +69,34 @@ def test_a_run_with_checkpointing_equals_one_without(tmp_path, tiny_config):
     a, b = final_weights(tmp_path / "plain"), final_weights(tmp_path / "checkpointed")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_accumulated_contrastive_steps_equal_one_big_batch(tmp_path, tiny_config):
+    """With train.accum, CLIP's ITC scores every micro-batch against the negatives of all of
+    them (cached embeddings): 2 micro-batches of 8 train as 1 batch of 16, not as 2 batches
+    of 8 each seeing its own negatives."""
+    big = load_run_config("clip", tiny_config, ["train.steps=3", "data.batch_size=16"])
+    Trainer(big, tmp_path / "big", progress=False).fit()
+    accumulated = load_run_config("clip", tiny_config, ["train.steps=3", "data.batch_size=8", "train.accum=2"])
+    Trainer(accumulated, tmp_path / "accumulated", progress=False).fit()
+    a, b = final_weights(tmp_path / "big"), final_weights(tmp_path / "accumulated")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+    losses = [
+        [r["loss"] for r in read_metrics(tmp_path / run / "metrics.jsonl") if "loss" in r]
+        for run in ("big", "accumulated")
+    ]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_accumulation_over_two_ranks_equals_one_big_batch(tmp_path, tiny_config):
+    """2 gloo ranks x 2 micro-batches of 8 per rank (the cached embeddings gathered across
+    ranks, the gradients averaged) train as one process on batches of 32."""
+    big = load_run_config("clip", tiny_config, ["train.steps=2", "data.batch_size=32"])
+    Trainer(big, tmp_path / "big", progress=False).fit()
+    args = ["--config", str(tiny_config), "--out", str(tmp_path / "ddp"), "--steps", "2", "--no-progress"]
+    result = torchrun_train("clip", *args, "data.batch_size=8", "train.accum=2")  # batch_size is per rank
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = final_weights(tmp_path / "big"), final_weights(tmp_path / "ddp")
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

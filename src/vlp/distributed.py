@@ -4,6 +4,7 @@ under `torchrun` (gloo/NCCL)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -101,3 +102,17 @@ def all_gather_padded(x: torch.Tensor, value: float = 0) -> torch.Tensor:
     dist.all_reduce(length, op=dist.ReduceOp.MAX)
     pad = [0, 0] * (x.dim() - 2) + [0, int(length) - x.shape[1]]
     return all_gather_with_grad(torch.nn.functional.pad(x, pad, value=value))
+
+
+def average_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
+    """Average the parameters' gradients over all ranks in one flat all-reduce: DDP's job, for a
+    step whose backward runs outside DDP's forward (the trainer's cached-embedding accumulation).
+    Every rank must hold gradients for the same parameters."""
+    if not is_distributed():
+        return
+    grads = [p.grad for p in parameters if p.grad is not None]
+    flat = torch.cat([grad.reshape(-1) for grad in grads])
+    dist.all_reduce(flat)
+    flat /= world_size()
+    for grad, part in zip(grads, flat.split([grad.numel() for grad in grads])):
+        grad.copy_(part.view_as(grad))

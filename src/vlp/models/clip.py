@@ -63,9 +63,15 @@ class CLIP(Recipe):
         """exp(log-scale) clamped at `max_logit_scale`."""
         return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
+    pair_loss_only = True
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        image_emb = self.encode_image(batch["images"])
-        text_emb = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        return self.pair_losses(*self.embed_pair(batch))
+
+    def embed_pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(batch["images"]), self.encode_text(batch["input_ids"], batch["attention_mask"])
+
+    def pair_losses(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"itc": itc_loss(image_emb, text_emb, self.scale())}
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:

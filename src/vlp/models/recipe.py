@@ -62,6 +62,19 @@ class Recipe(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called by the trainer after every update (momentum encoders follow the model here)."""
 
+    # Recipes whose training loss depends on a batch only through its image and text embeddings
+    # (CLIP) set this and give `embed_pair` and `pair_losses`: with `train.accum` > 1 the trainer
+    # then scores every micro-batch against all the others' negatives (docs/scale.md).
+    pair_loss_only: ClassVar[bool] = False
+
+    def embed_pair(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (image, text) embeddings `forward` computes its losses from."""
+        raise NotImplementedError(f"recipe {self.recipe!r} has other losses than its embeddings'")
+
+    def pair_losses(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
+        """`forward`'s losses from the embeddings of `embed_pair`."""
+        raise NotImplementedError(f"recipe {self.recipe!r} has other losses than its embeddings'")
+
     # --- alignment: retrieval, zero-shot, ITM re-ranking ---------------------------------------------
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:

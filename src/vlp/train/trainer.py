@@ -238,24 +238,14 @@ class Trainer:
             )
             self.pending_skips.setdefault(self.epoch, []).extend([dropped] * batch["size"])
 
-    def _losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        with autocast(self.precision, self.device):
-            losses = (self.ddp or self.model)(batch)
+    def _weighted(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         weights = self.cfg.train.loss_weights
-        total = sum(weights.get(name, 1.0) * value for name, value in losses.items())
-        return total, losses
+        return sum(weights.get(name, 1.0) * value for name, value in losses.items())
 
     def train_step(self, batches) -> dict[str, float]:
         """One optimizer step over `accum` micro-batches; returns the logged values."""
-        accum = self.cfg.train.accum
-        totals: dict[str, float] = {}
-        for micro in range(accum):
-            sync = self.ddp is None or micro == accum - 1
-            with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                total, losses = self._losses(self._next_batch(batches))
-                (total / accum).backward()
-            for name, value in {"loss": total, **losses}.items():
-                totals[name] = totals.get(name, 0.0) + value.item() / accum
+        accumulate_pairs = self.cfg.train.accum > 1 and self.model.pair_loss_only
+        totals = self._accumulate_pairs(batches) if accumulate_pairs else self._accumulate(batches)
         if self.cfg.train.grad_clip > 0:
             totals["grad_norm"] = float(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
@@ -267,6 +257,62 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return totals
+
+    def _accumulate(self, batches) -> dict[str, float]:
+        """Gradients of the mean of `accum` micro-batches' losses, each micro-batch on its own
+        (its contrastive negatives are its own); DDP syncs on the last."""
+        accum, totals = self.cfg.train.accum, {}
+        for micro in range(accum):
+            sync = self.ddp is None or micro == accum - 1
+            with contextlib.nullcontext() if sync else self.ddp.no_sync():
+                with autocast(self.precision, self.device):
+                    losses = (self.ddp or self.model)(self._next_batch(batches))
+                total = self._weighted(losses)
+                (total / accum).backward()
+            for name, value in {"loss": total, **losses}.items():
+                totals[name] = totals.get(name, 0.0) + value.item() / accum
+        return totals
+
+    def _accumulate_pairs(self, batches) -> dict[str, float]:
+        """Gradients of the loss of all `accum` micro-batches as one batch, for recipes whose
+        loss is a function of the embeddings alone (`pair_loss_only`), with the activation memory
+        of one micro-batch (GradCache, Gao et al. 2021, Sec. 3.2): every micro-batch is embedded
+        without gradients; the loss over all of them gives the gradients of the embeddings;
+        each micro-batch is then embedded again, with the random state of its first pass, and
+        back-propagates its slice. The backward runs outside DDP's forward, so the ranks'
+        gradients are averaged here."""
+        model, micro, states, images, texts = self.model, [], [], [], []
+        with torch.no_grad():
+            for _ in range(self.cfg.train.accum):
+                micro.append(self._next_batch(batches))
+                states.append(_rng_state(self.device))
+                with autocast(self.precision, self.device):
+                    image_emb, text_emb = model.embed_pair(micro[-1])
+                images.append(image_emb.float())
+                texts.append(text_emb.float())
+        after = _rng_state(self.device)
+        image_all, text_all = torch.cat(images).requires_grad_(), torch.cat(texts).requires_grad_()
+        with autocast(self.precision, self.device):
+            losses = model.pair_losses(image_all, text_all)
+        total = self._weighted(losses)
+        params = [p for p in model.parameters() if p.requires_grad]
+        image_grad, text_grad, *head_grads = torch.autograd.grad(
+            total, [image_all, text_all, *params], allow_unused=True
+        )
+        for param, grad in zip(params, head_grads):  # the loss's own parameters (the logit scale)
+            if grad is not None:
+                param.grad = grad if param.grad is None else param.grad + grad
+        sizes = [len(emb) for emb in images]
+        for batch, state, image_slice, text_slice in zip(
+            micro, states, image_grad.split(sizes), text_grad.split(sizes)
+        ):
+            _set_rng_state(state, self.device)
+            with autocast(self.precision, self.device):
+                image_emb, text_emb = model.embed_pair(batch)
+            torch.autograd.backward([image_emb.float(), text_emb.float()], [image_slice, text_slice])
+        _set_rng_state(after, self.device)
+        dist.average_gradients(params)
+        return {"loss": total.item(), **{name: value.item() for name, value in losses.items()}}
 
     def _progress(self) -> Progress:
         return Progress(
@@ -347,6 +393,17 @@ class Trainer:
                 if self.step % cfg.ckpt_every == 0 or self.step == last:
                     self._save()
         return values
+
+
+def _rng_state(device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """torch's random state on the CPU and, for a CUDA device, on it."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(state: tuple[torch.Tensor, torch.Tensor | None], device: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
 
 
 def _skip_summary(skips: list[Skipped]) -> dict[str, Any]:
