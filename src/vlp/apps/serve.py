@@ -101,7 +101,7 @@ class Info(BaseModel):
     recipe: str
     model: str
     abilities: dict[str, bool]
-    limits: dict[str, float]
+    limits: dict[str, int | float]
 
 
 class Batcher(Generic[T, R]):
