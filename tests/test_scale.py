@@ -1,14 +1,18 @@
 """Training past one device's memory (docs/scale.md): activation checkpointing gives the same
 gradients and the same run; the trainer turns it on from `train.grad_checkpointing`."""
 
+import json
+
 import pytest
 import torch
 from conftest import torchrun_train
 from test_fusion_models import batch, model_config
 from test_train import final_weights
+from typer.testing import CliRunner
 
 import vlp
-from vlp.config import load_run_config
+from vlp.cli import app
+from vlp.config import ConfigError, load_run_config
 from vlp.nn.transformer import Block, set_grad_checkpointing
 from vlp.train.rundir import read_metrics
 from vlp.train.trainer import Trainer
@@ -100,3 +104,34 @@ def test_accumulation_over_two_ranks_equals_one_big_batch(tmp_path, tiny_config)
     a, b = final_weights(tmp_path / "big"), final_weights(tmp_path / "ddp")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def board_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """Every scalar TensorBoard shows for the run: {tag: [(step, value), ...]}."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_tensorboard_shows_what_metrics_jsonl_holds_across_a_resume(tmp_path, tiny_config, shapes_dir):
+    overrides = ["train.steps=4", "train.ckpt_every=2", "train.log_to=[jsonl,tensorboard]"]
+    cfg = load_run_config("clip", tiny_config, overrides)
+    Trainer(cfg, tmp_path / "run", progress=False).fit(stop_at=3)  # "killed" after step 3, checkpoint at 2
+    Trainer(cfg, tmp_path / "run", resume=True, progress=False).fit()
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    scalars = board_scalars(tmp_path / "run")
+    assert [step for step, _ in scalars["train/loss"]] == [1, 2, 3, 4]  # step 3 of the first try purged
+    assert [value for _, value in scalars["train/loss"]] == pytest.approx([r["loss"] for r in records])
+    assert {"train/lr", "train/grad_norm", "train/samples_per_s"} <= set(scalars)
+    result = CliRunner().invoke(app, ["eval", str(tmp_path / "run"), "--data", str(shapes_dir), "--tasks", "zeroshot"])
+    assert result.exit_code == 0, result.output
+    top1 = json.loads((tmp_path / "run" / "eval.json").read_text())["zeroshot"]
+    eval_tags = [tag for tag in board_scalars(tmp_path / "run") if tag.startswith("eval/zeroshot/")]
+    assert eval_tags and top1
+
+
+def test_log_to_must_keep_the_run_record(tiny_config):
+    with pytest.raises(ConfigError, match="train.log_to must list jsonl"):
+        load_run_config("clip", tiny_config, ["train.log_to=[tensorboard]"])

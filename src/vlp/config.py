@@ -51,6 +51,9 @@ class DataConfig:
             )
 
 
+LOG_SINKS = ("jsonl", "tensorboard")
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -75,6 +78,9 @@ class TrainConfig:
     # Seconds a rank waits for the others in a collective before the job stops with an error
     # (a frozen or vanished peer); torch.distributed's own default is 30 minutes.
     dist_timeout: float = 600.0
+    # Where training logs go: metrics.jsonl (always: the run's record, read by report and resume)
+    # and, with "tensorboard", TensorBoard scalars in RUN/tensorboard.
+    log_to: list[str] = field(default_factory=lambda: ["jsonl"])
 
     def __post_init__(self) -> None:
         _check_bounds(
@@ -83,6 +89,11 @@ class TrainConfig:
             positive=("steps", "lr", "accum", "log_every", "ckpt_every", "dist_timeout"),
             non_negative=("warmup", "threads", "keep_checkpoints"),
         )  # keep 0: keep every checkpoint
+        unknown = set(self.log_to) - set(LOG_SINKS)
+        if unknown or "jsonl" not in self.log_to:
+            raise ConfigError(
+                f"train.log_to must list jsonl (the run's record) and may add tensorboard, got {self.log_to}"
+            )
 
 
 def _check_bounds(section: Any, name: str, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:

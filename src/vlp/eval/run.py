@@ -35,6 +35,7 @@ from vlp.eval.retrieval import retrieval
 from vlp.eval.vqa import vqa
 from vlp.eval.zeroshot import zeroshot
 from vlp.models.recipe import Recipe
+from vlp.train.board import add_scalars, open_board
 
 TASKS = ("zeroshot", "retrieval", "probe", "caption", "vqa")
 
@@ -100,7 +101,17 @@ def evaluate(
     if run_dir is not None:
         (Path(run_dir) / "eval.json").write_text(json.dumps(results, indent=2))
         _save_examples(Path(run_dir), main, shown)
+        _to_board(model, Path(run_dir), results)
     return results
+
+
+def _to_board(model: Recipe, run_dir: Path, results: dict[str, Any]) -> None:
+    """The results as TensorBoard scalars at the run's last step, where the run logs there."""
+    run = model.run_config
+    if run is not None and "tensorboard" in run.train.log_to:
+        board = open_board(run_dir)
+        add_scalars(board, "eval", results, run.train.steps, leave_out=("data", "skipped"))
+        board.close()
 
 
 @dataclass

@@ -30,6 +30,7 @@ RUNTIME_KEYS = {
     "train.device",
     "train.dist_timeout",
     "train.grad_checkpointing",  # the same gradients, recomputed
+    "train.log_to",
 }
 
 

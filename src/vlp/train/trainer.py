@@ -42,6 +42,7 @@ from vlp.models.registry import build_model, config_fields
 from vlp.nn.transformer import set_grad_checkpointing
 from vlp.train import checkpoint as ckpt
 from vlp.train import rundir
+from vlp.train.board import add_scalars, open_board
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
 from vlp.train.precision import autocast, resolve_device, resolve_precision
 
@@ -81,6 +82,7 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), progress
+        self.board = None  # TensorBoard, opened once the run's step is known
         self.lock = self._claim_run_dir(resume, overwrite)
         try:
             self._set_up(resume, init)
@@ -130,6 +132,7 @@ class Trainer:
             console.print(f"[yellow]listing {data_path}: {format_skips(self.dataset.skipped)}")
         if dist.is_main():
             ckpt.write_text_atomic(self.run_dir / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        self.board = open_board(self.run_dir, self.step + 1 if resume else None) if self._logs_to_board() else None
         self._log({"event": "start", "device": str(self.device), "precision": self.precision})
         self.ddp = (
             DistributedDataParallel(self.model, find_unused_parameters=self.model.has_unused_parameters)
@@ -205,6 +208,11 @@ class Trainer:
         if dist.is_main():
             with open(self.run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **record}) + "\n")
+        if self.board is not None and "event" not in record:
+            add_scalars(self.board, "train", record, self.step, leave_out=("step", "epoch"))
+
+    def _logs_to_board(self) -> bool:
+        return dist.is_main() and "tensorboard" in self.cfg.train.log_to
 
     def _flush_skips(self, before_epoch: int | None = None) -> None:
         """Report the skips of the epochs before `before_epoch` (None: all), from every rank.
@@ -361,7 +369,9 @@ class Trainer:
             self.close()
 
     def close(self) -> None:
-        """Release the run directory's lock (`fit` does when it ends)."""
+        """Flush TensorBoard and release the run directory's lock (`fit` does when it ends)."""
+        if self.board is not None:
+            self.board.close()
         if self.lock is not None:
             self.lock.release()
 
