@@ -16,10 +16,15 @@ ABILITIES: dict[str, tuple[str, Callable[[type[Recipe]], bool]]] = {
 }
 
 
+def can(model: Recipe, ability: str) -> bool:
+    """Whether `model` can do `ability` (a key of ABILITIES)."""
+    able = ABILITIES[ability][1]
+    return model.can_caption if ability == "caption" else able(type(model))  # BLIP: per its objectives
+
+
 def require(model: Recipe, ability: str) -> None:
     """TypeError naming the recipes that can, unless `model` can."""
-    what, can = ABILITIES[ability]
-    able = model.can_caption if ability == "caption" else can(type(model))  # BLIP: per its objectives
-    if not able:
-        names = [name for name in recipes() if can(recipe_classes(name)[0])]
+    if not can(model, ability):
+        what, able = ABILITIES[ability]
+        names = [name for name in recipes() if able(recipe_classes(name)[0])]
         raise TypeError(f"recipe {model.recipe!r} cannot {what}; recipes that can: {', '.join(names)}")

@@ -365,14 +365,22 @@ class Index:
             vector = embed_texts(self.model, [query])
         else:
             vector = self.model.encode_image(model_images(self.model, [query])).cpu()
-        depth = min(max(k, shortlist if rerank else k), len(self))
-        scores, positions = self.faiss.search(np.ascontiguousarray(vector.float().numpy()), depth)
-        found = [(float(s), int(self.ids[p])) for s, p in zip(scores[0], positions[0]) if p >= 0]
-        rows = self.rows(i for _, i in found)
-        hits = [{**rows[i], "score": score} for score, i in found if i in rows]
+        (hits,) = self.search_vectors(vector, [max(k, shortlist if rerank else k)])
         if rerank is not None:
             hits = self._itm_reranked(query, hits)
         return hits[:k]
+
+    def search_vectors(self, vectors: torch.Tensor, ks: list[int]) -> list[list[dict[str, Any]]]:
+        """For each query embedding (a row of `vectors`, from this index's model), its `ks[i]`
+        best images as `search` gives them: one faiss search and one metadata read for all."""
+        depth = min(max(ks), len(self))
+        scores, positions = self.faiss.search(np.ascontiguousarray(vectors.float().numpy()), depth)
+        found = [
+            [(float(s), int(self.ids[p])) for s, p in zip(row_s, row_p) if p >= 0]
+            for row_s, row_p in zip(scores, positions)
+        ]
+        rows = self.rows({i for hits in found for _, i in hits})
+        return [[{**rows[i], "score": s} for s, i in hits if i in rows][:k] for hits, k in zip(found, ks)]
 
     def _itm_reranked(self, query: str | Image.Image, hits: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if not isinstance(query, str) or not self.model.has_itm():

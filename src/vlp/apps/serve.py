@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
 import anyio
-import numpy as np
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -33,7 +32,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from PIL import Image
 from pydantic import BaseModel
 
-from vlp.apps.ability import ABILITIES, require
+from vlp.apps.ability import ABILITIES, can, require
 from vlp.apps.classify import classifier
 from vlp.apps.index import Index
 from vlp.config import DEFAULT_MAX_PIXELS
@@ -171,7 +170,7 @@ class Worker:
     def __init__(self, index: Index, model: Recipe, max_batch: int):
         self.index, self.model = index, model
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="vlp-model")
-        self.abilities = {name: _can(index.model if name == "search" else model, name) for name in ABILITIES}
+        self.abilities = {name: can(index.model if name == "search" else model, name) for name in ABILITIES}
         kinds = {
             "search": self._search_texts,
             "search_image": self._search_images,
@@ -192,23 +191,13 @@ class Worker:
         return await self.batchers[kind](item)
 
     def _search_texts(self, items: list[tuple[str, int]]) -> list[list[dict]]:
-        return self._hits(embed_texts(self.index.model, [text for text, _ in items]), [k for _, k in items])
+        return self.index.search_vectors(
+            embed_texts(self.index.model, [text for text, _ in items]), [k for _, k in items]
+        )
 
     def _search_images(self, items: list[tuple[Image.Image, int]]) -> list[list[dict]]:
         images = model_images(self.index.model, [image for image, _ in items])
-        return self._hits(self.index.model.encode_image(images).cpu(), [k for _, k in items])
-
-    def _hits(self, vectors: torch.Tensor, ks: list[int]) -> list[list[dict]]:
-        """Each query's best `k` rows, as `Index.search` gives them, for a batch of queries."""
-        index = self.index
-        depth = min(max(ks), len(index))
-        scores, positions = index.faiss.search(np.ascontiguousarray(vectors.float().numpy()), depth)
-        found = [
-            [(float(s), int(index.ids[p])) for s, p in zip(row_s, row_p) if p >= 0]
-            for row_s, row_p in zip(scores, positions)
-        ]
-        rows = index.rows({i for hits in found for _, i in hits})
-        return [[{**rows[i], "score": s} for s, i in hits if i in rows][:k] for hits, k in zip(found, ks)]
+        return self.index.search_vectors(self.index.model.encode_image(images).cpu(), [k for _, k in items])
 
     def _caption(self, images: list[Image.Image]) -> list[str]:
         return self.model.caption(model_images(self.model, images), prompt=None, **decoding_preset("beam"))
@@ -227,14 +216,6 @@ class Worker:
     def _ask(self, items: list[tuple[Image.Image, str]]) -> list[str]:
         images = model_images(self.model, [image for image, _ in items])
         return self.model.answer_texts(images, [question for _, question in items])
-
-
-def _can(model: Recipe, ability: str) -> bool:
-    try:
-        require(model, ability)
-    except TypeError:
-        return False
-    return True
 
 
 class Thumbnails:
