@@ -68,6 +68,9 @@ def test_rebuild_adds_changes_and_drops_files(tmp_path):
     model.embedded = 0
     build(model, [folder], tmp_path / "index", "oracle", workers=0)
     assert model.embedded == 0  # nothing changed
+    with torch.no_grad():
+        model.unused.fill_(1.0)  # the model at the same path, retrained
+    assert build(model, [folder], tmp_path / "index", "oracle", workers=0)["count"] == 3 and model.embedded == 3
     with pytest.raises(Exception, match="built with model 'oracle'"):
         build(model, [folder], tmp_path / "index", "another", workers=0)
 
@@ -134,6 +137,16 @@ def test_an_index_built_before_captions_is_brought_up_to_date(tmp_path):
     assert build(CountingOracle(), [folder], tmp_path / "index", "oracle", workers=0)["count"] == 3
     hits = Index.open(tmp_path / "index", CountingOracle()).search("red", k=1)
     assert hits[0]["caption"] is None and Index.open(tmp_path / "index", CountingOracle()).image(hits[0]["id"])
+
+
+def test_a_local_model_path_is_stored_absolute(tmp_path, monkeypatch):
+    """An index made from `runs/m` opens from any folder, and names the same model either way."""
+    folder = image_folder(tmp_path / "photos", {"red": 1})
+    (tmp_path / "runs" / "m").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    info = build(CountingOracle(), [folder], tmp_path / "index", "runs/m", workers=0)
+    assert info["model"] == str((tmp_path / "runs" / "m").resolve())
+    assert build(CountingOracle(), [folder], tmp_path / "index", str(tmp_path / "runs" / "m"), workers=0)["count"] == 1
 
 
 def unusual_files(folder):

@@ -94,26 +94,28 @@ def build(
     `vlp.apps.inputs`); returns its info.json, with the images skipped this run ("skipped":
     ["path: reason", ...]). `precision`: fp32, bf16 autocast, or auto (bf16 where its matmuls
     are measured faster, `vlp.train.precision`); an index keeps the precision it was first
-    built with, so that its embeddings stay comparable. `workers`: decoding processes
-    (default `decode_workers`). Memory is bounded: images are listed,
-    checked and embedded `CHUNK` at a time, and faiss is filled shard by shard."""
+    built with, so that its embeddings stay comparable; a model whose weights changed since
+    (retrained at the same path) re-embeds every image. `workers`: decoding processes (default
+    `decode_workers`). Memory is bounded: images are listed, checked and embedded `CHUNK` at a
+    time, and faiss is filled shard by shard."""
     require(model, "search")
     device = next(model.parameters()).device
     workers = decode_workers(device) if workers is None else workers
-    out = Path(out)
+    out, model_source = Path(out), _absolute(model_source)
     (out / "embeddings").mkdir(parents=True, exist_ok=True)
-    info_path, previous = out / "info.json", {}
-    if info_path.is_file():
-        previous = json.loads(info_path.read_text())
-        if previous.get("model") != model_source:
-            raise DataError(
-                f"{out}: built with model {previous.get('model')!r}, not {model_source!r}; use a fresh --out"
-            )
-        precision = previous.get("precision", precision)
-    precision = resolve_precision(precision, device)
+    info_path = out / "info.json"
+    previous = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if previous and _absolute(previous.get("model", "")) != model_source:
+        raise DataError(f"{out}: built with model {previous.get('model')!r}, not {model_source!r}; use a fresh --out")
+    precision = resolve_precision(previous.get("precision", precision), device)
     sources = image_sources(paths, max_pixels)
     total = count_images(sources) if progress else 0
     db = _open_db(out)
+    weights = weights_fingerprint(model)
+    if previous.get("weights", weights) != weights:  # retrained since: every embedding is stale
+        with db:
+            db.execute("DELETE FROM images")
+        _write_json(info_path, {**previous, "weights": weights})
     _remove_orphan_shards(db, out)
     embed = _Embedder(model, db, out, batch_size, workers, max_pixels, precision)
     skipped: list[str] = []
@@ -127,12 +129,32 @@ def build(
         db.execute("DELETE FROM images WHERE path NOT IN (SELECT path FROM seen)")  # gone since
     _remove_orphan_shards(db, out)
     info = _write_faiss(db, out, exact_limit)
-    info.update(model=model_source, recipe=model.recipe, precision=precision, skipped=skipped)
-    tmp = out / ".info.json.tmp"
-    tmp.write_text(json.dumps(info, indent=2))
-    os.replace(tmp, info_path)
+    info.update(model=model_source, weights=weights, recipe=model.recipe, precision=precision, skipped=skipped)
+    _write_json(info_path, info)
     db.close()
     return info
+
+
+def _absolute(model_source: str) -> str:
+    """A local model path made absolute (the index is then usable from any folder); a hub id
+    or a name as given."""
+    return str(Path(model_source).resolve()) if model_source and Path(model_source).exists() else model_source
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """sha256 of the model's weights: tells a retrained model at the same path from the one an
+    index was built with."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def decode_workers(device: torch.device) -> int:
