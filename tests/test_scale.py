@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import vlp
 from vlp.cli import app
-from vlp.config import ConfigError, load_run_config
+from vlp.config import ConfigError, load_run_config, recipe_config_path
 from vlp.nn.transformer import Block, set_grad_checkpointing
 from vlp.train.rundir import read_metrics
 from vlp.train.trainer import Trainer
@@ -75,14 +75,28 @@ def test_a_run_with_checkpointing_equals_one_without(tmp_path, tiny_config):
         torch.testing.assert_close(a[name], b[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_accumulated_contrastive_steps_equal_one_big_batch(tmp_path, tiny_config):
-    """With train.accum, CLIP's ITC scores every micro-batch against the negatives of all of
-    them (cached embeddings): 2 micro-batches of 8 train as 1 batch of 16, not as 2 batches
-    of 8 each seeing its own negatives."""
-    big = load_run_config("clip", tiny_config, ["train.steps=3", "data.batch_size=16"])
-    Trainer(big, tmp_path / "big", progress=False).fit()
-    accumulated = load_run_config("clip", tiny_config, ["train.steps=3", "data.batch_size=8", "train.accum=2"])
-    Trainer(accumulated, tmp_path / "accumulated", progress=False).fit()
+SIGLIP_TINY = [  # configs/siglip/tiny.yaml cut to the size of the tests' CLIP
+    "model.embed_dim=32",
+    "model.vision={image_size: 32, patch_size: 8, width: 32, layers: 2, heads: 2, class_token: false, pool: map}",
+    "model.text={context_length: 32, width: 32, layers: 2, heads: 2, causal: false, pool: last}",
+    "data.workers=0",
+]
+
+
+@pytest.mark.parametrize("recipe", ["clip", "siglip"])
+def test_accumulated_contrastive_steps_equal_one_big_batch(tmp_path, tiny_config, shapes_dir, recipe):
+    """With train.accum, CLIP's ITC (SigLIP's sigmoid loss) scores every micro-batch against
+    the negatives of all of them (cached embeddings): 2 micro-batches of 8 train as 1 batch of
+    16, not as 2 batches of 8 each seeing its own negatives."""
+
+    def config(*overrides):
+        if recipe == "clip":
+            return load_run_config("clip", tiny_config, ["train.steps=3", *overrides])
+        siglip = [*SIGLIP_TINY, f"data.path={shapes_dir}", "train.steps=3", "train.log_every=1", "train.precision=fp32"]
+        return load_run_config("siglip", recipe_config_path("siglip"), [*siglip, *overrides])
+
+    Trainer(config("data.batch_size=16"), tmp_path / "big", progress=False).fit()
+    Trainer(config("data.batch_size=8", "train.accum=2"), tmp_path / "accumulated", progress=False).fit()
     a, b = final_weights(tmp_path / "big"), final_weights(tmp_path / "accumulated")
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-5, msg=name)

@@ -159,3 +159,15 @@ def test_loss_falls_on_shapes(tmp_path, shapes_dir):
     # A model that ignores its inputs at best gives every pair p = 1/16: 16 x H(1/16) = 3.74 per image.
     chance = -(math.log(1 / 16) + 15 * math.log(15 / 16))
     assert sum(losses[-2:]) / 2 < 0.9 * chance, losses
+
+
+def test_siglip_labels_get_independent_sigmoid_probabilities():
+    """Zero-shot labels of a SigLIP are each pair's sigmoid(t x.y + b), as its loss trains them
+    (transformers' pipeline does the same), not a softmax over the labels."""
+    torch.manual_seed(0)
+    model = create_model("siglip", TINY).eval()
+    image_emb = torch.nn.functional.normalize(torch.randn(2, model.cfg.embed_dim), dim=-1)
+    label_emb = torch.nn.functional.normalize(torch.randn(3, model.cfg.embed_dim), dim=-1)
+    expected = torch.sigmoid(model.scale() * image_emb @ label_emb.T + model.logit_bias)
+    torch.testing.assert_close(model.label_probabilities(image_emb, label_emb), expected)
+    assert not torch.allclose(expected.sum(dim=-1), torch.ones(2))

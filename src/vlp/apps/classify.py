@@ -1,6 +1,7 @@
 """Zero-shot classification of one's own images with labels one chooses (CLIP, Radford et al.
 2021, Sec. 3.1.4): each label in every prompt template, embeddings averaged per label (a prompt
-ensemble), softmax over the model's scaled similarities."""
+ensemble), then the recipe's label probabilities (a softmax over the scaled similarities; for
+SigLIP, each label's sigmoid)."""
 
 from __future__ import annotations
 
@@ -32,16 +33,16 @@ def classifier(
     require(model, "classify")
     if not labels:
         raise ValueError("no labels to classify with")
-    class_emb = class_embeddings(lambda texts: embed_texts(model, texts), list(labels), templates)
-    k = min(top_k, len(labels))
     device = next(model.parameters()).device
+    class_emb = class_embeddings(lambda texts: embed_texts(model, texts), list(labels), templates).to(device)
+    k = min(top_k, len(labels))
     precision = resolve_precision(precision, device)
 
     @torch.no_grad()
     def classify_batch(images: Sequence[Image.Image]) -> list[Labelled]:
         with autocast(precision, device):
-            image_emb = model.encode_image(model_images(model, images)).float().cpu()
-        probs = (model.scale().cpu() * model.embedding_similarity(image_emb, class_emb)).softmax(dim=-1)
+            image_emb = model.encode_image(model_images(model, images)).float()
+        probs = model.label_probabilities(image_emb, class_emb).cpu()
         top = probs.topk(k, dim=-1)
         return [
             [(labels[j], p) for p, j in zip(row_p, row_j)]

@@ -92,6 +92,11 @@ class Recipe(nn.Module):
         """[N, M] scores of image embeddings against text embeddings (default: dot product)."""
         return dot_similarity(image_emb, text_emb)
 
+    def label_probabilities(self, image_emb: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
+        """[N, L] probability of each label for each image (zero-shot classification): a
+        softmax over the labels of the scaled similarities (CLIP Sec. 3.1.4)."""
+        return (self.scale() * self.embedding_similarity(image_emb, label_emb)).softmax(dim=-1)
+
     def has_itm(self) -> bool:
         """Whether `itm_score` is a trained image-text matching head."""
         return False

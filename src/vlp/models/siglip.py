@@ -105,10 +105,21 @@ class SigLIP(Recipe):
         """t = exp(t'), clamped at `max_logit_scale`."""
         return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
+    pair_loss_only = True
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        image_emb = self.encode_image(batch["images"])
-        text_emb = self.encode_text(batch["input_ids"], batch["attention_mask"])
+        return self.pair_losses(*self.embed_pair(batch))
+
+    def embed_pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_image(batch["images"]), self.encode_text(batch["input_ids"], batch["attention_mask"])
+
+    def pair_losses(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sigmoid": sigmoid_loss(image_emb, text_emb, self.scale(), self.logit_bias)}
+
+    def label_probabilities(self, image_emb: torch.Tensor, label_emb: torch.Tensor) -> torch.Tensor:
+        """sigmoid(t x.y + b) per label: SigLIP scores each pair on its own (Sec. 3), so the
+        labels' probabilities need not sum to one."""
+        return torch.sigmoid(self.similarity(image_emb, label_emb))
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """Image-text logits t * x.y + b; their sigmoid is the probability that a pair matches."""
