@@ -119,7 +119,10 @@ def test_info_health_docs_and_page(served):
     for path in ("/api/search", "/api/search/image", "/api/classify", "/api/caption", "/api/ask", "/healthz"):
         assert path in paths
     assert "/api/thumbnail/{id}" in paths
-    assert served.get("/docs").status_code == 200
+    docs = served.get("/docs")
+    assert docs.status_code == 200 and "cdn" not in docs.text  # the API page works offline
+    for asset in ("/docs-files/swagger-ui-bundle.js", "/docs-files/swagger-ui.css"):
+        assert asset in docs.text and served.get(asset).status_code == 200
     page = served.get("/")
     assert page.status_code == 200 and 'id="query"' in page.text and 'type="file"' in page.text
     assert "default-src 'self'" in page.headers["content-security-policy"]

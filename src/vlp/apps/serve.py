@@ -25,10 +25,13 @@ from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
 import anyio
+import swagger_ui_bundle
 import torch
 from fastapi import FastAPI, File, Form, HTTPException, Query, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.staticfiles import StaticFiles
 from PIL import Image
 from pydantic import BaseModel
 
@@ -373,7 +376,20 @@ def create_app(index: Index, model: Recipe | None = None, limits: Limits = Limit
         title="vlp serve",
         summary=f"Search {len(index)} images by text or by image; caption, label and ask about an image.",
         lifespan=lifespan,
+        docs_url=None,  # served below from swagger-ui-bundle's files: FastAPI's page loads them from a CDN
     )
+    app.mount("/docs-files", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-files")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title="vlp serve API",
+            swagger_js_url="/docs-files/swagger-ui-bundle.js",
+            swagger_css_url="/docs-files/swagger-ui.css",
+            swagger_favicon_url="/docs-files/favicon-32x32.png",
+        )
+
     app.state.worker = worker
     app.add_middleware(_Gate, limits=limits)
     app.add_middleware(_BodyLimit, limit=limits.max_upload_bytes + 64 * 2**10, upload_bytes=limits.max_upload_bytes)
