@@ -1,7 +1,8 @@
 """CLIP (Radford et al. 2021): two towers trained with a symmetric contrastive loss.
 
 Sec. 2.5: a learnable temperature initialised to 0.07 and parameterised as a log-scale,
-clamped so that the logit scale never exceeds 100.
+clamped so that the logit scale never exceeds 100. Sec. 2.4: the image tower is a ViT or a
+modified ResNet (`vision.kind`, `vlp.nn.resnet.image_tower`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from vlp.losses.itc import itc_loss
 from vlp.models.recipe import Recipe
 from vlp.models.registry import register
 from vlp.nn.heads import clamped_scale, log_temperature
+from vlp.nn.resnet import image_projection, image_tower
 from vlp.nn.text import TextConfig, TextTransformer
-from vlp.nn.vit import VisionConfig, VisionTransformer
+from vlp.nn.vit import VisionConfig
 
 if TYPE_CHECKING:
     from vlp.config import RunConfig
@@ -41,12 +43,13 @@ class CLIP(Recipe):
 
     def __init__(self, cfg: CLIPConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         super().__init__(cfg, tokenizer, run_config)
-        self.visual = VisionTransformer(cfg.vision)
+        self.visual = image_tower(cfg.vision, cfg.embed_dim)
         self.text = TextTransformer(cfg.text)
-        self.image_proj = nn.Linear(cfg.vision.width, cfg.embed_dim, bias=False)
+        self.image_proj = image_projection(cfg.vision, cfg.embed_dim)  # Identity after a ResNet's attention pool
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
-        nn.init.normal_(self.image_proj.weight, std=cfg.vision.width**-0.5)
-        nn.init.normal_(self.text_proj.weight, std=cfg.text.width**-0.5)
+        for proj, width in ((self.image_proj, cfg.vision.width), (self.text_proj, cfg.text.width)):
+            if isinstance(proj, nn.Linear):
+                nn.init.normal_(proj.weight, std=width**-0.5)
         self.logit_scale = log_temperature(cfg.init_temperature)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:

@@ -21,6 +21,11 @@ class VisionConfig(TransformerConfig):
     ln_pre: bool = True  # LayerNorm after the embeddings (CLIP)
     patch_bias: bool = False
     stem: str = "patch"  # patch: one linear patch embedding (ViT) | conv: 3x3 stride-2 convs (Xiao et al. 2021)
+    # vit: this Vision Transformer | resnet: CLIP's modified ResNet (`vlp.nn.resnet`), which reads
+    # image_size, width (of the stem), heads (of its attention pool) and `stages`, and only those.
+    # Recipes other than CLIP build a ViT and refuse resnet.
+    kind: str = "vit"
+    stages: tuple[int, int, int, int] = (3, 4, 6, 3)  # resnet: bottleneck blocks per stage (RN50)
 
 
 def conv_stem(width: int, patch_size: int) -> nn.Sequential:
@@ -46,6 +51,11 @@ class VisionTransformer(nn.Module):
 
     def __init__(self, cfg: VisionConfig):
         super().__init__()
+        if cfg.kind != "vit":
+            raise ValueError(
+                f"vision.kind {cfg.kind!r}: this tower is a ViT; only CLIP builds other image towers "
+                "(vlp.nn.resnet.image_tower)"
+            )
         if cfg.image_size % cfg.patch_size:
             raise ValueError(f"image_size {cfg.image_size} is not a multiple of patch_size {cfg.patch_size}")
         if cfg.pool not in ("cls", "mean", "map"):
