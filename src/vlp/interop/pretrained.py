@@ -45,8 +45,12 @@ class Format:
     config_class: str | None = None  # transformers config class, for saving
     config_to: Callable[[nn.Module, str], dict[str, Any]] | None = None
     architecture_for: Callable[[nn.Module, str | None], str] | None = None  # (model, task) -> class
-    build: Callable[..., nn.Module] | None = None  # (model class, config, hf config, path, tensors) -> model
-    vlp_tokenizer: bool = True  # False: the checkpoint's tokenizer is its LM's, which the model holds
+    build: Callable[..., nn.Module] | None = None  # (model class, config, hf config, path, tensors, tokenizer=)
+    # False (or false of the hf config): the checkpoint's tokenizer is its LM's, which the model holds
+    vlp_tokenizer: bool | Callable[[dict[str, Any]], bool] = True
+    extra_state: Callable[[nn.Module, str], dict[str, torch.Tensor]] | None = None  # saved tensors kept
+    # outside the state dict (BLIP-2's frozen LM), under the checkpoint's names
+    write_tokenizer: Callable[[nn.Module, Path], None] | None = None  # saving: writes the tokenizer files
 
 
 HF_FORMATS = {
@@ -75,8 +79,13 @@ HF_FORMATS = {
         blip2.architecture,
         absent=blip2.absent,
         ignore=("position_ids",),
+        config_class="Blip2Config",
+        config_to=blip2.config_to_hf,
+        architecture_for=blip2.architecture_for,
         build=blip2.build,
-        vlp_tokenizer=False,
+        vlp_tokenizer=blip2.uses_vlp_tokenizer,
+        extra_state=blip2.lm_state,
+        write_tokenizer=blip2.write_tokenizer,
     ),
     "siglip": Format(
         siglip.config_from_hf,
@@ -95,6 +104,8 @@ SAVABLE = {
     "blip": HF_FORMATS["blip"],
     "blip_vqa": HF_FORMATS["blip"],
     "siglip": HF_FORMATS["siglip"],
+    "blip2_stage1": HF_FORMATS["blip-2"],
+    "blip2_stage2": HF_FORMATS["blip-2"],
 }
 
 
@@ -183,14 +194,16 @@ def load_pretrained(source: str | Path, strict: bool = True) -> nn.Module:
     """
     path = resolve(source)
     fmt, config = detect(path)
-    tokenizer = load_tokenizer(path) if fmt.vlp_tokenizer else None
+    wants_tokenizer = fmt.vlp_tokenizer(config) if callable(fmt.vlp_tokenizer) else fmt.vlp_tokenizer
+    tokenizer = load_tokenizer(path) if wants_tokenizer else None
     recipe, model_cfg = fmt.config_from(config, tokenizer.special_ids() if tokenizer else {})
     source, architecture = read_state_dict(path), fmt.architecture_of(config)
     if fmt.build is None:
         model = create_model(recipe, model_cfg, tokenizer=tokenizer)
     else:
         model_cls, config_cls = recipe_classes(recipe)
-        model = fmt.build(model_cls, from_dict(config_cls, model_cfg, where="model."), config, path, source)
+        model_cfg = from_dict(config_cls, model_cfg, where="model.")
+        model = fmt.build(model_cls, model_cfg, config, path, source, tokenizer=tokenizer)
     target = model.state_dict()
     state, report = to_vlp(source, fmt.entries(model, architecture), target, ignore=fmt.ignore)
     report.missing = [k for k in report.missing if not k.startswith(fmt.absent(model, architecture))]
@@ -203,7 +216,8 @@ def save_hf(model: nn.Module, out: str | Path, task: str | None = None) -> Path:
     """Write `model` as a transformers checkpoint directory (config, safetensors, tokenizer.json).
 
     `task` picks the transformers model where one vlp model maps to several (a BLIP with ITC,
-    ITM and LM: "retrieval" or "captioning")."""
+    ITM and LM: "retrieval" or "captioning"). BLIP-2 stage 2 writes its frozen LM and the LM's
+    tokenizer with it."""
     import transformers
 
     fmt = SAVABLE.get(model.recipe)
@@ -216,6 +230,8 @@ def save_hf(model: nn.Module, out: str | Path, task: str | None = None) -> Path:
     hf_model = getattr(transformers, architecture)(config)
     target = hf_model.state_dict()
     state = from_vlp(model.state_dict(), fmt.entries(model, architecture), target)
+    if fmt.extra_state is not None:
+        state.update(fmt.extra_state(model, architecture))
     missing = [k for k in target if k not in state and not k.endswith(fmt.ignore)]
     if missing:
         raise CheckpointMismatch(f"no vlp weight for transformers' {missing[:8]}")
@@ -223,6 +239,8 @@ def save_hf(model: nn.Module, out: str | Path, task: str | None = None) -> Path:
     out = Path(out)
     hf_model.save_pretrained(out)
     tokenizer = model.tokenizer
-    if tokenizer is not None:
+    if fmt.write_tokenizer is not None:
+        fmt.write_tokenizer(model, out)
+    elif tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")
     return out

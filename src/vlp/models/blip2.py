@@ -179,6 +179,13 @@ class BLIP2Stage2Config:
     lm: str = ""  # directory of a transformers causal (OPT, GPT-2) or seq2seq (T5) LM, kept frozen
     prompt: str = ""  # text between the visual prompt and the caption, not scored ("a photo of")
     max_text_length: int = 32
+    # Encoder-decoder LMs (T5): split each caption at a random word, the prefix to the encoder
+    # (the prefix LM loss of pre-training, Sec. 3.3); false: the whole caption is the decoder's
+    # target after `prompt` alone (captioning).
+    split_captions: bool = True
+    # The LM token id transformers' BLIP-2 replaces by the visual prompt (its `image_token_index`),
+    # kept for saving back; None for a LM that has none (saving then asks for one).
+    image_token: int | None = None
     tokens: dict[str, int] = field(default_factory=dict)  # special ids, filled from the tokenizer
 
 
@@ -274,6 +281,13 @@ class BLIP2Stage2(QueryingModel):
         embeds = torch.cat([prompt, self.lm.get_input_embeddings()(ids.to(device)).to(prompt.dtype)], dim=1)
         return embeds, torch.cat([torch.ones(prompt.shape[:2], dtype=mask.dtype, device=device), mask.to(device)], 1)
 
+    def lm_output(self, images: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, **lm_inputs: Any) -> Any:
+        """The frozen LM's output (`.logits`, `.loss`) on the visual prompt followed by the LM
+        tokens `ids` [B, T]: the whole input of a decoder-only LM, the encoder's of an
+        encoder-decoder one, whose decoder inputs (`labels`, `decoder_input_ids`) go in `lm_inputs`."""
+        embeds, attention = self._inputs(images, ids, mask)
+        return self.lm(inputs_embeds=embeds, attention_mask=attention, **lm_inputs)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """LM loss on the caption tokens after the visual prompt and `prompt`; for an
         encoder-decoder LM, the prefix LM loss (Sec. 3.3)."""
@@ -290,15 +304,18 @@ class BLIP2Stage2(QueryingModel):
 
     def _prefix_lm_loss(self, images: torch.Tensor, texts: list[str]) -> torch.Tensor:
         """Each caption split at a random word: the visual prompt and the prefix go to the
-        encoder, the decoder is scored on generating the suffix (Sec. 3.3, Fig. 4)."""
-        words = [text.split() for text in texts]
-        cuts = [int(torch.randint(1, len(w), ())) if len(w) > 1 else len(w) for w in words]
-        prefixes = [self.cfg.prompt + " ".join(w[:c]) for w, c in zip(words, cuts)]
-        suffixes = [" ".join(w[c:]) for w, c in zip(words, cuts)]
-        embeds, attention = self._inputs(images, *self._token_ids(prefixes, eos=False))
+        encoder, the decoder is scored on generating the suffix (Sec. 3.3, Fig. 4). Without
+        `split_captions` the encoder reads the visual prompt and `prompt`, the decoder the caption."""
+        if self.cfg.split_captions:
+            words = [text.split() for text in texts]
+            cuts = [int(torch.randint(1, len(w), ())) if len(w) > 1 else len(w) for w in words]
+            prefixes = [self.cfg.prompt + " ".join(w[:c]) for w, c in zip(words, cuts)]
+            suffixes = [" ".join(w[c:]) for w, c in zip(words, cuts)]
+        else:
+            prefixes, suffixes = [self.cfg.prompt] * len(texts), list(texts)
         ids, mask = self._token_ids(suffixes, eos=True)
-        labels = ids.masked_fill(mask == 0, -100).to(embeds.device)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+        labels = ids.masked_fill(mask == 0, -100).to(self.language_projection.weight.device)
+        return self.lm_output(images, *self._token_ids(prefixes, eos=False), labels=labels).loss
 
     @torch.no_grad()
     def caption(
@@ -314,7 +331,9 @@ class BLIP2Stage2(QueryingModel):
         the frozen LM's `generate`, as text after the prompt (one prompt, or one per image)."""
         prompt = self.cfg.prompt if prompt is None else prompt
         prompts = [prompt] * len(images) if isinstance(prompt, str) else prompt
-        ids, mask = self._token_ids(prompts, eos=False, left=True)
+        # Left-padded for a decoder-only LM, which continues the prompt; an encoder reads the
+        # prompt whole, right after the visual prompt (its relative positions as in training).
+        ids, mask = self._token_ids(prompts, eos=False, left=not self.lm.config.is_encoder_decoder)
         embeds, attention = self._inputs(images, ids, mask)
         tok = self.lm_tokenizer
         out = self.lm.generate(
