@@ -52,6 +52,7 @@ class DataConfig:
 
 
 LOG_SINKS = ("jsonl", "tensorboard")
+PARALLEL_MODES = ("ddp", "fsdp")
 
 
 @dataclass
@@ -81,6 +82,9 @@ class TrainConfig:
     # Where training logs go: metrics.jsonl (always: the run's record, read by report and resume)
     # and, with "tensorboard", TensorBoard scalars in RUN/tensorboard.
     log_to: list[str] = field(default_factory=lambda: ["jsonl"])
+    # ddp: every rank holds the whole model; fsdp: weights, gradients and optimizer state sharded
+    # over the ranks (FSDP2), checkpoints sharded (vlp.train.fsdp, docs/scale.md)
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
         _check_bounds(
@@ -94,6 +98,8 @@ class TrainConfig:
             raise ConfigError(
                 f"train.log_to must list jsonl (the run's record) and may add tensorboard, got {self.log_to}"
             )
+        if self.parallel not in PARALLEL_MODES:
+            raise ConfigError(f"train.parallel must be one of {', '.join(PARALLEL_MODES)}, got {self.parallel!r}")
 
 
 def _check_bounds(section: Any, name: str, positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:

@@ -4,7 +4,10 @@ A checkpoint is a directory `checkpoints/step_XXXXXXX/` holding `model.safetenso
 and the training state (optimizer, scheduler, RNG states, data position) as `state.json` plus
 the state's tensors in `state.safetensors`. Nothing in a checkpoint is pickled, so a run
 directory from elsewhere cannot run code when it is resumed; the `state.pt` of older versions is
-read with `torch.load(weights_only=True)`, which unpickles tensors and plain data only.
+read with `torch.load(weights_only=True)`, which unpickles tensors and plain data only. A run
+trained with `train.parallel: fsdp` writes `sharded/` (Distributed Checkpoint, one file of
+shards per rank) in place of `model.safetensors`; `read_weights` consolidates it, and it is read
+without unpickling anything but DCP's own metadata records (see `vlp.train.fsdp`).
 
 A checkpoint is written under a temporary name, flushed, then renamed into place;
 `checkpoints/latest` (itself replaced atomically) names the newest complete one. A kill at any
@@ -24,6 +27,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+SHARDED = "sharded"  # an FSDP checkpoint's DCP directory (vlp.train.fsdp), in place of model.safetensors
 
 
 def _fsync_dir(path: Path) -> None:
@@ -59,10 +64,20 @@ def save_weights(model: nn.Module, path: Path) -> None:
     save_file(state, str(path), metadata={"recipe": getattr(model, "recipe", "")})
 
 
+def read_weights(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """A checkpoint's full weights: `model.safetensors`, or a sharded checkpoint's `sharded/`
+    directory (`train.parallel: fsdp`) consolidated in this process (`vlp.train.fsdp`)."""
+    if Path(path).is_dir():
+        from vlp.train.fsdp import consolidated_weights
+
+        return consolidated_weights(Path(path), device)
+    return load_file(str(path), device=device)
+
+
 def load_weights(model: nn.Module, path: Path, strict: bool = True) -> tuple[list[str], list[str]]:
-    """Load safetensors weights; returns (missing, unexpected) names, an error if `strict`."""
+    """Load safetensors (or sharded) weights; returns (missing, unexpected) names, an error if `strict`."""
     device = str(next(model.parameters()).device)
-    missing, unexpected = model.load_state_dict(load_file(str(path), device=device), strict=False)
+    missing, unexpected = model.load_state_dict(read_weights(path, device), strict=False)
     if strict and (missing or unexpected):
         raise KeyError(f"{path}: missing keys {missing}, unexpected keys {unexpected}")
     return missing, unexpected
@@ -72,7 +87,7 @@ def load_matching_weights(model: nn.Module, path: Path) -> dict[str, list[str]]:
     """Load every tensor whose name and shape match (fine-tuning another recipe from a run);
     returns the names that were missing, unexpected, or of another shape."""
     own = model.state_dict()
-    weights = load_file(str(path))
+    weights = read_weights(path)
     report = {
         "missing": [k for k in own if k not in weights],
         "unexpected": [k for k in weights if k not in own],
@@ -143,9 +158,13 @@ def save_state(state: dict[str, Any], directory: Path) -> None:
     save_file(tensors, str(directory / "state.safetensors"))
 
 
-def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: Path, step: int, model: nn.Module | None, state: dict[str, Any], keep: int = 2, sharded: Path | None = None
+) -> Path:
     """Write checkpoint `step` atomically, point `latest` at it, keep the newest `keep` (0:
-    all). A failed write (a full disk) leaves no temporary files and raises CheckpointError."""
+    all). A failed write (a full disk) leaves no temporary files and raises CheckpointError.
+    `sharded`: a DCP directory the ranks wrote (FSDP), moved in as `sharded/` in place of the
+    weights of `model` (None)."""
     root = run_dir / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:07d}"
@@ -153,12 +172,19 @@ def save_checkpoint(run_dir: Path, step: int, model: nn.Module, state: dict[str,
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
-        save_weights(model, tmp / "model.safetensors")
+        if model is not None:
+            save_weights(model, tmp / "model.safetensors")
         save_state(state, tmp)
         for name in ("model.safetensors", "state.json", "state.safetensors"):
-            _fsync_file(tmp / name)
+            if (tmp / name).is_file():
+                _fsync_file(tmp / name)
+        if sharded is not None:
+            os.replace(sharded, tmp / SHARDED)  # its files were fsynced by DCP
+            _fsync_dir(tmp)
     except OSError as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        if sharded is not None:
+            shutil.rmtree(sharded, ignore_errors=True)
         raise CheckpointError(
             f"could not write checkpoint step {step} in {root}: {err.strerror or err}; "
             f"the previous checkpoint is intact"
@@ -184,19 +210,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
 def run_of(path: Path) -> Path:
     """The run directory of a run or of one of its checkpoint directories."""
     path = Path(path)
-    run_dir = path.parent.parent if (path / "model.safetensors").is_file() else path
+    run_dir = path.parent.parent if is_checkpoint(path) else path
     if not (run_dir / "config.yaml").is_file():
         raise FileNotFoundError(f"{path} is not a vlp run or checkpoint directory (no config.yaml)")
     return run_dir
 
 
+def is_checkpoint(path: Path) -> bool:
+    """Whether `path` is a checkpoint directory (with weights, or with sharded weights)."""
+    return (Path(path) / "model.safetensors").is_file() or (Path(path) / SHARDED / ".metadata").is_file()
+
+
 def weights_of(path: Path) -> Path:
-    """The weights file of a checkpoint directory, or of a run's newest checkpoint."""
+    """The weights of a checkpoint directory, or of a run's newest checkpoint: its
+    `model.safetensors`, or its `sharded/` directory (an FSDP run; `read_weights` takes both)."""
     path = Path(path)
-    checkpoint = path if (path / "model.safetensors").is_file() else latest_checkpoint(run_of(path))
+    checkpoint = path if is_checkpoint(path) else latest_checkpoint(run_of(path))
     if checkpoint is None:
         raise FileNotFoundError(f"{path} has no checkpoint yet")
-    return checkpoint / "model.safetensors"
+    return checkpoint / "model.safetensors" if (checkpoint / "model.safetensors").is_file() else checkpoint / SHARDED
 
 
 def load_state(checkpoint: Path) -> dict[str, Any]:

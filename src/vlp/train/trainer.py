@@ -41,7 +41,7 @@ from vlp.data.transforms import train_transform
 from vlp.models.registry import build_model, config_fields
 from vlp.nn.transformer import set_grad_checkpointing
 from vlp.train import checkpoint as ckpt
-from vlp.train import rundir
+from vlp.train import fsdp, rundir
 from vlp.train.board import add_scalars, open_board
 from vlp.train.optim import build_optimizer, build_scheduler, freeze
 from vlp.train.precision import autocast, resolve_device, resolve_precision
@@ -79,6 +79,8 @@ class Trainer:
         overwrite: bool = False,
     ):
         dist.init_from_env(cfg.train.dist_timeout)
+        self.sharded = cfg.train.parallel == "fsdp"  # FSDP2 (vlp.train.fsdp), else DDP
+        self.own_group = self.sharded and fsdp.ensure_process_group()  # FSDP alone: a one-rank group
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.cfg, self.run_dir, self.show_progress = cfg, Path(run_dir), progress
@@ -122,6 +124,8 @@ class Trainer:
             frozen = freeze(self.model, cfg.train.freeze)
             if not resume:
                 self._log({"event": "freeze", "patterns": cfg.train.freeze, "parameters": frozen})
+        if self.sharded:  # in place, before the optimizer is built on the sharded parameters
+            self.replicated = fsdp.shard(self.model, self.device, self.precision)
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.scheduler = build_scheduler(self.optimizer, cfg.train)
         if resume:
@@ -136,7 +140,7 @@ class Trainer:
         self._log({"event": "start", "device": str(self.device), "precision": self.precision})
         self.ddp = (
             DistributedDataParallel(self.model, find_unused_parameters=self.model.has_unused_parameters)
-            if dist.is_distributed()
+            if dist.is_distributed() and not self.sharded
             else None
         )
         self.pending_skips: dict[int, list[Skipped]] = {}
@@ -182,8 +186,17 @@ class Trainer:
 
     def _restore(self) -> None:
         path, state = self.checkpoint, self.resume_state
-        ckpt.load_weights(self.model, path / "model.safetensors")
-        self.optimizer.load_state_dict(state["optimizer"])
+        if (path / ckpt.SHARDED).is_dir() != self.sharded:
+            raise rundir.RunError(
+                f"--resume: {path} was written under train.parallel="
+                f"{'fsdp' if (path / ckpt.SHARDED).is_dir() else 'ddp'}; resume with that setting "
+                "(vlp convert turns a sharded run into an ordinary one, to fine-tune with --init)"
+            )
+        if self.sharded:
+            fsdp.load(path / ckpt.SHARDED, self.model, self.optimizer, state["optimizer"]["param_groups"])
+        else:
+            ckpt.load_weights(self.model, path / "model.safetensors")
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"])
         self.step, self.position = state["step"], state["samples_seen"]
@@ -192,16 +205,25 @@ class Trainer:
 
     def _save(self) -> None:
         self._flush_skips()  # logged before the checkpoint: a resume from it neither repeats nor loses them
+        sharded = None
+        if self.sharded:  # every rank writes its shards, then the main process moves them in
+            sharded = self.run_dir / "checkpoints" / f".tmp_sharded_step_{self.step:07d}"
+            if dist.is_main():
+                shutil.rmtree(sharded, ignore_errors=True)
+            dist.barrier()
+            param_groups = fsdp.save(sharded, self.model, self.optimizer)
+            dist.barrier()
         if dist.is_main():
             state = {
                 "step": self.step,
                 "samples_seen": self.position,
-                "optimizer": self.optimizer.state_dict(),
+                "optimizer": {"param_groups": param_groups} if self.sharded else self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": ckpt.rng_state(),
                 "config": to_dict(self.cfg),
             }
-            ckpt.save_checkpoint(self.run_dir, self.step, self.model, state, self.cfg.train.keep_checkpoints)
+            model = None if self.sharded else self.model
+            ckpt.save_checkpoint(self.run_dir, self.step, model, state, self.cfg.train.keep_checkpoints, sharded)
         dist.barrier()
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -254,7 +276,11 @@ class Trainer:
         """One optimizer step over `accum` micro-batches; returns the logged values."""
         accumulate_pairs = self.cfg.train.accum > 1 and self.model.pair_loss_only
         totals = self._accumulate_pairs(batches) if accumulate_pairs else self._accumulate(batches)
-        if self.cfg.train.grad_clip > 0:
+        if self.sharded:
+            fsdp.average_replicated(self.replicated)
+        if self.cfg.train.grad_clip > 0 and self.sharded:
+            totals["grad_norm"] = fsdp.clip_grad_norm(list(self.model.parameters()), self.cfg.train.grad_clip)
+        elif self.cfg.train.grad_clip > 0:
             totals["grad_norm"] = float(
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
             )
@@ -268,10 +294,12 @@ class Trainer:
 
     def _accumulate(self, batches) -> dict[str, float]:
         """Gradients of the mean of `accum` micro-batches' losses, each micro-batch on its own
-        (its contrastive negatives are its own); DDP syncs on the last."""
+        (its contrastive negatives are its own); DDP (FSDP) reduces gradients on the last."""
         accum, totals = self.cfg.train.accum, {}
         for micro in range(accum):
             sync = self.ddp is None or micro == accum - 1
+            if self.sharded:
+                fsdp.set_gradient_sync(self.model, micro == accum - 1)
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
                 with autocast(self.precision, self.device):
                     losses = (self.ddp or self.model)(self._next_batch(batches))
@@ -288,7 +316,9 @@ class Trainer:
         without gradients; the loss over all of them gives the gradients of the embeddings;
         each micro-batch is then embedded again, with the random state of its first pass, and
         back-propagates its slice. The backward runs outside DDP's forward, so the ranks'
-        gradients are averaged here."""
+        gradients are averaged here. Under FSDP the gradients go through FSDP's own reduction:
+        the loss's own parameters (the logit scale) get theirs in the last micro-batch's backward,
+        from the loss of the detached embeddings, and only that backward reduces."""
         model, micro, states, images, texts = self.model, [], [], [], []
         with torch.no_grad():
             for _ in range(self.cfg.train.accum):
@@ -305,21 +335,31 @@ class Trainer:
         total = self._weighted(losses)
         params = [p for p in model.parameters() if p.requires_grad]
         image_grad, text_grad, *head_grads = torch.autograd.grad(
-            total, [image_all, text_all, *params], allow_unused=True
+            total, [image_all, text_all, *([] if self.sharded else params)], allow_unused=True
         )
         for param, grad in zip(params, head_grads):  # the loss's own parameters (the logit scale)
             if grad is not None:
                 param.grad = grad if param.grad is None else param.grad + grad
         sizes = [len(emb) for emb in images]
-        for batch, state, image_slice, text_slice in zip(
-            micro, states, image_grad.split(sizes), text_grad.split(sizes)
+        for index, (batch, state, image_slice, text_slice) in enumerate(
+            zip(micro, states, image_grad.split(sizes), text_grad.split(sizes))
         ):
+            last = index == len(micro) - 1
             _set_rng_state(state, self.device)
+            if self.sharded:
+                fsdp.set_gradient_sync(model, last)
             with autocast(self.precision, self.device):
                 image_emb, text_emb = model.embed_pair(batch)
-            torch.autograd.backward([image_emb.float(), text_emb.float()], [image_slice, text_slice])
+            outputs, grads = [image_emb.float(), text_emb.float()], [image_slice, text_slice]
+            if self.sharded and last:
+                with autocast(self.precision, self.device):
+                    head = self._weighted(model.pair_losses(image_all.detach(), text_all.detach()))
+                outputs.append(head)
+                grads.append(torch.ones_like(head))
+            torch.autograd.backward(outputs, grads)
         _set_rng_state(after, self.device)
-        dist.average_gradients(params)
+        if not self.sharded:
+            dist.average_gradients(params)
         return {"loss": total.item(), **{name: value.item() for name, value in losses.items()}}
 
     def _progress(self) -> Progress:
@@ -374,6 +414,9 @@ class Trainer:
             self.board.close()
         if self.lock is not None:
             self.lock.release()
+        if getattr(self, "own_group", False):
+            fsdp.release_process_group()
+            self.own_group = False
 
     def _fit_loop(self, batches, last: int) -> dict[str, float]:
         cfg, values = self.cfg.train, {}
