@@ -151,7 +151,6 @@ def config_from_open_clip(model_cfg: dict[str, Any], tokens: dict[str, int]) -> 
                 "no_ln_pre",
                 "final_ln_after_pool",
                 "ls_init_value",
-                "patch_dropout",
                 "pos_embed_type",
             )
             if v.get(k) not in (None, False, 0, 0.0, "learnable")
@@ -193,6 +192,7 @@ def config_from_open_clip(model_cfg: dict[str, Any], tokens: dict[str, int]) -> 
             "ln_pre": True,
             "patch_bias": False,
             "stem": "patch",
+            "patch_dropout": float(v.get("patch_dropout") or 0.0),  # FLIP; training only
         }
     vision["image_size"] = _square(v.get("image_size", 224))
     return "clip", {

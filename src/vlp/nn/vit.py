@@ -24,6 +24,9 @@ class VisionConfig(TransformerConfig):
     # vit: this Vision Transformer | resnet: CLIP's modified ResNet (`vlp.nn.resnet`), which reads
     # image_size, width (of the stem), heads (of its attention pool) and `stages`, and only those.
     # Recipes other than CLIP build a ViT and refuse resnet.
+    # FLIP (Li et al. 2023, Sec. 3): in training, drop this share of the patch tokens at random
+    # (the class token stays); fewer tokens per image, more images per second. Evaluation sees all.
+    patch_dropout: float = 0.0
     kind: str = "vit"
     stages: tuple[int, int, int, int] = (3, 4, 6, 3)  # resnet: bottleneck blocks per stage (RN50)
 
@@ -44,6 +47,27 @@ def conv_stem(width: int, patch_size: int) -> nn.Sequential:
         layers += [nn.Conv2d(channels, out, 3, stride=2, padding=1), nn.GELU()]
         channels = out
     return nn.Sequential(*layers, nn.Conv2d(channels, width, 1))
+
+
+class PatchDropout(nn.Module):
+    """Keeps a random (1 - `share`) of each image's patch tokens in training, in their order,
+    with the `extra` leading tokens (the class token) always kept; the dropped ones are not
+    encoded at all (FLIP, Li et al. 2023, Sec. 3: 50 % or 75 % masking during pretraining)."""
+
+    def __init__(self, share: float, extra: int):
+        super().__init__()
+        if not 0 <= share < 1:
+            raise ValueError(f"vision.patch_dropout must be in [0, 1), got {share}")
+        self.share, self.extra = share, extra
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.share == 0:
+            return x
+        lead, patches = x[:, : self.extra], x[:, self.extra :]
+        keep = max(1, round(patches.shape[1] * (1 - self.share)))
+        kept = torch.rand(patches.shape[:2], device=x.device).topk(keep, dim=1).indices.sort(dim=1).values
+        patches = patches.gather(1, kept[..., None].expand(-1, -1, patches.shape[2]))
+        return torch.cat([lead, patches], dim=1)
 
 
 class VisionTransformer(nn.Module):
@@ -74,6 +98,7 @@ class VisionTransformer(nn.Module):
         self.extra = int(cfg.class_token)  # tokens before the patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.extra, cfg.width))
         self.norm_pre = nn.LayerNorm(cfg.width, eps=cfg.eps) if cfg.ln_pre else nn.Identity()
+        self.patch_dropout = PatchDropout(cfg.patch_dropout, self.extra)
         self.transformer = Transformer(cfg)
         self.norm = nn.LayerNorm(cfg.width, eps=cfg.eps)
         self.head = None
@@ -97,11 +122,12 @@ class VisionTransformer(nn.Module):
         return self.norm_pre(x + self.pos_embed)
 
     def forward(self, images: torch.Tensor, layers: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W] -> (pooled [B, width], tokens [B, 1 + patches, width]).
+        """images [B, 3, H, W] -> (pooled [B, width], tokens [B, 1 + patches, width]; in
+        training with `patch_dropout`, only the kept patches).
 
         `layers` runs only the first blocks, without the final norm (BLIP-2 reads the
         penultimate block of its frozen encoder: `layers=-1`)."""
-        x = self.transformer(self.embed(images), layers=slice(layers))
+        x = self.transformer(self.patch_dropout(self.embed(images)), layers=slice(layers))
         if layers is None:
             x = self.norm(x)
         if self.cfg.pool == "map":
