@@ -132,6 +132,30 @@ def test_vlp_trained_clip_saves_for_transformers(tmp_path, tiny_config):
         )
 
 
+def test_a_vlp_run_converts_to_an_open_clip_directory(tmp_path, shapes_dir):
+    """`vlp convert RUN OUT --to open_clip` (vlp.save(format="open_clip")): open_clip's own
+    loader reads it and embeds as the run does; a recipe open_clip has no format for is named."""
+    import open_clip
+    from typer.testing import CliRunner
+
+    from tests.conftest import tiny_clip
+    from tests.test_fusion_models import model_config
+    from vlp.cli import app
+
+    run = vlp.save(tiny_clip(shapes_dir), tmp_path / "run")
+    result = CliRunner().invoke(app, ["convert", str(run), str(tmp_path / "oc"), "--to", "open_clip"])
+    assert result.exit_code == 0, result.output
+    model, theirs = vlp.load(run), open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            model.encode_image(images), theirs.encode_image(images, normalize=True), atol=1e-5, rtol=0
+        )
+    blip = vlp.create_model("blip", model_config("blip"))
+    with pytest.raises(ValueError, match="recipe 'blip' has no open_clip format"):
+        vlp.save(blip, tmp_path / "blip", format="open_clip")
+
+
 def test_missing_and_unexpected_keys_are_named(tmp_path, tokenizer):
     from safetensors.torch import load_file, save_file
 

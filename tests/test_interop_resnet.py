@@ -10,7 +10,7 @@ from torch import nn
 
 import vlp
 from vlp.data.tokenizer import Tokenizer
-from vlp.interop.clip import save_open_clip
+from vlp.interop.pretrained import save_open_clip
 
 open_clip = pytest.importorskip("open_clip")
 safetensors_torch = pytest.importorskip("safetensors.torch")

@@ -226,7 +226,7 @@ def test_open_clip_siglip_loads_with_equal_embeddings(tmp_path, tokenizer, open_
 
 
 def test_vlp_siglip_saves_for_open_clip(tmp_path, tokenizer, open_clip):
-    from vlp.interop.siglip import save_open_clip
+    from vlp.interop.pretrained import save_open_clip
 
     reference = open_clip_dir(tmp_path / "oc", open_clip, tokenizer, None)
     model = vlp.load(tmp_path / "oc")
@@ -243,7 +243,7 @@ def test_vlp_siglip_saves_for_open_clip(tmp_path, tokenizer, open_clip):
 
 
 def test_a_tower_timm_cannot_name_is_refused_for_open_clip(tmp_path, tokenizer, open_clip):
-    from vlp.interop.siglip import save_open_clip
+    from vlp.interop.pretrained import save_open_clip
 
     model = tiny_vlp_siglip(tokenizer)  # MLP 43 wide but tanh GELU: no registered timm model
     with pytest.raises(ValueError, match="no registered timm SigLIP ViT"):

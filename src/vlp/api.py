@@ -12,7 +12,7 @@ import yaml
 from vlp.apps.classify import classify  # noqa: F401  (vlp.classify)
 from vlp.config import RunConfig, from_dict, load_yaml, to_dict
 from vlp.data.tokenizer import Tokenizer
-from vlp.interop.pretrained import is_pretrained_dir, load_pretrained, save_hf
+from vlp.interop.pretrained import is_pretrained_dir, load_pretrained, save_hf, save_open_clip
 from vlp.models.recipe import Recipe
 from vlp.models.registry import build_model
 from vlp.train.checkpoint import load_weights, run_of, save_checkpoint, weights_of
@@ -41,11 +41,13 @@ def save(model: Recipe, out: str | Path, format: str = "vlp", task: str | None =
     """Write `model` (with its `.tokenizer`) to directory `out`: `format="vlp"` as a run that
     `vlp.load`, `vlp eval` and `vlp train --init` take; `format="hf"` as a transformers checkpoint
     (`task`: which transformers model a BLIP with all three objectives becomes, "retrieval" or
-    "captioning")."""
+    "captioning"); `format="open_clip"` as an open_clip directory (CLIP, SigLIP)."""
     if format == "hf":
         return model.save_hf(Path(out)) if model.writes_own_hf else save_hf(model, out, task)
+    if format == "open_clip":
+        return save_open_clip(model, out)
     if format != "vlp":
-        raise ValueError(f"format must be 'vlp' or 'hf', got {format!r}")
+        raise ValueError(f"format must be 'vlp', 'hf' or 'open_clip', got {format!r}")
     if model.tokenizer is None:
         raise ValueError(
             "the model has no tokenizer (model.tokenizer), which a vlp run needs: load "

@@ -500,7 +500,8 @@ def convert(
     to: Annotated[
         str,
         typer.Option(
-            help="hf: a transformers checkpoint; vlp: a run that vlp eval, vlp caption and vlp train --init take."
+            help="hf: a transformers checkpoint; open_clip: an open_clip directory (CLIP, SigLIP); "
+            "vlp: a run that vlp eval, vlp caption and vlp train --init take."
         ),
     ] = "vlp",
     strict: Annotated[bool, typer.Option(help="Fail on checkpoint weights vlp cannot place.")] = True,
@@ -509,11 +510,11 @@ def convert(
         typer.Option(help="--to hf, BLIP with ITC+ITM+LM: retrieval or captioning (the transformers model to write)."),
     ] = None,
 ) -> None:
-    """Convert a checkpoint between vlp and transformers formats (docs/interop.md)."""
+    """Convert a checkpoint between vlp, transformers and open_clip formats (docs/interop.md)."""
     import vlp
 
-    if to not in ("hf", "vlp"):
-        raise typer.BadParameter(f"--to must be hf or vlp, got {to!r}")
+    if to not in ("hf", "open_clip", "vlp"):
+        raise typer.BadParameter(f"--to must be hf, open_clip or vlp, got {to!r}")
     model = vlp.load(src, strict=strict)
     typer.echo(f"wrote {vlp.save(model, dst, format=to, task=task)} ({model.recipe}, {to} format)")
 

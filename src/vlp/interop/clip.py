@@ -14,17 +14,11 @@ here. transformers has no CLIP ResNet, so a ResNet CLIP loads from and saves to 
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any
 
-import torch
-
 from vlp.interop.mapping import (
-    CheckpointMismatch,
     Entry,
     block_entries,
-    from_vlp,
     pairs,
     require,
     tower_from_hf,
@@ -343,29 +337,3 @@ def config_to_open_clip(model: Any) -> dict[str, Any]:
         "mlp_ratio": _mlp_ratio(t, "the text"),
     }
     return {"embed_dim": cfg.embed_dim, "quick_gelu": t.act == "quick_gelu", "vision_cfg": vision, "text_cfg": text}
-
-
-def save_open_clip(model: Any, out: str | Path) -> Path:
-    """Write a vlp CLIP as an open_clip directory (`open_clip_config.json`,
-    `open_clip_model.safetensors`, and vlp's tokenizer.json): `open_clip.create_model(
-    "local-dir:OUT")` loads it, and so does `vlp.load`."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    model_cfg = config_to_open_clip(model)
-    with torch.device("meta"):
-        target = open_clip.model.CLIP(**model_cfg).state_dict()
-    state = from_vlp(model.state_dict(), open_clip_entries(model), target)
-    missing = [k for k in target if k not in state]
-    if missing:
-        raise CheckpointMismatch(f"no vlp weight for open_clip's {missing[:8]}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in state.items()},
-        str(out / "open_clip_model.safetensors"),
-    )
-    (out / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
-    if model.tokenizer is not None:
-        model.tokenizer.save(out / "tokenizer.json")
-    return out

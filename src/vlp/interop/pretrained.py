@@ -99,6 +99,10 @@ HF_FORMATS = {
 }
 OPEN_CLIP = Format(clip.config_from_open_clip, clip.open_clip_entries, clip.architecture, ignore=("attn_mask",))
 OPEN_CLIP_SIGLIP = Format(siglip.config_from_open_clip, siglip.open_clip_entries, siglip.architecture)
+OPEN_CLIP_SAVABLE = {  # recipe -> (its open_clip model_cfg, its weight names)
+    "clip": (clip.config_to_open_clip, clip.open_clip_entries),
+    "siglip": (siglip.config_to_open_clip, siglip.open_clip_entries),
+}
 SAVABLE = {
     "clip": HF_FORMATS["clip"],
     "blip": HF_FORMATS["blip"],
@@ -243,4 +247,31 @@ def save_hf(model: nn.Module, out: str | Path, task: str | None = None) -> Path:
         fmt.write_tokenizer(model, out)
     elif tokenizer is not None:
         tokenizer.save(out / "tokenizer.json")
+    return out
+
+
+def save_open_clip(model: nn.Module, out: str | Path) -> Path:
+    """Write a vlp CLIP (ViT or ResNet image tower) or SigLIP as an open_clip directory
+    (`open_clip_config.json`, `open_clip_model.safetensors`, and vlp's tokenizer.json):
+    `open_clip.create_model("local-dir:OUT")` loads it, and so does `vlp.load`."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    if model.recipe not in OPEN_CLIP_SAVABLE:
+        raise ValueError(f"recipe {model.recipe!r} has no open_clip format (open_clip has {sorted(OPEN_CLIP_SAVABLE)})")
+    config_to, entries = OPEN_CLIP_SAVABLE[model.recipe]
+    model_cfg = config_to(model)
+    model_class = open_clip.model.CustomTextCLIP if model_cfg.get("custom_text") else open_clip.model.CLIP
+    with torch.device("meta"):
+        target = model_class(**{k: v for k, v in model_cfg.items() if k != "custom_text"}).state_dict()
+    state = from_vlp(model.state_dict(), entries(model), target)
+    missing = [k for k in target if k not in state]
+    if missing:
+        raise CheckpointMismatch(f"no vlp weight for open_clip's {missing[:8]}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "open_clip_model.safetensors"))
+    (out / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
+    if model.tokenizer is not None:
+        model.tokenizer.save(out / "tokenizer.json")
     return out

@@ -14,15 +14,13 @@ saved for open_clip only when a registered timm SigLIP model has its image tower
 
 from __future__ import annotations
 
-import json
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from vlp.interop.clip import HF_BLOCK, OPEN_CLIP_BLOCK
-from vlp.interop.mapping import Entry, block_entries, from_vlp, pairs, require
+from vlp.interop.mapping import Entry, block_entries, pairs, require
 
 # transformers activation names <-> vlp's (`vlp.nn.transformer.ACTIVATIONS`)
 HF_ACT = {"gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "quick_gelu": "quick_gelu", "relu": "relu"}
@@ -367,23 +365,3 @@ def config_to_open_clip(model: Any) -> dict[str, Any]:
         },
         "text_cfg": text,
     }
-
-
-def save_open_clip(model: Any, out: str | Path) -> Path:
-    """Write a vlp SigLIP as an open_clip directory (`open_clip_config.json`,
-    `open_clip_model.safetensors`, and vlp's tokenizer.json): `open_clip.create_model(
-    "local-dir:OUT")` loads it, and so does `vlp.load`."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    model_cfg = config_to_open_clip(model)
-    with torch.device("meta"):
-        target = open_clip.model.CustomTextCLIP(**{k: v for k, v in model_cfg.items() if k != "custom_text"})
-    state = from_vlp(model.state_dict(), open_clip_entries(model), target.state_dict())
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in state.items()}, str(out / "open_clip_model.safetensors"))
-    (out / OPEN_CLIP_CONFIG).write_text(json.dumps({"model_cfg": model_cfg}, indent=2))
-    if model.tokenizer is not None:
-        model.tokenizer.save(out / "tokenizer.json")
-    return out
