@@ -208,10 +208,20 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 # --- reading DCP without unpickling anything but its own records --------------------------------------
 
-_DCP_MODULES = (
-    "torch.distributed.checkpoint.metadata",
-    "torch.distributed.checkpoint.filesystem",
-)
+# DCP's metadata records, by module: nothing else is built from a `.metadata`.
+_DCP_RECORDS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata",
+        "StorageMeta",
+        "MetadataIndex",
+        "TensorStorageMetadata",
+        "BytesStorageMetadata",
+        "ChunkStorageMetadata",
+        "TensorProperties",
+        "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+}
 
 
 class _MetadataUnpickler(pickle.Unpickler):
@@ -219,10 +229,8 @@ class _MetadataUnpickler(pickle.Unpickler):
     dtypes and layouts, and paths. Any other global (a function that would run) is refused."""
 
     def find_class(self, module: str, name: str) -> Any:
-        if module in _DCP_MODULES and not name.startswith("__"):
-            found = getattr(__import__(module, fromlist=[name]), name, None)
-            if isinstance(found, type) or name == "_MEM_FORMAT_ENCODING":
-                return found
+        if name in _DCP_RECORDS.get(module, ()):
+            return getattr(__import__(module, fromlist=[name]), name)
         if module == "torch" and (name == "Size" or isinstance(getattr(torch, name, None), torch.dtype)):
             return getattr(torch, name)
         if (module, name) in {("torch.serialization", "_get_layout"), ("pathlib", "PosixPath")}:
