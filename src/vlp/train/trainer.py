@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import random
 import shutil
 import time
@@ -51,15 +52,21 @@ console = Console(stderr=True)
 
 def prepare_tokenizer(run_dir: Path, data_path: Path, dataset) -> Tokenizer:
     """The run's tokenizer: the run's own, else the data set's, else one trained on its captions."""
-    for candidate in (run_dir / "tokenizer.json", data_path / "tokenizer.json"):
+    own = run_dir / "tokenizer.json"
+    for candidate in (own, data_path / "tokenizer.json"):
         if candidate.is_file():
             tokenizer = Tokenizer.load(candidate)
             break
     else:
+        candidate = None
         console.print(f"training a tokenizer on the {len(dataset)} captions lists of {data_path}")
         tokenizer = Tokenizer.train(c for i in range(len(dataset)) for c in dataset.captions(i))
-    if dist.is_main():
-        tokenizer.save(run_dir / "tokenizer.json")
+    if dist.is_main() and candidate != own:
+        # Written whole under another name, then renamed: another rank may be reading `own`.
+        # (A rewrite in place let a resumed rank read it half-written: DataError, exit 1.)
+        tmp = run_dir / ".tmp_tokenizer.json"
+        tokenizer.save(tmp)
+        os.replace(tmp, own)
     return tokenizer
 
 
