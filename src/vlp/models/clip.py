@@ -68,12 +68,6 @@ class CLIP(Recipe):
 
     pair_loss_only = True
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.pair_losses(*self.embed_pair(batch))
-
-    def embed_pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(batch["images"]), self.encode_text(batch["input_ids"], batch["attention_mask"])
-
     def pair_losses(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"itc": itc_loss(image_emb, text_emb, self.scale())}
 

@@ -45,6 +45,8 @@ class Recipe(nn.Module):
         self.run_config = run_config  # the run it was trained in (None: built from a model config alone)
 
     def forward(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        if self.pair_loss_only:
+            return self.pair_losses(*self.embed_pair(batch))
         raise NotImplementedError(f"recipe {self.recipe!r} has no forward")
 
     # --- shapes and text -------------------------------------------------------------------------
@@ -63,13 +65,14 @@ class Recipe(nn.Module):
         """Called by the trainer after every update (momentum encoders follow the model here)."""
 
     # Recipes whose training loss depends on a batch only through its image and text embeddings
-    # (CLIP) set this and give `embed_pair` and `pair_losses`: with `train.accum` > 1 the trainer
-    # then scores every micro-batch against all the others' negatives (docs/scale.md).
+    # (CLIP, SigLIP) set this and give `pair_losses` (`forward` and `embed_pair` follow): with
+    # `train.accum` > 1 the trainer then scores every micro-batch against all the others'
+    # negatives (docs/scale.md).
     pair_loss_only: ClassVar[bool] = False
 
     def embed_pair(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
         """The (image, text) embeddings `forward` computes its losses from."""
-        raise NotImplementedError(f"recipe {self.recipe!r} has other losses than its embeddings'")
+        return self.encode_image(batch["images"]), self.encode_text(batch["input_ids"], batch["attention_mask"])
 
     def pair_losses(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
         """`forward`'s losses from the embeddings of `embed_pair`."""

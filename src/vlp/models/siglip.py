@@ -107,12 +107,6 @@ class SigLIP(Recipe):
 
     pair_loss_only = True
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.pair_losses(*self.embed_pair(batch))
-
-    def embed_pair(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.encode_image(batch["images"]), self.encode_text(batch["input_ids"], batch["attention_mask"])
-
     def pair_losses(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"sigmoid": sigmoid_loss(image_emb, text_emb, self.scale(), self.logit_bias)}
 
