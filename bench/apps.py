@@ -10,7 +10,7 @@
 - search: p50/p95 latency of one query against N synthetic 512-d embeddings, faiss exact
   (IndexFlatIP) vs faiss HNSW (with its recall@10 against exact) vs vlp's blockwise search.
 
-    .venv/bin/python bench/apps.py [--images 512] [--sizes 100000,1000000] [--out rows.json]
+    .venv/bin/python bench/apps.py [--images 512] [--sizes 100000,1000000] [--parts classify,build,search]
 """
 
 from __future__ import annotations
@@ -75,13 +75,16 @@ def transformers_pipeline(model, folder: Path):
     )
 
 
-def median_rate(fn, items: int, reps: int) -> float:
-    times = []
+def median_rates(fns: dict, items: int, reps: int) -> dict[str, float]:
+    """Items per second of each function, the median of `reps` runs, the functions taking turns
+    (a, b, a, b, ...) so that whatever else the machine does falls on both alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return items / statistics.median(times)
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: items / statistics.median(values) for name, values in times.items()}
 
 
 def bench_classify(model, images: list[Image.Image], reps: int, batch: int, precision: str) -> dict:
@@ -97,7 +100,7 @@ def bench_classify(model, images: list[Image.Image], reps: int, batch: int, prec
             return hf(images, candidate_labels=LABELS, hypothesis_template=TEMPLATE, batch_size=batch)
 
         agree = np.mean([a[0][0] == b[0]["label"] for a, b in zip(run_vlp(), run_hf())])
-        rates = {"vlp": median_rate(run_vlp, len(images), reps), "transformers": median_rate(run_hf, len(images), reps)}
+        rates = median_rates({"vlp": run_vlp, "transformers": run_hf}, len(images), reps)
     return {
         "benchmark": f"classify (images/s), vlp --precision {precision}",
         "vlp_per_s": round(rates["vlp"], 1),
@@ -128,10 +131,7 @@ def bench_index_build(model, images: list[Image.Image], reps: int, batch: int, w
                 for chunk in tensors:
                     model.encode_image(chunk)
 
-        rates = {
-            "build": median_rate(run_build, len(images), reps),
-            "encoder": median_rate(run_encoder, len(images), reps),
-        }
+        rates = median_rates({"build": run_build, "encoder": run_encoder}, len(images), reps)
     chosen = decode_workers(torch.device("cpu")) if workers is None else workers
     return {
         "benchmark": f"index build (images/s, {chosen} decoding workers{' (default)' if workers is None else ''})",
@@ -181,12 +181,18 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="100000", help="comma-separated gallery sizes for the search rows")
+    parser.add_argument("--parts", default="classify,build,search", help="which benchmarks to run")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    parts = args.parts.split(",")
     model, images = tiny_clip(), photos(args.images)
-    rows = [bench_classify(model, images, args.reps, args.batch, precision) for precision in ("fp32", "auto")]
-    rows += [bench_index_build(model, images, args.reps, args.batch, workers) for workers in (None, 2)]
-    rows += [bench_search(int(size)) for size in args.sizes.split(",")]
+    rows = []
+    if "classify" in parts:
+        rows += [bench_classify(model, images, args.reps, args.batch, precision) for precision in ("fp32", "auto")]
+    if "build" in parts:
+        rows += [bench_index_build(model, images, args.reps, args.batch, workers) for workers in (None, 2)]
+    if "search" in parts:
+        rows += [bench_search(int(size)) for size in args.sizes.split(",")]
     meta = {
         "machine": platform.processor() or platform.machine(),
         "threads": torch.get_num_threads(),
