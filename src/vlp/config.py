@@ -41,6 +41,12 @@ class DataConfig:
     # to an absolute folder (even "/") to read images listed elsewhere. See docs/reliability.md.
     image_root: str | None = None
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped, not decoded (pixel bombs)
+    # Stream webdataset shards from disk instead of loading them (vlp.data.streaming, docs/scale.md)
+    streaming: bool = False
+    resampled: bool = False  # streaming: shards drawn with replacement; epochs of samples_per_epoch
+    # streaming: several shard sets mixed by weight, [{path: ..., weight: 1.0}, ...]; default [{path}]
+    sources: list[dict[str, Any]] = field(default_factory=list)
+    samples_per_epoch: int | None = None  # streaming: default, the samples in the shards
 
     def __post_init__(self) -> None:
         _check_bounds(self, "data", positive=("batch_size", "max_pixels"), non_negative=("workers",))
@@ -49,6 +55,26 @@ class DataConfig:
             raise ConfigError(
                 f"data.crop_scale must be [low, high] with 0 < low <= high <= 1, got {list(self.crop_scale)}"
             )
+        _check_streaming(self)
+
+
+def _check_streaming(data: DataConfig) -> None:
+    """ConfigError naming the first streaming key that is out of place or out of bounds."""
+    if not data.streaming:
+        for key in ("resampled", "sources", "samples_per_epoch"):
+            if getattr(data, key):
+                raise ConfigError(f"data.{key} needs data.streaming: true")
+        return
+    if data.samples_per_epoch is not None and (isinstance(data.samples_per_epoch, bool) or data.samples_per_epoch <= 0):
+        raise ConfigError(f"data.samples_per_epoch must be greater than 0, got {data.samples_per_epoch}")
+    if not isinstance(data.sources, list):
+        raise ConfigError(f"data.sources must be a list of {{path, weight}}, got {data.sources!r}")
+    for i, source in enumerate(data.sources):
+        if not isinstance(source, dict) or not isinstance(source.get("path"), str) or set(source) - {"path", "weight"}:
+            raise ConfigError(f"data.sources[{i}] must be {{path: str, weight: number}}, got {source!r}")
+        weight = source.get("weight", 1.0)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
+            raise ConfigError(f"data.sources[{i}].weight must be a number greater than 0, got {weight!r}")
 
 
 LOG_SINKS = ("jsonl", "tensorboard")

@@ -37,6 +37,7 @@ from vlp.config import RunConfig, to_dict
 from vlp.data.formats import format_skips, open_dataset
 from vlp.data.loader import Collator, TrainSet, train_loader
 from vlp.data.sample import DataError, Skipped
+from vlp.data.streaming import open_stream, streaming_loader
 from vlp.data.tokenizer import Tokenizer
 from vlp.data.transforms import train_transform
 from vlp.models.registry import build_model, config_fields
@@ -104,14 +105,17 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         self.precision = resolve_precision(cfg.train.precision, self.device)
         data_path = Path(cfg.data.path)
-        self.dataset = open_dataset(
-            data_path,
-            split=cfg.data.train_split,
-            format=cfg.data.format,
-            strict=cfg.data.strict,
-            image_root=cfg.data.image_root,
-            max_pixels=cfg.data.max_pixels,
-        )
+        if cfg.data.streaming:  # shards read from disk as the stream goes (vlp.data.streaming)
+            self.dataset = open_stream(cfg.data, cfg.train.seed)
+        else:
+            self.dataset = open_dataset(
+                data_path,
+                split=cfg.data.train_split,
+                format=cfg.data.format,
+                strict=cfg.data.strict,
+                image_root=cfg.data.image_root,
+                max_pixels=cfg.data.max_pixels,
+            )
         if not len(self.dataset):
             raise DataError(
                 f"{data_path}: no usable sample in split {cfg.data.train_split!r}; {format_skips(self.dataset.skipped)}"
@@ -392,7 +396,7 @@ class Trainer:
         collator = Collator(
             self.tokenizer, self.model.text_config().context_length, self.model.tokenizer_style, self.cfg.data.prompt
         )
-        loader = train_loader(
+        loader = (streaming_loader if self.cfg.data.streaming else train_loader)(
             TrainSet(self.dataset, transform, cfg.seed, self.cfg.data.text),
             collator,
             self.global_batch(),
