@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_CONFIG
+from conftest import TINY_CONFIG, torchrun_train
 from PIL import Image
 from test_loader import skip_counts
 from test_train import final_weights
@@ -203,3 +203,25 @@ def test_resume_on_streamed_shards_is_exact(tmp_path, shapes_dir):
     other = load_run_config("clip", tmp_path / "cfg.yaml", ["train.seed=1"])
     Trainer(other, tmp_path / "other", progress=False).fit()  # the comparison can fail
     assert any(not torch.equal(straight[n], final_weights(tmp_path / "other")[n]) for n in straight)
+
+
+@pytest.mark.slow  # about 30 s: torchrun and 2 x 2 worker processes
+def test_ddp_ranks_stream_with_workers_and_report_skips(tmp_path):
+    """2 gloo ranks x 2 DataLoader workers on the damaged shards: the main process counts the
+    shards while the other waits, and each epoch's corrupt sample is reported once."""
+    write_damaged(tmp_path / "data")
+    config = {
+        **TINY_CONFIG,
+        "data": {**TINY_CONFIG["data"], "path": str(tmp_path / "data"), "batch_size": 2, "streaming": True},
+        "train": {**TINY_CONFIG["train"], "steps": 6, "ckpt_every": 6},  # 24 samples: two epochs of 12
+    }
+    config["data"]["workers"] = 2
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(config))
+    tokenizer = tmp_path / "data" / "tokenizer.json"
+    Trainer(load_run_config("clip", tmp_path / "ddp.yaml"), tmp_path / "first", progress=False).fit(stop_at=1)
+    (tmp_path / "first" / "tokenizer.json").rename(tokenizer)  # the ranks load it, not train it
+    result = torchrun_train(
+        "clip", "--config", str(tmp_path / "ddp.yaml"), "--out", str(tmp_path / "run"), "--no-progress"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert skip_counts(tmp_path / "run") == {"listing": 2, 0: 1, 1: 1}
