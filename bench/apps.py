@@ -1,8 +1,9 @@
 """The applications side by side with what people use today, in one process, same weights.
 
 - classify: `vlp.apps.classify` vs transformers' `pipeline("zero-shot-image-classification")`
-  holding the same tiny CLIP (written by `vlp.save(..., format="hf")`), over the same PIL images,
-  labels and single prompt template; images/s and how often the two agree on the top label;
+  holding the same CLIP (`--config`: configs/clip/tiny.yaml, 64 px, or small.yaml, 224 px;
+  written by `vlp.save(..., format="hf")`), over the same PIL images, labels and single prompt
+  template; images/s and how often the two agree on the top label;
   vlp in fp32 and at its default precision (auto), the pipeline at its default (fp32).
 - index build: `vlp.apps.index.build` over a folder of PNG files, with the default number of
   decoding workers and with 2, vs the bare image encoder on pre-decoded tensors, all fp32: how
@@ -10,7 +11,8 @@
 - search: p50/p95 latency of one query against N synthetic 512-d embeddings, faiss exact
   (IndexFlatIP) vs faiss HNSW (with its recall@10 against exact) vs vlp's blockwise search.
 
-    .venv/bin/python bench/apps.py [--images 512] [--sizes 100000,1000000] [--parts classify,build,search]
+    .venv/bin/python bench/apps.py [--config tiny] [--images 512] [--sizes 100000,1000000]
+                                   [--parts classify,build,search]
 """
 
 from __future__ import annotations
@@ -41,9 +43,9 @@ LABELS = ["circle", "square", "triangle", "diamond", "red thing", "green thing",
 TEMPLATE = "This is a photo of {}."  # the pipeline's default hypothesis template
 
 
-def tiny_clip() -> torch.nn.Module:
-    """configs/clip/tiny.yaml with random weights and a tokenizer trained on the labels."""
-    cfg = load_run_config("clip", recipe_config_path("clip"))
+def clip_model(size: str = "tiny") -> torch.nn.Module:
+    """configs/clip/{size}.yaml with random weights and a tokenizer trained on the labels."""
+    cfg = load_run_config("clip", recipe_config_path("clip", size))
     tokenizer = Tokenizer.train([TEMPLATE.format(label) for label in LABELS] * 4, vocab_size=256)
     model_cfg = {**cfg.model, "text": {**cfg.model["text"], "vocab_size": tokenizer.vocab_size}}
     torch.manual_seed(0)
@@ -182,10 +184,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--sizes", default="100000", help="comma-separated gallery sizes for the search rows")
     parser.add_argument("--parts", default="classify,build,search", help="which benchmarks to run")
+    parser.add_argument("--config", default="tiny", help="configs/clip/<config>.yaml: tiny (64 px) or small (224 px)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     parts = args.parts.split(",")
-    model, images = tiny_clip(), photos(args.images)
+    model = clip_model(args.config)
+    images = photos(args.images, size=model.image_size())
     rows = []
     if "classify" in parts:
         rows += [bench_classify(model, images, args.reps, args.batch, precision) for precision in ("fp32", "auto")]
