@@ -136,11 +136,14 @@ def coloured_pairs(classes: torch.Tensor):
     return images, ids, torch.ones_like(ids)
 
 
-def test_fusion_mode_itm_learns_to_match():
-    """ITM on the pooled fused sequence learns which caption names the image (random negatives):
-    the fused first token reads the text through the shared self-attention."""
+@pytest.mark.parametrize("token", ["text", "image"])
+def test_fusion_mode_itm_learns_to_match(token):
+    """ITM on the pooled fused sequence learns which caption names the image (random negatives),
+    pooling the text [CLS] (the paper's) or the image [CLS]: either reads the other modality
+    through the shared self-attention."""
     torch.manual_seed(0)
-    model = vlp.create_model("vlmo", {**MODEL, "objectives": ["itm"], "hard_negatives": False}).train()
+    config = {**MODEL, "objectives": ["itm"], "hard_negatives": False, "itm_token": token}
+    model = vlp.create_model("vlmo", config).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
     for _ in range(100):
         images, ids, mask = coloured_pairs(torch.randint(0, 6, (16,)))
@@ -156,3 +159,19 @@ def test_fusion_mode_itm_learns_to_match():
         right_score, wrong_score = model.itm_score(emb, ids, mask), model.itm_score(emb, wrong, mask)
     assert (right_score > wrong_score).float().mean() > 0.9
     assert right_score.mean() > 0.5 > wrong_score.mean()
+
+
+def test_itm_reads_the_token_itm_token_names():
+    """The paper pools the pair's text [CLS] (Sec. 2.2): in vlp's [image; text] sequence it
+    follows the image tokens; `itm_token: image` reads the image [CLS] that leads it."""
+    torch.manual_seed(0)
+    model = vlp.create_model("vlmo", MODEL).eval()
+    images, ids, mask = coloured_pairs(torch.arange(3))
+    with torch.no_grad():
+        emb = model.image_embeddings(images)
+        states = model.fused_states(emb, ids, mask)
+        torch.testing.assert_close(model.itm_logits(emb, ids, mask), model.itm_head(states[:, emb.shape[1]]))
+        model.cfg.itm_token = "image"
+        torch.testing.assert_close(model.itm_logits(emb, ids, mask), model.itm_head(states[:, 0]))
+    with pytest.raises(ValueError, match="model.itm_token"):
+        vlp.create_model("vlmo", {**MODEL, "itm_token": "pair"})

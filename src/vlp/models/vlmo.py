@@ -55,6 +55,10 @@ class VLMoConfig:
     init_temperature: float = 0.07
     max_logit_scale: float = 100.0  # CLIP's clamp (Sec. 2.5)
     hard_negatives: bool = True
+    # The fused sequence's token the ITM head reads: "text", the text [CLS], as the paper pools the
+    # pair (Sec. 2.2), or "image", the image [CLS] that leads vlp's [image; text] sequence (what
+    # runs before 2026-12-03 pooled; their ITM stayed at the label prior: docs/recipes.md).
+    itm_token: str = "text"
     mlm_probability: float = 0.15  # text tokens masked in image-text pairs (fusion mode)
     text_mlm_probability: float = 0.15  # text-only MLM
     mim_ratio: float = 0.4  # patches hidden, block-wise
@@ -72,6 +76,8 @@ class VLMo(Recipe):
     def __init__(self, cfg: VLMoConfig, tokenizer: Tokenizer | None = None, run_config: RunConfig | None = None):
         super().__init__(cfg, tokenizer, run_config)
         require_tokens(cfg.tokens, ("pad", "cls", "sep", "mask"))
+        if cfg.itm_token not in ("text", "image"):
+            raise ValueError(f"model.itm_token must be 'text' or 'image', got {cfg.itm_token!r}")
         if not cfg.objectives or set(cfg.objectives) - set(OBJECTIVES):
             raise ValueError(f"model.objectives must be a non-empty subset of {list(OBJECTIVES)}")
         if not 0 <= cfg.fusion_layers <= cfg.vision.layers:
@@ -164,12 +170,13 @@ class VLMo(Recipe):
         attention_mask: torch.Tensor,
         image_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """ITM head on the fused sequence's first token (the image [CLS]); text i is fused with
+        """ITM head on the fused sequence's [CLS] that `itm_token` names; text i is fused with
         `image_embeddings[image_rows[i]]` where rows are given (one sequence per pair: the
         image's tokens are in it, so each pair runs them)."""
         if image_rows is not None:
             image_embeddings = image_embeddings[image_rows]
-        return self.itm_head(self.fused_states(image_embeddings, input_ids, attention_mask)[:, 0])
+        pooled = image_embeddings.shape[1] if self.cfg.itm_token == "text" else 0  # [image; text]
+        return self.itm_head(self.fused_states(image_embeddings, input_ids, attention_mask)[:, pooled])
 
     def has_itm(self) -> bool:
         return "itm" in self.objectives
