@@ -148,14 +148,17 @@ def train_loader(
 ) -> DataLoader:
     """An endless DataLoader over the stream, starting `start` samples in."""
     sampler = StreamSampler(len(dataset), global_batch, seed, start, rank, world_size)
-    # Its own generator: creating the loader must not draw from the global RNG, which the
-    # model's own randomness (masking, hard negatives) uses and checkpoints restore.
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        collate_fn=collator,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    return DataLoader(dataset, batch_sampler=sampler, **loader_options(collator, seed, workers))
+
+
+def loader_options(collator: Collator, seed: int, workers: int) -> dict[str, Any]:
+    """The DataLoader options of the training loaders (this one and `vlp.data.streaming`'s). Its
+    own generator: creating the loader must not draw from the global RNG, which the model's own
+    randomness (masking, hard negatives) uses and checkpoints restore."""
+    return {
+        "collate_fn": collator,
+        "num_workers": workers,
+        "persistent_workers": workers > 0,
+        "prefetch_factor": 4 if workers else None,
+        "generator": torch.Generator().manual_seed(seed),
+    }

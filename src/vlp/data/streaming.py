@@ -43,7 +43,6 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import base_plus_ext
 
@@ -57,7 +56,7 @@ from vlp.data.formats import (
     _resolve_shards,
     _tar_entry,
 )
-from vlp.data.loader import Collator, TrainSet
+from vlp.data.loader import Collator, TrainSet, loader_options
 from vlp.data.sample import DataError, Sample, Skipped
 
 SHARD_INDEX = ".vlp-shard-index.json"  # beside the shards: {name: {"size", "mtime_ns", "samples", "error"}}
@@ -411,12 +410,5 @@ def streaming_loader(
     workers: int,
 ) -> DataLoader:
     """`train_loader` for a `TrainSet` over a `ShardStream`: the same endless batches."""
-    return DataLoader(
-        ShardBatches(dataset, global_batch, start, rank, world_size),
-        batch_size=None,
-        collate_fn=collator,
-        num_workers=workers,
-        persistent_workers=workers > 0,
-        prefetch_factor=4 if workers else None,
-        generator=torch.Generator().manual_seed(seed),
-    )
+    batches = ShardBatches(dataset, global_batch, start, rank, world_size)
+    return DataLoader(batches, batch_size=None, **loader_options(collator, seed, workers))
